@@ -1,0 +1,197 @@
+"""Attention capture and additive biases on the fused SDPA path.
+
+`prepare(model)` registers one attention implementation, "gaze_sdpa", with
+transformers' `AttentionInterface` (and the SDPA mask builder with its
+`AttentionMaskInterface`, without which padding would be silently ignored) and
+switches the language backbone to it; the vision tower keeps plain SDPA.
+With no hook active, "gaze_sdpa" IS `sdpa_attention_forward`: same kernel,
+same numbers, same weights.
+
+Work is done by hooks, active only inside `active(*hooks)`:
+
+- a hook's `bias(layer, query, key)` returns an additive pre-softmax bias
+  [B|1, H, q|1, kv] (or None); biases of all hooks are summed and handed to
+  SDPA as its float mask (`position_bias`), so steering never leaves the fused
+  kernel path;
+- a hook's `wants(layer)` asks for the post-softmax attention rows of chosen
+  query positions (default: the last one), recomputed at O(heads x kv x dim)
+  as softmax(q . K^T * scale + mask + bias), which equals eager
+  `output_attentions` rows; `record(layer, rows, value)` receives them
+  [B, H, kv] (with the layer's values, for value-weighted scores);
+- `on_forward(input_ids)` is called at every model forward (prefill, each
+  decode step) with the token ids being fed, from a pre-hook on the input
+  embedding, so a hook can count decode steps and see generated tokens.
+
+Hooks live in a `ContextVar`: they belong to the thread (or task) that
+entered `active`, so two threads generating at once never see each other's
+hooks, and leaving the block (even by an exception) removes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from contextvars import ContextVar
+from typing import Iterator, Protocol
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+IMPLEMENTATION = "gaze_sdpa"
+
+
+class AttentionHook(Protocol):
+    """What an intervention may implement; every method is optional in practice (see `Hook`)."""
+
+    def on_forward(self, input_ids: torch.Tensor) -> None: ...
+
+    def bias(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None: ...
+
+    def wants(self, layer: int) -> bool: ...
+
+    def query_rows(self, query_len: int) -> torch.Tensor | None: ...
+
+    def record(self, layer: int, rows: torch.Tensor, value: torch.Tensor) -> None: ...
+
+
+class Hook:
+    """A do-nothing hook to subclass: override what you need."""
+
+    def on_forward(self, input_ids: torch.Tensor) -> None:
+        pass
+
+    def bias(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def wants(self, layer: int) -> bool:
+        return False
+
+    def query_rows(self, query_len: int) -> torch.Tensor | None:
+        """[B] query indices whose rows `record` receives; None = the last query of every row."""
+        return None
+
+    def record(self, layer: int, rows: torch.Tensor, value: torch.Tensor) -> None:
+        """rows [B, H, kv] float32 post-softmax; value [B, Hkv, kv, D] (for value-weighted variants)."""
+
+
+_ACTIVE: ContextVar[tuple[Hook, ...]] = ContextVar("gaze_attention_hooks", default=())
+
+
+@contextlib.contextmanager
+def active(*hooks: Hook) -> Iterator[None]:
+    """Activate hooks for the calling thread/task only, for the duration of the block."""
+    token = _ACTIVE.set(_ACTIVE.get() + tuple(hooks))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def attention_rows(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scaling: float,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Post-softmax attention of chosen query rows, recomputed: [B, H, kv] float32.
+
+    query [B, H, q, D], key [B, Hkv, kv, D] (GQA: H a multiple of Hkv);
+    attention_mask: None (causal), bool (True = attend) or float additive,
+    shaped [B|1, 1|H, q, kv]; bias [B|1, H, q|1, kv] or None; rows [B] query
+    indices (default: last). Mirrors the mask logic of `sdpa_attention_forward`.
+    """
+    b, h, q, d = query.shape
+    hkv, kv = key.shape[1], key.shape[2]
+    if rows is None:
+        rows = torch.full((b,), q - 1, dtype=torch.long, device=query.device)
+    rows = rows.to(query.device)
+    batch = torch.arange(b, device=query.device)
+    q_sel = query[batch, :, rows].float()  # [B, H, D]
+    k = key.float().expand(b, -1, -1, -1) if key.shape[0] == 1 else key.float()
+    scores = torch.einsum("bgrd,bgkd->bgrk", q_sel.view(b, hkv, h // hkv, d), k)  # [B, Hkv, rep, kv]
+    scores = scores.reshape(b, h, kv) * scaling  # [B, H, kv]
+    keys = torch.arange(kv, device=query.device)
+    if attention_mask is None:
+        # SDPA's causal path: lower-right aligned, except the static-cache prefill
+        # where keys beyond q are cropped (upper-left).
+        limit = rows[:, None] if (q > 1 and kv > q) else rows[:, None] + (kv - q)
+        scores = scores.masked_fill((keys[None, :] > limit)[:, None, :], float("-inf"))
+    else:
+        m = attention_mask[batch if attention_mask.shape[0] > 1 else torch.zeros_like(batch), :, rows]  # [B, 1|H, kv]
+        if m.dtype == torch.bool:
+            scores = scores.masked_fill(~m, float("-inf"))
+        else:
+            scores = scores + m.float()
+    if bias is not None:
+        bb = batch if bias.shape[0] > 1 else torch.zeros_like(batch)
+        br = rows if bias.shape[2] > 1 else torch.zeros_like(rows)
+        scores = scores + bias[bb, :, br].float()  # [B, H, kv]
+    return torch.softmax(scores, dim=-1)
+
+
+def gaze_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """`sdpa_attention_forward` plus the active hooks' biases and row recording."""
+    hooks = _ACTIVE.get()
+    layer = getattr(module, "layer_idx", None)
+    if not hooks or layer is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    bias = None
+    for hook in hooks:
+        b = hook.bias(layer, query, key)
+        if b is not None:
+            bias = b if bias is None else bias + b
+    if bias is not None:
+        bias = bias.to(query.dtype)
+    out, _ = sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, position_bias=bias, **kwargs
+    )
+    wanting = [hook for hook in hooks if hook.wants(layer)]
+    if wanting:
+        by_rows: dict[int, torch.Tensor] = {}
+        for hook in wanting:
+            rows = hook.query_rows(query.shape[2])
+            cache_key = -1 if rows is None else id(rows)
+            if cache_key not in by_rows:
+                by_rows[cache_key] = attention_rows(query, key, attention_mask, bias, scaling, rows)
+            hook.record(layer, by_rows[cache_key], value)
+    return out, None
+
+
+def _on_embedding(module: torch.nn.Module, args: tuple) -> None:
+    hooks = _ACTIVE.get()
+    if hooks and args and isinstance(args[0], torch.Tensor):
+        for hook in hooks:
+            hook.on_forward(args[0])
+
+
+def register() -> None:
+    """Register "gaze_sdpa" with transformers (idempotent)."""
+    AttentionInterface.register(IMPLEMENTATION, gaze_sdpa_attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+
+
+def prepare(model: torch.nn.Module, text_config_key: str = "text_config") -> torch.nn.Module:
+    """Switch the language backbone of `model` to "gaze_sdpa" and hook its input embedding (idempotent).
+
+    Outside `active(...)` the model computes exactly what SDPA computes.
+    """
+    register()
+    if getattr(model, "_gaze_prepared", False):
+        return model
+    model.set_attn_implementation({text_config_key: IMPLEMENTATION})
+    model.get_input_embeddings().register_forward_pre_hook(_on_embedding)
+    model._gaze_prepared = True
+    return model

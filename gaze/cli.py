@@ -1,0 +1,160 @@
+"""The `gaze` command: discover gaze heads, steer them, watch them.
+
+    gaze discover --model organism --strips STRIPS --n-strips 50 --out runs/organism
+    gaze steer --model organism --ranking runs/organism --image strip.png --panels 6 --target 3
+    gaze steer ... --schedule 2,4,3,5,1,6 --every 8 --trajectory-out traj.json
+
+Errors a user can fix (bad input) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from gaze.families import UnsupportedModelError
+from gaze.ranking import RankingError
+from gaze.regions import RegionError
+from gaze.strips import StripError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="organism", help="hub id, local folder, or 'organism' (default)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--device-map", default=None, help="'auto' to spread a large model over all GPUs")
+
+
+def _load(args):
+    from gaze.models import load
+
+    return load(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
+
+
+def cmd_discover(args) -> int:
+    from gaze.discovery import discover, summary
+    from gaze.strips import load_strips
+
+    loaded = _load(args)
+    align = loaded.family.merged_patch(loaded.processor)
+    strips = load_strips(args.strips, n_strips=args.n_strips, align=align, gap=args.gap, split=args.split,
+                         start=args.start)
+    ranking = discover(loaded, strips, args.out, template=args.prompt, source=args.strips, n_strips=args.n_strips,
+                       progress=not args.quiet)
+    print(summary(ranking, args.top))
+    print(f"ranking saved to {Path(args.out) / 'ranking.json'}")
+    return 0
+
+
+def _parse_box(text: str) -> tuple[float, float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise RegionError(f"bad box {text!r}: give x0,y0,x1,y1 in pixels")
+    return values  # type: ignore[return-value]
+
+
+def cmd_steer(args) -> int:
+    from gaze.generation import generate, regions_for
+    from gaze.ranking import Ranking
+    from gaze.steering import Box, Panel, parse_schedule
+    from gaze.strips import equal_panels, open_image
+
+    loaded = _load(args)
+    ranking = Ranking.load(args.ranking).check(loaded.model, None)
+    image = open_image(args.image)
+    panels = equal_panels(image.size, args.panels)
+    heads = ranking.top(args.top_k)
+    if args.schedule:
+        schedule = parse_schedule(args.schedule, every=args.every, at_sentence=args.at_sentence, n_panels=args.panels)
+        target = None
+    else:
+        schedule = None
+        if args.box:
+            target = Box(_parse_box(args.box))
+        elif args.target is not None:
+            target = Panel(args.target)
+        else:
+            raise ValueError("give --target K, --box x0,y0,x1,y1 or --schedule 4,2,1,...")
+    common = dict(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
+                  no_repeat_ngram_size=args.no_repeat_ngram_size)
+    base = generate(loaded, image, args.prompt, **common)
+    steered = generate(loaded, image, args.prompt, heads=heads, target=target, schedule=schedule, panels=panels,
+                       strength=args.strength, mode=args.mode, decode_only=args.decode_only, track=True, **common)
+    print(f"unsteered: {base.text}")
+    print(f"steered:   {steered.text}" + ("   [degenerate]" if steered.degenerate else ""))
+    if args.trajectory_out:
+        regions = regions_for(steered.layout, panels)
+        traj = steered.trajectory(regions)
+        out = Path(args.trajectory_out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"prompt": args.prompt, "text": steered.text, "pieces": steered.pieces, "targets": steered.targets,
+                   "regions": list(regions.names), "trajectory": traj.tolist(),
+                   "trajectory_normalised": steered.trajectory(regions, normalise=True).tolist(),
+                   "heads": [list(h) for h in heads]}
+        out.write_text(json.dumps(payload, indent=1))
+        from gaze.plots import plot_trajectory
+
+        png = plot_trajectory(traj, out.with_suffix(".png"), title=f"top-{args.top_k} gaze heads", targets=steered.targets,
+                              schedule=schedule)
+        print(f"trajectory saved to {out} and {png}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gaze.prompts import PANEL_QUESTION, STRIP_QUESTION
+
+    parser = argparse.ArgumentParser(prog="gaze", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("discover", help="rank heads by gaze score")
+    _add_model_args(d)
+    d.add_argument("--strips", required=True, help="comic folders, a dataset (folder or hub id), or one image")
+    d.add_argument("--n-strips", type=int, default=None, help="how many strips (default: all)")
+    d.add_argument("--start", type=int, default=0, help="first strip / row index")
+    d.add_argument("--split", default=None, help="dataset split")
+    d.add_argument("--out", required=True, help="output folder (resumable)")
+    d.add_argument("--prompt", default=PANEL_QUESTION, help="panel question template with {ordinal}")
+    d.add_argument("--gap", type=int, default=0, help="pixels between stitched panels")
+    d.add_argument("--top", type=int, default=10, help="how many top heads to print")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_discover)
+
+    s = sub.add_parser("steer", help="generate with the gaze heads steered to a panel, box or schedule")
+    _add_model_args(s)
+    s.add_argument("--ranking", required=True, help="ranking folder or ranking.json from `gaze discover`")
+    s.add_argument("--image", required=True)
+    s.add_argument("--panels", type=int, default=6, help="split the image into N equal panels, left to right")
+    s.add_argument("--target", type=int, default=None, help="panel to steer to (1-based)")
+    s.add_argument("--box", default=None, help="pixel box x0,y0,x1,y1 to steer to")
+    s.add_argument("--schedule", default=None, help="panels in order, e.g. 2,4,3,5,1,6")
+    s.add_argument("--every", type=int, default=50, help="tokens per schedule entry")
+    s.add_argument("--at-sentence", action="store_true", help="switch at the next sentence end after --every tokens")
+    s.add_argument("--top-k", type=int, default=100, help="number of gaze heads to steer")
+    s.add_argument("--strength", type=float, default=1e4)
+    s.add_argument("--mode", default="boost", choices=["boost", "suppress", "suppress_text"])
+    s.add_argument("--decode-only", action="store_true", help="do not bias the prompt (prefill)")
+    s.add_argument("--prompt", default=STRIP_QUESTION)
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--repetition-penalty", type=float, default=None)
+    s.add_argument("--no-repeat-ngram-size", type=int, default=None)
+    s.add_argument("--trajectory-out", default=None, help="save the trajectory as JSON (+ PNG beside it)")
+    s.set_defaults(func=cmd_steer)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (StripError, RegionError, RankingError, UnsupportedModelError, FileNotFoundError, ValueError) as e:
+        print(f"gaze {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

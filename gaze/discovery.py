@@ -1,0 +1,144 @@
+"""Discovery: rank every head of a model by its gaze score over many strips.
+
+    ranking = discover(loaded, load_strips("strips/", n_strips=50), "runs/qwen3vl")
+
+Each strip's [layers, heads, R, R] matrix is written to `OUT/strips/NNNNNN.safetensors`
+as soon as it is computed, so an interrupted run continues where it stopped
+(strips already on disk are not recomputed) and ends with the same ranking.
+A run can be split over processes (`shard=(rank, world)`): each writes its own
+strips, and `merge` averages all files in strip order, which gives exactly
+the ranking of a single-process run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from gaze.models import Loaded
+from gaze.prompts import PANEL_QUESTION
+from gaze.ranking import Ranking
+from gaze.scoring import gaze_scores, strip_matrices
+from gaze.strips import Strip
+
+MANIFEST = "manifest.json"
+
+
+class DiscoveryError(ValueError):
+    """A discovery output folder that cannot be used; the message says how to fix it."""
+
+
+def _manifest(loaded: Loaded, template: str, source: str) -> dict:
+    return {"model_id": loaded.model_id, "n_layers": loaded.n_layers, "n_heads": loaded.n_heads,
+            "template": template, "source": source, "dtype": str(loaded.model.dtype).replace("torch.", "")}
+
+
+def _check_manifest(out: Path, manifest: dict) -> None:
+    path = out / MANIFEST
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), v) for k, v in manifest.items() if old.get(k) != v}
+        if diff:
+            raise DiscoveryError(
+                f"{out} holds a discovery run with other settings {diff} (old, new): "
+                "use another --out folder, or delete this one to start over"
+            )
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1))
+        tmp.replace(path)
+
+
+def strip_file(out: Path, index: int) -> Path:
+    return out / "strips" / f"{index:06d}.safetensors"
+
+
+def discover(
+    loaded: Loaded,
+    strips: Iterable[Strip],
+    out: str | Path,
+    *,
+    template: str = PANEL_QUESTION,
+    source: str = "",
+    n_strips: int | None = None,
+    shard: tuple[int, int] = (0, 1),
+    progress: bool = True,
+    share_prefix: bool = True,
+) -> Ranking | None:
+    """Score strips into `out` (resumable) and return the ranking (None on non-zero shards)."""
+    out = Path(out)
+    rank, world = shard
+    manifest = _manifest(loaded, template, source)
+    if rank == 0:
+        _check_manifest(out, manifest)
+    (out / "strips").mkdir(parents=True, exist_ok=True)
+    done = 0
+    bar = tqdm(total=n_strips, desc="discovery", unit="strip", disable=not progress or rank != 0, file=sys.stderr)
+    for index, strip in enumerate(strips):
+        bar.update(1)
+        if index % world != rank:
+            continue
+        path = strip_file(out, index)
+        if path.exists():
+            continue
+        m = strip_matrices(loaded.model, loaded.processor, strip, template=template, share_prefix=share_prefix,
+                           family=loaded.family)
+        tmp = path.with_suffix(".tmp")
+        save_file({"matrices": m.contiguous()}, str(tmp), metadata={"strip_id": strip.strip_id})
+        tmp.replace(path)  # atomic: a killed run never leaves a half-written strip
+        done += 1
+    bar.close()
+    if rank != 0:
+        return None
+    return merge(out, model_id=loaded.model_id, template=template, source=source,
+                 dtype=manifest["dtype"])
+
+
+def merge(out: str | Path, *, model_id: str, template: str, source: str = "", dtype: str = "") -> Ranking:
+    """Average every strip file in `out` (strip order) into a ranking, saved as `out/ranking.json`."""
+    out = Path(out)
+    files = sorted((out / "strips").glob("*.safetensors"))
+    if not files:
+        raise DiscoveryError(f"no scored strips in {out}: the strip source gave no strips")
+    indices = [int(f.stem) for f in files]
+    missing = sorted(set(range(max(indices) + 1)) - set(indices))
+    if missing:
+        raise DiscoveryError(f"strips {missing[:10]} are not scored yet in {out}: run discovery again to finish them")
+    matrices = torch.stack([load_file(str(f))["matrices"] for f in files])  # [N, L, H, R, R]
+    strip_ids = []
+    for f in files:
+        from safetensors import safe_open
+
+        with safe_open(str(f), "pt") as fh:
+            strip_ids.append((fh.metadata() or {}).get("strip_id", f.stem))
+    mean = matrices.mean(0)  # [L, H, R, R]
+    ranking = Ranking(
+        model_id=model_id,
+        scores=gaze_scores(mean),
+        matrices=mean,
+        n_strips=len(files),
+        prompt=template,
+        meta={"source": source, "dtype": dtype, "strip_ids": strip_ids},
+    )
+    ranking.save(out / "ranking.json")
+    return ranking
+
+
+def summary(ranking: Ranking, k: int = 10) -> str:
+    """Top heads and the layer band they sit in, as printed by `gaze discover`."""
+    n_layers, n_heads = ranking.shape
+    lines = [f"{ranking.model_id}: {n_layers} layers x {n_heads} heads, {ranking.n_strips} strips"]
+    lines.append(f"top {k} gaze heads (layer, head): score")
+    for l, h in ranking.top(k):
+        lines.append(f"  L{l:>2} H{h:>2}: {float(ranking.scores[l, h]):.4f}")
+    lo, hi = ranking.layer_band(k)
+    med = float(ranking.scores.flatten().median())
+    lines.append(f"top {k} heads sit in layers {lo}-{hi} of 0-{n_layers - 1}; median score {med:.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,118 @@
+"""Loading a VLM and its processor, offline-friendly, with clear errors.
+
+`load("organism")` loads the project's own trained model organism shipped in
+the package; anything else goes through the real `from_pretrained` (a hub id
+or a local folder). The language backbone is switched to the "gaze_sdpa"
+attention (see `attention`), which computes exactly what SDPA computes until
+a hook is active.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gaze.attention import prepare
+from gaze.families import Family, UnsupportedModelError, family_of
+
+ORGANISM_DIR = Path(__file__).parent / "organism"
+SHORT_NAMES = {"organism": ORGANISM_DIR}
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A model ready for gaze: model, processor, family and the id it was loaded from."""
+
+    model: torch.nn.Module
+    processor: object
+    family: Family
+    model_id: str
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.family.text_config(self.model).num_hidden_layers)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.family.text_config(self.model).num_attention_heads)
+
+
+def resolve(name_or_path: str) -> str:
+    """A short name ('organism') -> its folder; anything else unchanged."""
+    if name_or_path in SHORT_NAMES:
+        folder = SHORT_NAMES[name_or_path]
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(
+                f"the model organism is not at {folder}: train it with `python -m gaze.organism.train` "
+                "or pass --model with a hub id or folder"
+            )
+        return str(folder)
+    return name_or_path
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load(
+    name_or_path: str,
+    *,
+    device: str | None = None,
+    dtype: str | torch.dtype = "float32",
+    device_map: str | None = None,
+    attn_implementation: str = "sdpa",
+    revision: str | None = None,
+) -> Loaded:
+    """Load a supported VLM and its processor.
+
+    `device_map="auto"` spreads a large checkpoint over all visible GPUs
+    (Accelerate); otherwise the model goes to `device` (default: cuda if present).
+    `attn_implementation="eager"` loads a copy for reference computations only.
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    import gaze.tiny  # noqa: F401  (registers image-only processors for checkpoints without a video processor)
+
+    path = resolve(name_or_path)
+    local = Path(path).exists()
+    if not local and os.environ.get("HF_HUB_OFFLINE") == "1" and "/" not in path:
+        raise FileNotFoundError(f"{path!r} is neither a folder nor a short name ({', '.join(SHORT_NAMES)})")
+    try:
+        config = AutoConfig.from_pretrained(path, revision=revision)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"cannot load a model config from {path!r}: give a local folder, a hub id reachable from this machine, "
+            f"or a short name ({', '.join(SHORT_NAMES)}). ({str(e).splitlines()[0]})"
+        ) from None
+    family = family_of(config)  # raises for text-only models and unknown families
+    torch_dtype = resolve_dtype(dtype)
+    kwargs = dict(dtype=torch_dtype, attn_implementation=attn_implementation, revision=revision)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    except ValueError as e:
+        raise UnsupportedModelError(f"{path!r} does not load as a vision-language model: {e}") from None
+    if device_map is None:
+        model.to(device or default_device())
+    model.eval()
+    processor = AutoProcessor.from_pretrained(path, revision=revision)
+    if not hasattr(processor, "image_processor"):
+        raise UnsupportedModelError(f"{path!r} has no image processor: gaze needs a VLM processor")
+    if attn_implementation == "sdpa":
+        prepare(model)
+    return Loaded(model=model, processor=processor, family=family, model_id=name_or_path)

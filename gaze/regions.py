@@ -1,0 +1,188 @@
+"""Where each image token looks: token positions -> pixel cells -> regions.
+
+A VLM prompt holds the image as a run of image tokens; each stands for one cell
+of the merged patch grid laid over the (resized) image. `ImageLayout` records,
+for every image token, its position in the sequence and its pixel cell in the
+ORIGINAL image's coordinates, so everything downstream (panels, boxes, heat
+maps) is family-agnostic: a family only has to build the layout.
+
+A `RegionMap` is a [regions, image tokens] 0/1 membership matrix: panels of a
+strip (disjoint) or arbitrary pixel boxes (possibly overlapping). A token
+belongs to a region when its cell CENTRE lies inside the region's box, which
+splits panel columns proportionally even when a panel's width is not a
+multiple of the merged patch size.
+
+All functions here are pure: tensors in, tensors out, no model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) pixels of the original image, x1/y1 exclusive
+
+
+class RegionError(ValueError):
+    """A region that cannot be mapped onto image tokens; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """The image tokens of one prompt and the pixel cell each stands for."""
+
+    positions: torch.Tensor  # [T] long: sequence positions of the image tokens, ascending
+    cells: torch.Tensor  # [T, 4] float: (x0, y0, x1, y1) of each token's cell, original-image pixels
+    image_size: tuple[int, int]  # (width, height) of the original image
+    grid: tuple[int, int] | None = None  # (rows, cols) of the token grid when tokens form one row-major grid
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.positions.numel())
+
+    @property
+    def centres(self) -> torch.Tensor:
+        return torch.stack(
+            [(self.cells[:, 0] + self.cells[:, 2]) / 2, (self.cells[:, 1] + self.cells[:, 3]) / 2], dim=-1
+        )  # [T, 2] (x, y)
+
+    def shifted(self, offset: int) -> "ImageLayout":
+        """The same layout with sequence positions moved by `offset` (e.g. left padding)."""
+        return ImageLayout(self.positions + offset, self.cells, self.image_size, self.grid)
+
+
+def find_image_span(input_ids: torch.Tensor, image_token_id: int) -> tuple[int, int]:
+    """(start, end) of the single contiguous run of image tokens in a 1-D id sequence.
+
+    Raises when there is no image token (the prompt was built without the image,
+    or the model is not a VLM) or when the image tokens are not contiguous
+    (several images: pass one image per prompt).
+    """
+    ids = torch.as_tensor(input_ids).reshape(-1)
+    where = (ids == image_token_id).nonzero().flatten()
+    if where.numel() == 0:
+        raise RegionError(
+            "no image tokens in the prompt: build it with the processor and an image "
+            "(the chat message needs an {'type': 'image'} item)"
+        )
+    start, end = int(where[0]), int(where[-1]) + 1
+    if end - start != where.numel():
+        raise RegionError("the image tokens are not contiguous: give one image per prompt")
+    return start, end
+
+
+def grid_layout(
+    start: int, grid: tuple[int, int], processed_size: tuple[int, int], image_size: tuple[int, int]
+) -> ImageLayout:
+    """Layout of a row-major token grid covering the whole image.
+
+    `grid` is (rows, cols) of merged tokens, `processed_size` the (width, height)
+    the processor resized the image to (the grid tiles it exactly), and
+    `image_size` the original (width, height): cells are scaled back to it.
+    """
+    rows, cols = grid
+    pw, ph = processed_size
+    w, h = image_size
+    sx, sy = w / pw, h / ph
+    cw, ch = pw / cols, ph / rows
+    r = torch.arange(rows, dtype=torch.float64).repeat_interleave(cols)  # [T]
+    c = torch.arange(cols, dtype=torch.float64).repeat(rows)  # [T]
+    cells = torch.stack([c * cw * sx, r * ch * sy, (c + 1) * cw * sx, (r + 1) * ch * sy], dim=-1)  # [T, 4]
+    positions = torch.arange(start, start + rows * cols)
+    return ImageLayout(positions=positions, cells=cells.float(), image_size=(w, h), grid=(rows, cols))
+
+
+@dataclass(frozen=True)
+class RegionMap:
+    """Named regions over the image tokens of one layout."""
+
+    membership: torch.Tensor  # [R, T] float 0/1: token t lies in region r
+    names: tuple[str, ...]  # one per region, e.g. ("panel 1", ...)
+    boxes: tuple[Box, ...]  # the pixel box each region came from
+
+    @property
+    def n_regions(self) -> int:
+        return len(self.names)
+
+    def token_indices(self, region: int) -> torch.Tensor:
+        """Indices (into the layout's image tokens) of the tokens of `region`."""
+        return self.membership[region].nonzero().flatten()
+
+    def assignment(self) -> torch.Tensor:
+        """[T] long: the first region containing each token, -1 for none (e.g. gaps between panels)."""
+        has = self.membership.any(dim=0)
+        first = self.membership.argmax(dim=0)
+        return torch.where(has, first, torch.full_like(first, -1))
+
+
+def box_membership(layout: ImageLayout, box: Box) -> torch.Tensor:
+    """[T] bool: tokens whose cell centre lies inside `box`. Raises if the box is outside the image or empty."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    w, h = layout.image_size
+    if not (x0 < x1 and y0 < y1):
+        raise RegionError(f"box {box} is empty: give (x0, y0, x1, y1) with x0 < x1 and y0 < y1")
+    if x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:
+        raise RegionError(f"box {box} lies outside the {w}x{h} image")
+    centres = layout.centres
+    inside = (centres[:, 0] >= x0) & (centres[:, 0] < x1) & (centres[:, 1] >= y0) & (centres[:, 1] < y1)
+    if not bool(inside.any()):
+        cell_w = float((layout.cells[:, 2] - layout.cells[:, 0]).mean())
+        cell_h = float((layout.cells[:, 3] - layout.cells[:, 1]).mean())
+        raise RegionError(
+            f"box {box} covers no image-token centre (cells are about {cell_w:.0f}x{cell_h:.0f} px): "
+            "use a larger box or a higher image resolution"
+        )
+    return inside
+
+
+def box_regions(layout: ImageLayout, boxes: Sequence[Box], names: Sequence[str] | None = None) -> RegionMap:
+    """A region per pixel box (boxes may overlap)."""
+    if not boxes:
+        raise RegionError("no boxes given")
+    names = tuple(names) if names is not None else tuple(f"box {i + 1}" for i in range(len(boxes)))
+    if len(names) != len(boxes):
+        raise RegionError(f"{len(names)} names for {len(boxes)} boxes")
+    membership = torch.stack([box_membership(layout, b) for b in boxes]).float()  # [R, T]
+    return RegionMap(membership, names, tuple(tuple(float(v) for v in b) for b in boxes))
+
+
+def panel_regions(layout: ImageLayout, panels: Sequence[Box]) -> RegionMap:
+    """A region per panel box (reading order); every panel must own at least one token."""
+    try:
+        regions = box_regions(layout, panels, [f"panel {k + 1}" for k in range(len(panels))])
+    except RegionError as e:
+        raise RegionError(f"{e} (panels must each span at least one image token)") from None
+    if bool((regions.membership.sum(dim=0) > 1).any()):
+        raise RegionError("panel boxes overlap: panels of a strip must be disjoint")
+    return regions
+
+
+def equal_panel_regions(layout: ImageLayout, n_panels: int = 6, rows: int = 1) -> RegionMap:
+    """Panels of an image split into `n_panels` equal boxes (`rows` rows, reading order)."""
+    from gaze.strips import equal_panels
+
+    return panel_regions(layout, equal_panels(layout.image_size, n_panels, rows))
+
+
+def positions_region_map(layout: ImageLayout, token_positions: Sequence[int], name: str = "tokens") -> RegionMap:
+    """A single region made of explicit sequence positions (which must be image tokens)."""
+    pos = torch.as_tensor(list(token_positions), dtype=torch.long)
+    member = torch.isin(layout.positions, pos)
+    missing = sorted(set(pos.tolist()) - set(layout.positions[member].tolist()))
+    if missing:
+        raise RegionError(
+            f"positions {missing[:8]} are not image tokens (image tokens are "
+            f"{int(layout.positions[0])}..{int(layout.positions[-1])})"
+        )
+    return RegionMap(member.float()[None], (name,), ((0.0, 0.0, float(layout.image_size[0]), float(layout.image_size[1])),))
+
+
+def region_mass(rows: torch.Tensor, layout: ImageLayout, regions: RegionMap) -> torch.Tensor:
+    """Raw attention mass per region: rows [..., kv] (post-softmax) -> [..., R].
+
+    Raw, not renormalised over the image: a head that ignores the image scores ~0.
+    """
+    image = rows[..., layout.positions]  # [..., T]
+    return image @ regions.membership.to(image.dtype).T  # [..., R]

@@ -1,0 +1,187 @@
+"""Gaze scores: how much each head looks at the panel a question is about.
+
+For a strip of R panels and the question "What is happening in the k-th panel
+from the left?" (k = 1..R), read every head's post-softmax attention from the
+LAST prompt token and sum it over each panel's image tokens. Per strip that
+gives a [layers, heads, R queried, R attended] tensor; the gaze score of a head
+is the mean of its diagonal, averaged over strips.
+
+Raw mass, not renormalised over the image, so a head that ignores the image
+scores ~0 whatever its spatial pattern.
+
+Cost: the R prompts share everything up to the end of the image tokens. We
+prefill that prefix ONCE, copy its KV cache R times and run the R question
+suffixes as one right-padded batch, reading only the last query row of each
+head (`attention.attention_rows`). `strip_matrices(..., share_prefix=False)`
+runs R full prefills instead; both give the same numbers (tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from gaze.attention import Hook, active, prepare
+from gaze.families import Family, family_of
+from gaze.prompts import PANEL_QUESTION, chat_text, panel_question
+from gaze.regions import ImageLayout, RegionMap, panel_regions, region_mass
+from gaze.strips import Strip
+
+
+@dataclass
+class RowRecorder(Hook):
+    """Records the attention rows of chosen query positions, for chosen layers, in one forward."""
+
+    layers: set[int] | None = None  # None: every layer
+    rows: torch.Tensor | None = None  # [B] query index per batch row; None: the last query
+    records: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H, kv]
+
+    def wants(self, layer: int) -> bool:
+        return self.layers is None or layer in self.layers
+
+    def query_rows(self, query_len: int) -> torch.Tensor | None:
+        return self.rows
+
+    def record(self, layer: int, rows: torch.Tensor, value: torch.Tensor) -> None:
+        self.records[layer] = rows
+
+    def stacked(self) -> torch.Tensor:
+        """[L, B, H, kv] in layer order."""
+        return torch.stack([self.records[k] for k in sorted(self.records)])
+
+
+def gaze_scores(matrices: torch.Tensor) -> torch.Tensor:
+    """[..., R, R] (queried x attended) -> [...]: mean of the diagonal."""
+    return torch.diagonal(matrices, dim1=-2, dim2=-1).mean(-1)
+
+
+def _move(inputs: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def _floating(inputs: dict, dtype) -> dict:
+    return {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
+
+
+@dataclass(frozen=True)
+class EncodedQueries:
+    """One image and R questions, tokenised separately (no padding)."""
+
+    inputs: list[dict]  # per question: processor output, batch of 1
+    layout: ImageLayout  # image tokens of the (shared) image
+    prefix_len: int  # tokens shared by every question (covers all image tokens)
+
+
+def encode_queries(model, processor, image, questions: list[str], family: Family | None = None) -> EncodedQueries:
+    """Tokenise each question with the image and check that the image prefix is shared."""
+    family = family or family_of(model)
+    device, dtype = model.device, model.dtype
+    inputs = []
+    for q in questions:
+        enc = dict(processor(text=[chat_text(processor, q)], images=[image], return_tensors="pt"))
+        inputs.append(_floating(_move(enc, device), dtype))
+    layout = family.layout(model, processor, inputs[0], 0, image.size)
+    ids = [x["input_ids"][0] for x in inputs]
+    n = min(len(i) for i in ids)
+    same = torch.stack([i[:n] for i in ids]).eq(ids[0][:n]).all(0)
+    prefix_len = int(same.long().cumprod(0).sum())
+    if prefix_len <= int(layout.positions[-1]):
+        raise ValueError("the questions do not share the image prefix: put the image before the question")
+    # Every prompt needs at least one own token after the shared prefix.
+    prefix_len = min(prefix_len, n - 1)
+    return EncodedQueries(inputs, layout, prefix_len)
+
+
+@torch.no_grad()
+def query_rows(
+    model, processor, image, questions: list[str], *, share_prefix: bool = True, layers: set[int] | None = None,
+    family: Family | None = None,
+) -> tuple[torch.Tensor, ImageLayout]:
+    """Attention rows of each question's last prompt token: ([L, Q, H, kv_image_prefix], layout).
+
+    Only the first `prefix_len` keys are kept (they hold the image), so rows of
+    questions of different lengths stack.
+    """
+    family = family or family_of(model)
+    prepare(model)
+    enc = encode_queries(model, processor, image, questions, family)
+    p = enc.prefix_len
+    if not share_prefix:
+        out = []
+        for x in enc.inputs:
+            rec = RowRecorder(layers)
+            with active(rec):
+                model(**x, use_cache=False, logits_to_keep=1)
+            out.append(rec.stacked()[:, 0, :, :p])  # [L, H, p]
+        return torch.stack(out, dim=1), enc.layout  # [L, Q, H, p]
+
+    first = enc.inputs[0]
+    positions = [family.position_ids(model, x) for x in enc.inputs]  # each [3, 1, S] or None
+    prefix = {k: v for k, v in first.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    prefix["input_ids"] = first["input_ids"][:, :p]
+    prefix["attention_mask"] = first["attention_mask"][:, :p]
+    if "mm_token_type_ids" in first:
+        prefix["mm_token_type_ids"] = first["mm_token_type_ids"][:, :p]
+    if positions[0] is not None:
+        prefix["position_ids"] = positions[0][..., :p]
+    cache = model(**prefix, use_cache=True, logits_to_keep=1).past_key_values
+
+    q = len(enc.inputs)
+    lengths = [int(x["input_ids"].shape[1]) - p for x in enc.inputs]
+    s = max(lengths)
+    pad_id = 0
+    ids = torch.full((q, s), pad_id, dtype=torch.long, device=model.device)
+    mask = torch.zeros((q, p + s), dtype=torch.long, device=model.device)
+    mask[:, :p] = 1
+    pos = None
+    if positions[0] is not None:
+        pos = torch.zeros((positions[0].shape[0], q, s), dtype=positions[0].dtype, device=model.device)
+    for i, (x, n) in enumerate(zip(enc.inputs, lengths)):
+        ids[i, :n] = x["input_ids"][0, p:]
+        mask[i, p : p + n] = 1
+        if pos is not None:
+            pos[:, i, :n] = positions[i][:, 0, p:]
+            pos[:, i, n:] = positions[i][:, 0, -1:]  # padding: any position, it is masked out
+    cache.batch_repeat_interleave(q)
+    rec = RowRecorder(layers, rows=torch.tensor(lengths, device=model.device) - 1)
+    with active(rec):
+        model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return rec.stacked()[..., :p], enc.layout  # [L, Q, H, p]
+
+
+def strip_matrices(
+    model, processor, strip: Strip, *, template: str = PANEL_QUESTION, share_prefix: bool = True,
+    family: Family | None = None,
+) -> torch.Tensor:
+    """[layers, heads, R queried, R attended] raw attention mass of one strip (float32, CPU)."""
+    questions = [panel_question(k + 1, template) for k in range(strip.n_panels)]
+    rows, layout = query_rows(model, processor, strip.image, questions, share_prefix=share_prefix, family=family)
+    regions = panel_regions(layout, strip.panels)
+    mass = region_mass(rows.float(), layout, regions)  # [L, Q, H, R]
+    return mass.permute(0, 2, 1, 3).cpu()  # [L, H, Q, R]
+
+
+@torch.no_grad()
+def reference_strip_matrices(
+    eager_model, processor, strip: Strip, *, template: str = PANEL_QUESTION, family: Family | None = None
+) -> torch.Tensor:
+    """The reference formulation: R full prefills with eager attention and `output_attentions=True`.
+
+    `eager_model` must be loaded with `attn_implementation="eager"`. Used by the
+    tests and the benchmark as ground truth; slow and memory-hungry by design.
+    """
+    family = family or family_of(eager_model)
+    out = []
+    layout: ImageLayout | None = None
+    regions: RegionMap | None = None
+    for k in range(strip.n_panels):
+        enc = dict(processor(text=[chat_text(processor, panel_question(k + 1, template))], images=[strip.image], return_tensors="pt"))
+        enc = _floating(_move(enc, eager_model.device), eager_model.dtype)
+        if layout is None:
+            layout = family.layout(eager_model, processor, enc, 0, strip.image.size)
+            regions = panel_regions(layout, strip.panels)
+        attentions = eager_model(**enc, output_attentions=True, use_cache=False).attentions  # L x [1, H, S, S]
+        rows = torch.stack([a[0, :, -1, :] for a in attentions]).float()  # [L, H, S]
+        out.append(region_mass(rows, layout, regions))  # [L, H, R]
+    return torch.stack(out, dim=2).cpu()  # [L, H, Q, R]

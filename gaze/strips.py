@@ -1,0 +1,258 @@
+"""Comic strips: the testbed of gaze-head discovery.
+
+A `Strip` is ONE image plus the pixel box of each panel in reading order (and,
+when known, a caption and an overlaid letter per panel). Strips come from:
+
+- `stitch_panels`: separate panel images laid out in a grid with a thin gap;
+- `load_folder_strip`: a folder `comicN/` holding `p1.png .. p6.png` (the layout
+  of the paper's published data), optionally with `captions.json`;
+- `load_strips`: a source string, the entry point of every CLI (`--strips`):
+  a folder of comic folders, a Hugging Face dataset (local folder or hub id) in
+  the project's schema or the paper's, or a single image split into panels.
+
+Panel sizes are aligned to the model's merged patch size where possible
+(`align`), so that panel borders fall on token columns.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from PIL import Image, UnidentifiedImageError
+
+Box = tuple[int, int, int, int]  # (x0, y0, x1, y1) in pixels, x1/y1 exclusive
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class StripError(ValueError):
+    """Bad strip input; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Strip:
+    """One strip image and its panels in reading order."""
+
+    image: Image.Image  # the whole strip, RGB
+    panels: tuple[Box, ...]  # pixel box of each panel, reading order
+    strip_id: str = "strip"  # stable id (folder name, dataset row id)
+    captions: tuple[str, ...] | None = None  # one short caption per panel, when known
+    letters: tuple[str, ...] | None = None  # overlaid letter per panel, when known
+    meta: dict = field(default_factory=dict, compare=False)  # anything else (story, style, ...)
+
+    def __post_init__(self):
+        n = len(self.panels)
+        if n == 0:
+            raise StripError(f"strip {self.strip_id!r} has no panels")
+        for name in ("captions", "letters"):
+            value = getattr(self, name)
+            if value is not None and len(value) != n:
+                raise StripError(f"strip {self.strip_id!r}: {len(value)} {name} for {n} panels; give one per panel")
+        w, h = self.image.size
+        for k, (x0, y0, x1, y1) in enumerate(self.panels):
+            if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+                raise StripError(
+                    f"strip {self.strip_id!r}: panel {k + 1} box {(x0, y0, x1, y1)} is not inside the {w}x{h} image"
+                )
+
+    @property
+    def n_panels(self) -> int:
+        return len(self.panels)
+
+
+def aligned_size(size: int, align: int) -> int:
+    """`size` rounded to the nearest multiple of `align` (at least one `align`)."""
+    return max(align, int(round(size / align)) * align)
+
+
+def stitch_panels(
+    panels: Sequence[Image.Image],
+    *,
+    rows: int = 1,
+    cols: int | None = None,
+    gap: int = 0,
+    cell: tuple[int, int] | None = None,
+    align: int | None = None,
+    background: tuple[int, int, int] = (255, 255, 255),
+) -> tuple[Image.Image, tuple[Box, ...]]:
+    """Lay panels out on a grid, reading order row by row, and return (strip, boxes).
+
+    Every panel is resized to one cell size: `cell` (w, h) if given, else the first
+    panel's size. With `align` (the model's merged patch size in pixels, e.g. 32 for
+    Qwen3-VL), the cell AND the gap are rounded to multiples of it so that panel
+    borders fall exactly on token columns; a gap of 0 is allowed.
+    """
+    if not panels:
+        raise StripError("no panels to stitch")
+    cols = cols if cols is not None else math.ceil(len(panels) / rows)
+    if rows * cols < len(panels):
+        raise StripError(f"{len(panels)} panels do not fit a {rows}x{cols} grid")
+    cw, ch = cell if cell is not None else panels[0].size
+    if align:
+        cw, ch = aligned_size(cw, align), aligned_size(ch, align)
+        gap = 0 if gap == 0 else aligned_size(gap, align)
+    width = cols * cw + (cols - 1) * gap
+    height = rows * ch + (rows - 1) * gap
+    strip = Image.new("RGB", (width, height), background)
+    boxes = []
+    for i, panel in enumerate(panels):
+        r, c = divmod(i, cols)
+        x0, y0 = c * (cw + gap), r * (ch + gap)
+        strip.paste(panel.convert("RGB").resize((cw, ch), Image.BICUBIC), (x0, y0))
+        boxes.append((x0, y0, x0 + cw, y0 + ch))
+    return strip, tuple(boxes)
+
+
+def equal_panels(size: tuple[int, int], n: int, rows: int = 1) -> tuple[Box, ...]:
+    """Boxes of `n` equal panels covering an image of `size` (w, h): `rows` rows, reading order."""
+    if n < 1 or rows < 1 or n % rows:
+        raise StripError(f"cannot split an image into {n} panels on {rows} rows; use a panel count divisible by rows")
+    w, h = size
+    cols = n // rows
+    boxes = []
+    for i in range(n):
+        r, c = divmod(i, cols)
+        boxes.append((round(c * w / cols), round(r * h / rows), round((c + 1) * w / cols), round((r + 1) * h / rows)))
+    return tuple(boxes)
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open an image as RGB, with an error that names the file when it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise StripError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise StripError(f"cannot read image {path}: {e}; replace or remove the file") from None
+
+
+def panel_files(folder: Path, n_panels: int = 6) -> list[Path]:
+    """`p1.png .. pN.png` (any common image suffix) in `folder`, with a clear error when one is missing."""
+    found = []
+    for k in range(1, n_panels + 1):
+        matches = [folder / f"p{k}{s}" for s in IMAGE_SUFFIXES if (folder / f"p{k}{s}").exists()]
+        if not matches:
+            raise StripError(f"{folder}: panel p{k} is missing (expected p1.png .. p{n_panels}.png)")
+        found.append(matches[0])
+    extra = [p.name for p in folder.iterdir() if p.stem.startswith("p") and p.stem[1:].isdigit() and int(p.stem[1:]) > n_panels]
+    if extra:
+        raise StripError(f"{folder}: found {sorted(extra)} beyond p{n_panels}; this strip has more than {n_panels} panels")
+    return found
+
+
+def load_folder_strip(
+    folder: str | Path, *, n_panels: int = 6, gap: int = 0, align: int | None = None, cell: tuple[int, int] | None = None
+) -> Strip:
+    """A strip from `folder/p1.png .. pN.png`, stitched left to right.
+
+    `captions.json` (a list of N strings, or {"captions": [...], "letters": [...]})
+    beside the panels travels with the strip.
+    """
+    folder = Path(folder)
+    images = [open_image(p) for p in panel_files(folder, n_panels)]
+    image, boxes = stitch_panels(images, gap=gap, align=align, cell=cell)
+    captions = letters = None
+    meta: dict = {}
+    meta_file = folder / "captions.json"
+    if meta_file.exists():
+        data = json.loads(meta_file.read_text())
+        if isinstance(data, list):
+            data = {"captions": data}
+        captions = tuple(data["captions"]) if data.get("captions") else None
+        letters = tuple(data["letters"]) if data.get("letters") else None
+        meta = {k: v for k, v in data.items() if k not in ("captions", "letters")}
+    return Strip(image=image, panels=boxes, strip_id=folder.name, captions=captions, letters=letters, meta=meta)
+
+
+def save_folder_strip(strip: Strip, folder: str | Path) -> Path:
+    """Write `strip` as `folder/p1.png .. pN.png` (+ `captions.json`): the inverse of `load_folder_strip`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, box in enumerate(strip.panels, start=1):
+        strip.image.crop(box).save(folder / f"p{k}.png")
+    data = {"captions": list(strip.captions) if strip.captions else None,
+            "letters": list(strip.letters) if strip.letters else None, **strip.meta}
+    (folder / "captions.json").write_text(json.dumps(data, indent=1))
+    return folder
+
+
+def with_image(strip: Strip, image: Image.Image, panels: tuple[Box, ...]) -> Strip:
+    """The same strip with a new image and panel boxes (e.g. after resizing)."""
+    return replace(strip, image=image, panels=panels)
+
+
+def iter_comic_folders(root: Path) -> Iterator[Path]:
+    """Comic folders under `root` in natural order (comic2 before comic10)."""
+    def key(p: Path):
+        digits = "".join(ch for ch in p.name if ch.isdigit())
+        return (int(digits) if digits else -1, p.name)
+
+    return iter(sorted((p for p in root.iterdir() if p.is_dir()), key=key))
+
+
+def _is_dataset_folder(path: Path) -> bool:
+    return any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json")) or any(
+        path.glob("**/*.parquet")
+    )
+
+
+def strip_from_row(row: dict, index: int, *, align: int | None = None, gap: int = 0) -> Strip:
+    """A strip from one dataset row, in the project's schema or the paper's (six `panel_k` image columns)."""
+    from gaze.schema import strip_from_row as convert
+
+    return convert(row, index, align=align, gap=gap)
+
+
+def load_strips(
+    source: str | Path,
+    *,
+    n_strips: int | None = None,
+    n_panels: int = 6,
+    align: int | None = None,
+    gap: int = 0,
+    split: str | None = None,
+    start: int = 0,
+) -> Iterator[Strip]:
+    """Strips from a `--strips` source, lazily, in a stable order.
+
+    - a folder of comic folders (`comicN/p1.png .. p6.png`), or one comic folder;
+    - a Hugging Face dataset: a `save_to_disk` folder, a folder of Parquet files,
+      or a hub id (project schema: `strip` image + `panel_boxes`; paper schema:
+      `panel_1 .. panel_6` images);
+    - one image file, split into `n_panels` equal panels left to right.
+    """
+    path = Path(source)
+    stop = None if n_strips is None else start + n_strips
+    if path.is_file():
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise StripError(f"{path} is not an image ({', '.join(IMAGE_SUFFIXES)}) nor a strip folder or dataset")
+        image = open_image(path)
+        yield Strip(image=image, panels=equal_panels(image.size, n_panels), strip_id=path.stem)
+        return
+    if path.is_dir() and not _is_dataset_folder(path):
+        if any((path / f"p1{s}").exists() for s in IMAGE_SUFFIXES):
+            yield load_folder_strip(path, n_panels=n_panels, align=align, gap=gap)
+            return
+        folders = list(iter_comic_folders(path))
+        if not folders:
+            raise StripError(
+                f"{path} holds no comic folders: expected comicN/p1.png .. p{n_panels}.png, a dataset, or an image"
+            )
+        for folder in folders[start:stop]:
+            yield load_folder_strip(folder, n_panels=n_panels, align=align, gap=gap)
+        return
+    if not path.exists() and (path.is_absolute() or str(source).startswith(".") or str(source).count("/") != 1):
+        raise StripError(f"strip source {source} not found: give a folder, a dataset folder, an image, or a hub id OWNER/NAME")
+    from gaze.schema import open_dataset
+
+    rows = open_dataset(str(source), split=split)
+    end = len(rows) if stop is None else stop
+    if start >= len(rows) or (stop is not None and stop > len(rows) and n_strips is not None and start >= len(rows)):
+        raise StripError(f"row range {start}..{end} is outside the dataset ({len(rows)} rows)")
+    for i in range(start, min(end, len(rows))):
+        yield strip_from_row(rows[i], i, align=align, gap=gap)

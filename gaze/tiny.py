@@ -1,0 +1,526 @@
+"""Tiny Qwen-VL models, built offline, that load through the real transformers path.
+
+Tests, demos and trained "model organisms" need a vision-language model whose
+classes, configs, processor and checkpoint layout are exactly those of a real
+Qwen-VL checkpoint, yet nothing can be downloaded here. This module builds one
+from scratch in well under a second:
+
+- `build_tokenizer`: a byte-level BPE (the Qwen2 pre-tokenizer, trained locally
+  with `tokenizers` on a small English corpus) with the Qwen special tokens and
+  a Qwen-style chat template, wrapped as the stock `Qwen2Tokenizer`.
+- Image-only processors (`Qwen3VLImageOnlyProcessor`, `Qwen2VLImageOnlyProcessor`,
+  `Qwen2_5_VLImageOnlyProcessor`): the stock Qwen-VL processors also want a video
+  processor, whose classes need torchvision, so they cannot even be constructed
+  without it. These subclasses drop the video processor and keep everything
+  else (placeholder expansion, `mm_token_type_ids`, chat template). They use
+  the PIL image processor, sized so that small strips are not upscaled.
+  `register_processors()` (run at import) maps the Qwen-VL config classes to
+  them in `AutoProcessor`; without that, `AutoProcessor.from_pretrained` on a
+  saved folder silently falls back to a bare tokenizer.
+- `build_tiny_vlm`: a randomly initialised `Qwen3VLForConditionalGeneration`
+  (or Qwen3-VL-MoE, Qwen2-VL, Qwen2.5-VL) with a consistent tiny config, saved
+  with its processor so that `AutoModelForImageTextToText.from_pretrained(dir)`
+  and `AutoProcessor.from_pretrained(dir)` load it with `HF_HUB_OFFLINE=1`.
+
+Config traps this module handles (each silently breaks a tiny model otherwise):
+`text_config.head_dim` defaults to 128 in Qwen3-VL, and Qwen2-VL / Qwen2.5-VL
+have no `head_dim` at all (it is `hidden_size // num_attention_heads`); the
+mRoPE `mrope_section` must sum to `head_dim // 2` (its default assumes 128);
+the vision tower's output width must equal the text hidden size; default
+`deepstack_visual_indexes` beyond a tiny vision depth disable deepstack; the
+top-level config needs the image/video/vision start/end token ids; and the
+image processor's `shortest_edge` is a minimum pixel count, so the stock
+values upscale small images.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+from tokenizers.models import BPE
+from transformers import (
+    AutoProcessor,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2Tokenizer,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
+    Qwen2VLProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
+    Qwen3VLProcessor,
+)
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+__all__ = [
+    "FAMILIES",
+    "QWEN_SPECIAL_TOKENS",
+    "Qwen2VLImageOnlyProcessor",
+    "Qwen2_5_VLImageOnlyProcessor",
+    "Qwen3VLImageOnlyProcessor",
+    "build_tiny_vlm",
+    "build_tokenizer",
+    "default_corpus",
+    "family_patch_size",
+    "image_processor_for",
+    "register_processors",
+]
+
+ENDOFTEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+IMAGE_PAD = "<|image_pad|>"
+VIDEO_PAD = "<|video_pad|>"
+
+# The special tokens of the Qwen2-VL / Qwen3-VL tokenizers (chat turns, vision
+# placeholders, grounding markers). They get the first ids of the vocabulary.
+QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
+    ENDOFTEXT,
+    IM_START,
+    IM_END,
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    VISION_START,
+    VISION_END,
+    "<|vision_pad|>",
+    IMAGE_PAD,
+    VIDEO_PAD,
+)
+
+# Qwen3-VL's chat format without its tool-calling branches and without a
+# default system prompt (short prompts keep tiny models cheap). Content is a
+# string or a list of items; an image item ({"type": "image"}, or any item with
+# an "image"/"image_url" key) becomes one vision span, which the processor
+# expands to the image's number of merged patches.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}"
+    "{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' or 'image' in item or 'image_url' in item -%}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif 'text' in item -%}"
+    "{{- item['text'] -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- endif -%}"
+)
+
+# RoPE base of the tiny text models. Real Qwen-VL checkpoints use 1e6 to 5e6
+# for 128-dim heads and long contexts; with 16-dim heads and prompts of about
+# a hundred tokens that leaves most rotary pairs nearly frozen, so tiny models
+# use the classic 10000.
+ROPE_THETA = 10_000.0
+
+# Learned position table of the Qwen3-VL vision tower: a 24x24 grid (the real
+# one is 48x48), bilinearly resampled to every image's patch grid.
+QWEN3_VISION_POSITIONS = 24 * 24
+
+# Merged tokens an image may have at most (the stock Qwen2-VL budget).
+MAX_IMAGE_TOKENS = 1280
+
+_ORDINALS = ("1st", "2nd", "3rd", "4th", "5th", "6th", "7th", "8th", "9th", "10th", "11th", "12th")
+_COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "pink", "brown", "black", "white", "grey", "cyan")
+_SHAPES = ("circle", "square", "triangle", "star", "heart", "cross", "diamond", "ring", "moon", "arrow")
+_ACTIONS = (
+    "A cat is sleeping on a chair.",
+    "A dog runs after a ball.",
+    "Two friends talk at a table.",
+    "A man opens the door and walks in.",
+    "The girl waves goodbye to her mother.",
+    "A bird flies over the house.",
+    "The boy falls down and starts to cry.",
+    "They eat dinner together and laugh.",
+)
+
+
+def default_corpus() -> list[str]:
+    """The built-in English training text of `build_tokenizer`.
+
+    Covers the project's prompts ("What is happening in the 3rd panel from the
+    left?", "Which letter is on the 2nd panel?", "Describe this comic strip
+    panel by panel.", ...) for ordinals 1st-12th, short captions (colours,
+    shapes, simple actions), digits, letters A-Z / a-z and ASCII punctuation.
+    """
+    texts: list[str] = []
+    for o in _ORDINALS:
+        texts += [
+            f"What is happening in the {o} panel from the left?",
+            f"Which letter is on the {o} panel?",
+            f"What is in the {o} panel?",
+            f"Panel {o[:-2]}: ",
+        ]
+    texts += [
+        "Describe this comic strip panel by panel.",
+        "What is the main action happening in this comic strip? Answer briefly.",
+        "What is happening in this panel?",
+        "What is in the marked panel?",
+        "You are a helpful assistant.",
+    ]
+    texts += [f"a {c} {s}" for c in _COLOURS for s in _SHAPES]
+    texts += [f"The {c} {s} is in the {o} panel." for c, s, o in zip(_COLOURS, _SHAPES, _ORDINALS)]
+    texts += list(_ACTIONS)
+    texts += [
+        " ".join("0123456789"),
+        "0123456789",
+        " ".join(chr(c) for c in range(ord("A"), ord("Z") + 1)),
+        " ".join(chr(c) for c in range(ord("a"), ord("z") + 1)),
+        "The letter is A. The letter is B. The answer is 7.",
+        "! \" # $ % & ' ( ) * + , - . / : ; < = > ? @ [ \\ ] ^ _ ` { | } ~",
+        "Yes. No. Left, right, first, last, next, then, and, or.",
+    ]
+    return texts
+
+
+def build_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A small Qwen-style tokenizer trained locally: a `Qwen2Tokenizer` with `vocab_size` entries at most.
+
+    Byte-level BPE with Qwen2's pre-tokenizer and normaliser, trained on `texts`
+    (default: `default_corpus()`), so any string can be encoded; the Qwen
+    special tokens (`QWEN_SPECIAL_TOKENS`) are single tokens with ids 0..13.
+    As in the Qwen-VL instruct tokenizers, `<|im_end|>` (the end of a chat
+    turn) is the eos token and `<|endoftext|>` the pad (and unknown) token. The chat template expands an image item to
+    `<|vision_start|><|image_pad|><|vision_end|>`; `add_generation_prompt`
+    appends `<|im_start|>assistant\\n`. A small corpus may yield fewer merges
+    than `vocab_size` allows: size models by `len(tokenizer)`.
+    """
+    backend = Tokenizer(
+        BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False, byte_fallback=False)
+    )
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(QWEN_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(list(default_corpus() if texts is None else texts), trainer)
+    bpe = json.loads(backend.to_str())["model"]
+    tokenizer = Qwen2Tokenizer(
+        vocab=bpe["vocab"],
+        merges=[tuple(m) for m in bpe["merges"]],  # Qwen2Tokenizer wants pairs, not "a b" strings
+        unk_token=ENDOFTEXT,
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,
+        chat_template=CHAT_TEMPLATE,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": [t for t in QWEN_SPECIAL_TOKENS if t != IM_END]})
+    return tokenizer
+
+
+class Qwen3VLImageOnlyProcessor(Qwen3VLProcessor):
+    """`Qwen3VLProcessor` without the video processor (whose classes need torchvision).
+
+    Images and text behave exactly as in the stock processor: each
+    `<|image_pad|>` is expanded to `prod(image_grid_thw) / merge_size**2`
+    tokens and `mm_token_type_ids` marks them. Also used for Qwen3-VL-MoE.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
+    """`Qwen2VLProcessor` without the video processor (whose classes need torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class Qwen2_5_VLImageOnlyProcessor(Qwen2_5_VLProcessor):
+    """`Qwen2_5_VLProcessor` without the video processor (whose classes need torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+@dataclass(frozen=True)
+class TinyFamily:
+    """What `build_tiny_vlm` needs to know about one Qwen-VL family."""
+
+    config_class: type[PretrainedConfig]
+    model_class: type[PreTrainedModel]
+    processor_class: type
+    patch_size: int  # vision patch side in pixels
+    image_mean: tuple[float, ...]
+    image_std: tuple[float, ...]
+    vision_config: Callable[[int, int, int, int], dict]  # (depth, width, text hidden, text layers) -> dict
+    text_extra: Callable[[int], dict]  # (text hidden) -> family-specific text config entries
+    interleaved_mrope: bool  # Qwen3-VL interleaves T/H/W rotary pairs; Qwen2-VL splits them in blocks
+    has_head_dim: bool  # whether the text config takes head_dim (Qwen2-VL derives it from hidden size)
+
+
+def _vision_heads(width: int) -> int:
+    """Vision attention heads for a tower `width` wide: 16-dim heads, at least one."""
+    return max(1, width // 16)
+
+
+def _qwen3_vision(depth: int, width: int, out_hidden: int, text_layers: int) -> dict:
+    # Deepstack feeds the outputs of these vision blocks into the first text layers;
+    # indexes past the tower's depth would silently disable it.
+    return dict(
+        depth=depth,
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_heads=_vision_heads(width),
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        out_hidden_size=out_hidden,
+        num_position_embeddings=QWEN3_VISION_POSITIONS,
+        deepstack_visual_indexes=list(range(min(3, depth, text_layers))),
+    )
+
+
+def _qwen2_vision(depth: int, width: int, out_hidden: int, text_layers: int) -> dict:
+    # Qwen2-VL calls the tower width embed_dim and its output width hidden_size.
+    return dict(
+        depth=depth,
+        embed_dim=width,
+        hidden_size=out_hidden,
+        mlp_ratio=4,
+        num_heads=_vision_heads(width),
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
+
+
+def _qwen2_5_vision(depth: int, width: int, out_hidden: int, text_layers: int) -> dict:
+    # Window attention everywhere but every 8th block and the last (the real 32-block tower: 7, 15, 23, 31).
+    return dict(
+        depth=depth,
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_heads=_vision_heads(width),
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=112,
+        out_hidden_size=out_hidden,
+        fullatt_block_indexes=sorted({*range(7, depth, 8), depth - 1}),
+    )
+
+
+def _no_text_extra(hidden_size: int) -> dict:
+    return {}
+
+
+def _moe_text_extra(hidden_size: int) -> dict:
+    return dict(
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=2 * hidden_size,
+        decoder_sparse_step=1,
+        tie_word_embeddings=False,
+    )
+
+
+_CLIP = (tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD))
+_HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+FAMILIES: dict[str, TinyFamily] = {
+    "qwen3_vl": TinyFamily(
+        Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLImageOnlyProcessor, 16, *_HALF,
+        _qwen3_vision, _no_text_extra, interleaved_mrope=True, has_head_dim=True,
+    ),
+    "qwen3_vl_moe": TinyFamily(
+        Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, Qwen3VLImageOnlyProcessor, 16, *_HALF,
+        _qwen3_vision, _moe_text_extra, interleaved_mrope=True, has_head_dim=True,
+    ),
+    "qwen2_vl": TinyFamily(
+        Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageOnlyProcessor, 14, *_CLIP,
+        _qwen2_vision, _no_text_extra, interleaved_mrope=False, has_head_dim=False,
+    ),
+    "qwen2_5_vl": TinyFamily(
+        Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLImageOnlyProcessor, 14, *_CLIP,
+        _qwen2_5_vision, _no_text_extra, interleaved_mrope=False, has_head_dim=False,
+    ),
+}  # fmt: skip
+
+MERGE_SIZE = 2  # merged token side in patches, for every family
+
+
+def _family(family: str) -> TinyFamily:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; use one of {', '.join(FAMILIES)}")
+    return FAMILIES[family]
+
+
+def family_patch_size(family: str) -> int:
+    """Pixels per side of one merged image token: 32 for Qwen3-VL, 28 for Qwen2-VL / Qwen2.5-VL."""
+    return _family(family).patch_size * MERGE_SIZE
+
+
+def register_processors() -> None:
+    """Map each Qwen-VL config class to its image-only processor in `AutoProcessor` (idempotent).
+
+    Run at import of `gaze.tiny`. Saved folders name the processor class in
+    `processor_config.json`; registration is what lets `AutoProcessor` find
+    it by that name (and by config type when the name is absent).
+    """
+    for spec in FAMILIES.values():
+        AutoProcessor.register(spec.config_class, spec.processor_class, exist_ok=True)
+
+
+def image_processor_for(family: str) -> Qwen2VLImageProcessorPil:
+    """The PIL image processor of `family`, sized so that small images are not upscaled.
+
+    `size.shortest_edge` is the minimum pixel count (one merged token) and
+    `size.longest_edge` the maximum (`MAX_IMAGE_TOKENS` merged tokens). Images
+    whose sides are multiples of `family_patch_size(family)` keep their size
+    exactly, so panel borders fall on token boundaries: a 384x64 strip gives
+    image_grid_thw [[1, 4, 24]] with Qwen3-VL, a 336x56 strip the same with Qwen2-VL.
+    """
+    spec = _family(family)
+    token_px = family_patch_size(family)
+    return Qwen2VLImageProcessorPil(
+        patch_size=spec.patch_size,
+        merge_size=MERGE_SIZE,
+        temporal_patch_size=2,
+        size={"shortest_edge": token_px**2, "longest_edge": MAX_IMAGE_TOKENS * token_px**2},
+        image_mean=list(spec.image_mean),
+        image_std=list(spec.image_std),
+    )
+
+
+def _mrope_section(head_dim: int, interleaved: bool) -> list[int]:
+    """Rotary pairs for (time, height, width), summing to head_dim // 2, in the real models' proportions.
+
+    Qwen2-VL splits the pairs in blocks, [16, 24, 24] of 64; Qwen3-VL
+    interleaves them, [24, 20, 20] of 64.
+    """
+    pairs = head_dim // 2
+    spatial = (5 * pairs) // 16 if interleaved else (3 * pairs) // 8
+    if head_dim % 2 or spatial < 1:
+        raise ValueError(f"head_dim {head_dim} is too small for multimodal rotary positions: use an even head_dim >= 8")
+    return [pairs - 2 * spatial, spatial, spatial]
+
+
+def build_tiny_vlm(
+    family: str,
+    out_dir: str | Path,
+    *,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    hidden_size: int = 64,
+    head_dim: int = 16,
+    vision_depth: int = 1,
+    vision_hidden: int = 32,
+    intermediate_size: int | None = None,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Build a randomly initialised tiny Qwen-VL model of `family` and save it with its processor into `out_dir`.
+
+    `family` is one of `FAMILIES`: "qwen3_vl", "qwen3_vl_moe" (4 experts, 2
+    active), "qwen2_vl", "qwen2_5_vl". The text model has `num_layers` layers
+    of `num_heads` query heads and `num_kv_heads` key/value heads (grouped-query
+    attention) of `head_dim` each, width `hidden_size` and MLP width
+    `intermediate_size` (default 4 x hidden); Qwen2-VL and Qwen2.5-VL derive
+    the head size from the width, so they need `hidden_size == num_heads *
+    head_dim`. The vision tower has `vision_depth` blocks of width
+    `vision_hidden` (16-dim heads) and outputs `hidden_size`-wide tokens. The
+    vocabulary is `tokenizer` (default: `build_tokenizer()`). Weights are
+    drawn under `torch.manual_seed(seed)` (the caller's RNG state is left
+    untouched), so equal arguments give identical weights.
+
+    The folder loads with `AutoModelForImageTextToText.from_pretrained(out_dir)`
+    and, after `import gaze.tiny`, `AutoProcessor.from_pretrained(out_dir)`,
+    offline. Greedy generation stops at `<|im_end|>` or `<|endoftext|>`.
+    Returns `out_dir` as a Path.
+    """
+    spec = _family(family)
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if not spec.has_head_dim and hidden_size != num_heads * head_dim:
+        raise ValueError(
+            f"{family} derives head_dim from hidden_size // num_heads: "
+            f"hidden_size ({hidden_size}) must equal num_heads * head_dim ({num_heads * head_dim})"
+        )
+    tokenizer = build_tokenizer() if tokenizer is None else tokenizer
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (ENDOFTEXT, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)}
+
+    text_config = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=4096,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": ROPE_THETA,
+            "mrope_section": _mrope_section(head_dim, spec.interleaved_mrope),
+            **({"mrope_interleaved": True} if spec.interleaved_mrope else {}),
+        },
+        bos_token_id=ids[ENDOFTEXT],
+        eos_token_id=ids[IM_END],
+        pad_token_id=ids[ENDOFTEXT],
+        **({"head_dim": head_dim} if spec.has_head_dim else {}),
+        **spec.text_extra(hidden_size),
+    )
+    config = spec.config_class(
+        text_config=text_config,
+        vision_config=spec.vision_config(vision_depth, vision_hidden, hidden_size, num_layers),
+        image_token_id=ids[IMAGE_PAD],
+        video_token_id=ids[VIDEO_PAD],
+        vision_start_token_id=ids[VISION_START],
+        vision_end_token_id=ids[VISION_END],
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = spec.model_class(config)
+    model.to(dtype)
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids[ENDOFTEXT],
+        eos_token_id=[ids[IM_END], ids[ENDOFTEXT]],
+        pad_token_id=ids[ENDOFTEXT],
+    )
+
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    processor = spec.processor_class(
+        image_processor=image_processor_for(family), tokenizer=tokenizer, chat_template=tokenizer.chat_template or CHAT_TEMPLATE
+    )
+    processor.save_pretrained(out)
+    return out
+
+
+register_processors()

@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny VLMs built from configs, saved, and loaded through the real `from_pretrained`."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from PIL import Image
+
+from gaze.strips import Strip, stitch_panels
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+# family -> merged patch size in pixels
+FAMILIES = {"qwen3_vl": 32, "qwen2_vl": 28}
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny")
+
+
+def _build(family: str, folder, **kw):
+    from gaze.tiny import build_tiny_vlm
+
+    if not (folder / "config.json").exists():
+        build_tiny_vlm(family, folder, **kw)
+    return folder
+
+
+@pytest.fixture(scope="session", params=sorted(FAMILIES))
+def tiny_path(request, tiny_dir):
+    """A saved tiny model folder of each family (GQA: 4 heads, 2 KV heads)."""
+    return _build(request.param, tiny_dir / request.param)
+
+
+@pytest.fixture(scope="session")
+def qwen3_path(tiny_dir):
+    return _build("qwen3_vl", tiny_dir / "qwen3_vl")
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny_path):
+    from gaze.models import load
+
+    return load(str(tiny_path), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def loaded_qwen3(qwen3_path):
+    from gaze.models import load
+
+    return load(str(qwen3_path), device="cpu")
+
+
+def make_strip(patch: int, seed: int = 0, n: int = 6, cell_tokens: int = 2) -> Strip:
+    """Six flat, distinct panels of `cell_tokens` x `cell_tokens` merged tokens each."""
+    g = torch.Generator().manual_seed(seed)
+    side = patch * cell_tokens
+    panels = []
+    for _ in range(n):
+        colour = torch.randint(0, 200, (1, 1, 3), generator=g)
+        noise = torch.randint(0, 56, (side, side, 3), generator=g)
+        panels.append(Image.fromarray((colour + noise).to(torch.uint8).numpy()))
+    image, boxes = stitch_panels(panels)
+    return Strip(image=image, panels=boxes, strip_id=f"s{seed}", captions=tuple(f"c{k}" for k in range(n)))
+
+
+@pytest.fixture
+def strip_for():
+    return make_strip

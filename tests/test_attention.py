@@ -1,0 +1,96 @@
+"""The "gaze_sdpa" attention: captured rows equal eager `output_attentions`, and nothing changes when idle."""
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from gaze.attention import Hook, active
+from gaze.models import load
+from gaze.prompts import chat_text
+from gaze.scoring import RowRecorder
+
+
+@dataclass
+class StepRecorder(Hook):
+    """Appends every forward's last-row attention, per layer."""
+
+    steps: list = field(default_factory=list)
+
+    def on_forward(self, input_ids):
+        self.steps.append({})
+
+    def wants(self, layer):
+        return True
+
+    def record(self, layer, rows, value):
+        self.steps[-1][layer] = rows
+
+
+@pytest.fixture(scope="module")
+def eager(tiny_path):
+    return load(str(tiny_path), device="cpu", attn_implementation="eager")
+
+
+def _inputs(loaded, image, questions, padding_side="left"):
+    proc = loaded.processor
+    proc.tokenizer.padding_side = padding_side
+    texts = [chat_text(proc, q) for q in questions]
+    return dict(proc(text=texts, images=[image] * len(texts), return_tensors="pt", padding=True))
+
+
+def test_idle_gaze_attention_is_plain_sdpa(loaded, tiny_path, strip_for):
+    sdpa = load(str(tiny_path), device="cpu", attn_implementation="sdpa")
+    plain = sdpa.model
+    plain.set_attn_implementation({"text_config": "sdpa"})
+    assert plain.config.get_text_config()._attn_implementation == "sdpa"
+    assert loaded.model.config.get_text_config()._attn_implementation == "gaze_sdpa"
+    patch = loaded.family.merged_patch(loaded.processor)
+    x = _inputs(loaded, strip_for(patch).image, ["What is in the 2nd panel?"])
+    with torch.no_grad():
+        a = loaded.model(**x).logits
+        b = plain(**x).logits
+    assert torch.equal(a, b)
+
+
+def test_rows_equal_eager_with_gqa_and_padding(loaded, eager, strip_for):
+    cfg = loaded.model.config.get_text_config()
+    assert cfg.num_attention_heads > cfg.num_key_value_heads  # GQA is exercised
+    patch = loaded.family.merged_patch(loaded.processor)
+    x = _inputs(loaded, strip_for(patch).image, ["Hi?", "What is happening in the 3rd panel from the left?"])
+    assert int((x["attention_mask"] == 0).sum()) > 0  # padding is exercised
+    rec = RowRecorder()
+    with torch.no_grad(), active(rec):
+        loaded.model(**x)
+        ref = eager.model(**x, output_attentions=True).attentions
+    for layer, att in enumerate(ref):
+        diff = (rec.records[layer] - att[:, :, -1, :].float()).abs().max()
+        assert diff <= 1e-5, (layer, float(diff))
+
+
+def test_rows_equal_eager_during_generate(loaded, eager, strip_for):
+    patch = loaded.family.merged_patch(loaded.processor)
+    x = _inputs(loaded, strip_for(patch, seed=3).image, ["Describe this comic strip panel by panel."])
+    rec = StepRecorder()
+    with torch.no_grad():
+        with active(rec):
+            ours = loaded.model.generate(**x, max_new_tokens=5, do_sample=False)
+        ref = eager.model.generate(**x, max_new_tokens=5, do_sample=False, output_attentions=True,
+                                   return_dict_in_generate=True)
+    assert torch.equal(ours, ref.sequences)
+    assert len(rec.steps) == len(ref.attentions) == 5
+    for step, (mine, theirs) in enumerate(zip(rec.steps, ref.attentions)):
+        for layer, att in enumerate(theirs):
+            diff = (mine[layer] - att[:, :, -1, :].float()).abs().max()
+            assert diff <= 1e-5, (step, layer, float(diff))
+
+
+def test_hooks_are_gone_after_the_block_even_on_error(loaded, strip_for):
+    from gaze.attention import _ACTIVE
+
+    rec = RowRecorder()
+    with pytest.raises(RuntimeError):
+        with active(rec):
+            assert _ACTIVE.get() == (rec,)
+            raise RuntimeError("boom")
+    assert _ACTIVE.get() == ()

@@ -1,0 +1,177 @@
+"""Discovery: the shared-prefix path equals full prefills and the eager reference; planted heads rank first."""
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+from PIL import Image
+
+from gaze.attention import Hook, active
+from gaze.discovery import DiscoveryError, discover
+from gaze.models import load
+from gaze.ranking import Ranking, RankingError
+from gaze.scoring import gaze_scores, reference_strip_matrices, strip_matrices
+from gaze.strips import StripError, load_strips, save_folder_strip
+
+PLANT = (1, 3)  # (layer, head) made to look at the queried panel
+
+
+@dataclass
+class PlantedHead(Hook):
+    """Biases one head toward the queried panel in the batched suffix pass (row i asks about panel i + 1)."""
+
+    layer: int
+    head: int
+    panel_positions: list  # per panel: sequence positions of its image tokens
+    strength: float = 8.0
+
+    def bias(self, layer, query, key):
+        if layer != self.layer or query.shape[0] != len(self.panel_positions):
+            return None
+        b = torch.zeros((query.shape[0], query.shape[1], 1, key.shape[2]), dtype=query.dtype)
+        for i, pos in enumerate(self.panel_positions):
+            b[i, self.head, 0, pos] = self.strength
+        return b
+
+
+def planted(loaded, strip):
+    from gaze.generation import prepare_inputs
+    from gaze.regions import panel_regions
+
+    _, layout = prepare_inputs(loaded, strip.image, "x")
+    regions = panel_regions(layout, strip.panels)
+    positions = [layout.positions[regions.token_indices(k)].tolist() for k in range(strip.n_panels)]
+    return PlantedHead(*PLANT, positions)
+
+
+def test_shared_prefix_equals_full_prefills_and_reference(loaded, tiny_path, strip_for):
+    patch = loaded.family.merged_patch(loaded.processor)
+    strip = strip_for(patch, seed=1)
+    shared = strip_matrices(loaded.model, loaded.processor, strip)
+    full = strip_matrices(loaded.model, loaded.processor, strip, share_prefix=False)
+    eager = load(str(tiny_path), device="cpu", attn_implementation="eager")
+    ref = reference_strip_matrices(eager.model, eager.processor, strip)
+    n_layers, n_heads = loaded.n_layers, loaded.n_heads
+    assert shared.shape == (n_layers, n_heads, 6, 6)
+    assert (shared - full).abs().max() <= 1e-5
+    assert (shared - ref).abs().max() <= 1e-5
+    assert float(shared.sum(-1).max()) <= 1 + 1e-5  # raw mass: a row sums to the image share, at most 1
+
+
+def test_planted_head_ranks_first(loaded, strip_for, tmp_path):
+    patch = loaded.family.merged_patch(loaded.processor)
+    strips = [strip_for(patch, seed=s) for s in range(3)]
+    with active(planted(loaded, strips[0])):
+        ranking = discover(loaded, strips, tmp_path / "run", progress=False)
+    assert ranking.top(1) == [PLANT]
+    m = ranking.matrices[PLANT]
+    assert float(torch.diagonal(m).mean()) > 0.5
+    assert torch.allclose(ranking.scores, gaze_scores(ranking.matrices))
+
+
+def test_discovery_resumes_to_the_same_ranking(loaded_qwen3, strip_for, tmp_path):
+    loaded = loaded_qwen3
+    strips = [strip_for(32, seed=s) for s in range(4)]
+    whole = discover(loaded, strips, tmp_path / "whole", progress=False)
+
+    def interrupted():
+        yield from strips[:2]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        discover(loaded, interrupted(), tmp_path / "resumed", progress=False)
+    assert len(list((tmp_path / "resumed" / "strips").glob("*.safetensors"))) == 2
+    resumed = discover(loaded, strips, tmp_path / "resumed", progress=False)
+    assert torch.equal(whole.scores, resumed.scores)
+    assert torch.equal(whole.matrices, resumed.matrices)
+    assert resumed.n_strips == 4
+
+
+def test_output_folder_of_another_run_is_refused(loaded_qwen3, strip_for, tmp_path):
+    strips = [strip_for(32)]
+    discover(loaded_qwen3, strips, tmp_path / "run", progress=False)
+    with pytest.raises(DiscoveryError, match="other settings"):
+        discover(loaded_qwen3, strips, tmp_path / "run", template="Which letter is on the {ordinal} panel?",
+                 progress=False)
+
+
+def test_ranking_round_trip_and_mismatch(loaded_qwen3, tmp_path):
+    scores = torch.rand(loaded_qwen3.n_layers, loaded_qwen3.n_heads)
+    r = Ranking("m", scores, torch.rand(*scores.shape, 6, 6), 7, "q {ordinal}", meta={"source": "x"})
+    path = r.save(tmp_path / "r")
+    back = Ranking.load(path.parent)
+    assert torch.equal(back.scores, r.scores) and torch.equal(back.matrices, r.matrices)
+    assert back.top(3) == r.top(3) and back.meta == r.meta and back.n_strips == 7
+    assert back.check(loaded_qwen3.model) is back
+    other = Ranking("m", torch.rand(3, 5), torch.rand(3, 5, 6, 6), 1, "q")
+    with pytest.raises(RankingError, match="3 layers x 5 heads"):
+        other.check(loaded_qwen3.model)
+    with pytest.raises(RankingError, match="not 'other/model'"):
+        r.check(loaded_qwen3.model, "other/model")
+    with pytest.raises(RankingError, match="run `gaze discover"):
+        Ranking.load(tmp_path / "nothing")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(RankingError, match="not a valid ranking"):
+        Ranking.load(tmp_path / "bad.json")
+
+
+def test_strip_sources_and_bad_input(strip_for, tmp_path):
+    strip = strip_for(32, seed=2)
+    for i in range(3):
+        save_folder_strip(strip, tmp_path / "comics" / f"comic{i + 1}")
+    got = list(load_strips(tmp_path / "comics", align=32))
+    assert [s.strip_id for s in got] == ["comic1", "comic2", "comic3"]
+    assert got[0].captions == strip.captions
+    assert list(got[0].image.getdata()) == list(strip.image.getdata())  # exact round trip
+    assert len(list(load_strips(tmp_path / "comics", n_strips=2))) == 2
+    # a single image split into equal panels
+    strip.image.save(tmp_path / "one.png")
+    (single,) = load_strips(tmp_path / "one.png")
+    assert single.panels == strip.panels
+    # missing panel, extra panel, unreadable panel
+    (tmp_path / "comics" / "comic2" / "p4.png").unlink()
+    with pytest.raises(StripError, match="p4 is missing"):
+        list(load_strips(tmp_path / "comics"))
+    (tmp_path / "comics" / "comic2" / "p4.png").write_bytes(b"not an image")
+    with pytest.raises(StripError, match="cannot read image"):
+        list(load_strips(tmp_path / "comics"))
+    Image.new("RGB", (8, 8)).save(tmp_path / "comics" / "comic2" / "p4.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "comics" / "comic1" / "p7.png")
+    with pytest.raises(StripError, match="more than 6 panels"):
+        list(load_strips(tmp_path / "comics"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StripError, match="no comic folders"):
+        list(load_strips(tmp_path / "empty"))
+    with pytest.raises(StripError, match="not found"):
+        list(load_strips(tmp_path / "nowhere"))
+
+
+def test_not_a_vlm_is_a_clear_error(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from gaze.families import UnsupportedModelError
+
+    cfg = Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
+    Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "text")
+    with pytest.raises(UnsupportedModelError, match="not a vision-language model"):
+        load(str(tmp_path / "text"))
+
+
+def test_cli_discover(qwen3_path, strip_for, tmp_path, capsys):
+    from gaze.cli import main
+
+    for i in range(2):
+        save_folder_strip(strip_for(32, seed=i), tmp_path / "comics" / f"comic{i}")
+    rc = main(["discover", "--model", str(qwen3_path), "--strips", str(tmp_path / "comics"), "--n-strips", "2",
+               "--out", str(tmp_path / "out"), "--quiet", "--top", "3"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "top 3 gaze heads" in out and "sit in layers" in out
+    data = json.loads((tmp_path / "out" / "ranking.json").read_text())
+    assert data["n_strips"] == 2
+    rc = main(["discover", "--model", str(qwen3_path), "--strips", str(tmp_path / "nowhere"), "--out",
+               str(tmp_path / "o2"), "--quiet"])
+    assert rc == 2
+    assert "error" in capsys.readouterr().err
