@@ -474,7 +474,10 @@ def build_tiny_vlm(
             f"hidden_size ({hidden_size}) must equal num_heads * head_dim ({num_heads * head_dim})"
         )
     tokenizer = build_tokenizer() if tokenizer is None else tokenizer
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (ENDOFTEXT, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)}
+    ids = {
+        t: tokenizer.convert_tokens_to_ids(t)
+        for t in (ENDOFTEXT, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
+    }
 
     text_config = dict(
         vocab_size=len(tokenizer),
@@ -517,7 +520,9 @@ def build_tiny_vlm(
     out = Path(out_dir)
     model.save_pretrained(out)
     processor = spec.processor_class(
-        image_processor=image_processor_for(family), tokenizer=tokenizer, chat_template=tokenizer.chat_template or CHAT_TEMPLATE
+        image_processor=image_processor_for(family),
+        tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template or CHAT_TEMPLATE,
     )
     processor.save_pretrained(out)
     return out

@@ -70,6 +70,6 @@ def make_strip(patch: int, seed: int = 0, n: int = 6, cell_tokens: int = 2) -> S
     return Strip(image=image, panels=boxes, strip_id=f"s{seed}", captions=tuple(f"c{k}" for k in range(n)))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def strip_for():
     return make_strip

@@ -1,0 +1,255 @@
+"""Steering invariants on tiny models: zero is nothing, only chosen heads move, the eager reference agrees."""
+
+import threading
+
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from gaze.attention import _ACTIVE, active
+from gaze.generation import generate, prepare_inputs, repetition_rate
+from gaze.regions import RegionError, panel_regions
+from gaze.scoring import RowRecorder
+from gaze.steering import Box, Panel, Schedule, Steering, Tokens, parse_schedule, steer
+from gaze.tracking import Tracker
+
+QUESTION = "What is the main action happening in this comic strip? Answer briefly."
+
+
+@pytest.fixture(scope="module")
+def setup(loaded, strip_for):
+    strip = strip_for(loaded.family.merged_patch(loaded.processor), seed=5)
+    inputs, layout = prepare_inputs(loaded, strip.image, QUESTION)
+    return strip, inputs, layout
+
+
+def _logits(loaded, inputs):
+    with torch.no_grad():
+        return loaded.model(**inputs).logits
+
+
+def test_zero_strength_or_no_heads_is_exactly_unsteered(loaded, setup):
+    strip, inputs, layout = setup
+    base = _logits(loaded, inputs)
+    n = inputs["input_ids"].shape[1]
+    with steer(loaded.model, [(0, 1), (1, 2)], Panel(3), layout=layout, prompt_len=n, panels=strip.panels, strength=0.0):
+        assert torch.equal(_logits(loaded, inputs), base)
+    with steer(loaded.model, [], Panel(3), layout=layout, prompt_len=n, panels=strip.panels):
+        assert torch.equal(_logits(loaded, inputs), base)
+    plain = generate(loaded, strip.image, QUESTION, max_new_tokens=6)
+    zero = generate(loaded, strip.image, QUESTION, heads=[(1, 0)], target=2, panels=strip.panels, strength=0.0,
+                    max_new_tokens=6)
+    assert plain.token_ids == zero.token_ids
+
+
+def test_only_chosen_heads_change_and_they_look_at_the_target(loaded, setup):
+    strip, inputs, layout = setup
+    last = loaded.n_layers - 1
+    chosen = [(last, 1), (last, 2)]
+    n = inputs["input_ids"].shape[1]
+    base, steered = RowRecorder(), RowRecorder()
+    with torch.no_grad():
+        with active(base):
+            loaded.model(**inputs)
+        with steer(loaded.model, chosen, Panel(4), layout=layout, prompt_len=n, panels=strip.panels), active(steered):
+            loaded.model(**inputs)
+    for layer in range(loaded.n_layers):
+        for head in range(loaded.n_heads):
+            same = torch.equal(base.records[layer][:, head], steered.records[layer][:, head])
+            assert same == ((layer, head) not in chosen), (layer, head)
+    regions = panel_regions(layout, strip.panels)
+    for _, head in chosen:
+        image = steered.records[last][0, head, layout.positions]
+        on_target = float(image[regions.token_indices(3)].sum())
+        assert on_target / float(image.sum()) > 0.999
+
+
+def _reference_bias(layout, member, kv, strength):
+    bias = torch.zeros(kv)
+    bias[layout.positions] = -strength
+    bias[layout.positions[member]] = strength
+    return bias
+
+
+def test_matches_eager_reference_with_bias_in_the_mask(loaded, tiny_path, setup):
+    """Reference: eager attention where the chosen heads get +B/-B added to their attention mask."""
+    from gaze.models import load
+    from gaze.regions import box_membership
+
+    strip, inputs, layout = setup
+    chosen = {(0, 2), (1, 0), (1, 3)}
+    box = (0, 0, strip.image.size[0] // 2, strip.image.size[1])
+    member = box_membership(layout, box)
+    strength = 3.0  # soft, so the comparison is not trivially saturated
+
+    def eager_biased(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+        rep = query.shape[1] // key.shape[1]
+        k = key.repeat_interleave(rep, dim=1)
+        v = value.repeat_interleave(rep, dim=1)
+        scores = query @ k.transpose(-1, -2) * scaling  # [B, H, q, kv]
+        q_len, kv = scores.shape[-2:]
+        causal = torch.ones(q_len, kv, dtype=torch.bool).tril(kv - q_len)
+        scores = scores.masked_fill(~causal, float("-inf"))
+        if attention_mask is not None:
+            scores = scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool else scores + attention_mask
+        for (l, h) in chosen:
+            if l == module.layer_idx:
+                scores[:, h] = scores[:, h] + _reference_bias(layout, member, kv, strength)
+        return (torch.softmax(scores.float(), -1).to(query.dtype) @ v).transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("test_eager_biased", eager_biased)
+    AttentionMaskInterface.register("test_eager_biased", sdpa_mask)
+    ref = load(str(tiny_path), device="cpu")
+    ref.model.set_attn_implementation({"text_config": "test_eager_biased"})
+    n = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        expected = ref.model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        expected_logits = ref.model(**inputs).logits
+        with steer(loaded.model, sorted(chosen), Box(box), layout=layout, prompt_len=n, strength=strength):
+            got_logits = loaded.model(**inputs).logits
+            got = loaded.model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert (got_logits - expected_logits).abs().max() < 1e-4
+    assert torch.equal(got, expected)
+
+
+def test_schedule_switches_at_the_right_step(loaded, setup):
+    strip, _, layout = setup
+    heads = [(loaded.n_layers - 1, h) for h in range(loaded.n_heads)]
+    schedule = Schedule((Panel(2), Panel(5), Panel(3), Panel(5)), every=3)
+    out = generate(loaded, strip.image, QUESTION, heads=heads[:2], schedule=schedule, panels=strip.panels,
+                   max_new_tokens=12, track=True)
+    n = len(out.token_ids)
+    expected = [min(t // 3, 3) for t in range(n)]
+    assert out.targets == expected
+    # the steered heads look at the scheduled panel at every step (a region may be revisited)
+    regions = panel_regions(out.layout, strip.panels)
+    looked = out.trajectory(regions).argmax(-1).tolist()
+    assert looked == [[1, 4, 2, 4][i] for i in expected]
+
+
+def test_explicit_steps_and_sentence_boundaries():
+    layout = None
+    hook = Steering(heads={}, n_heads=1, memberships=[], schedule=Schedule((Panel(1), Panel(2), Panel(3)), steps=(2, 5)),
+                    layout=layout, prompt_len=0)
+    for t in range(8):
+        hook.on_forward(torch.tensor([[7]]))
+    assert hook.applied == [0, 0, 1, 1, 1, 2, 2, 2]
+    # at_sentence: after 2 tokens, wait for a token that ends a sentence (id 9 here)
+    hook = Steering(heads={}, n_heads=1, memberships=[], schedule=Schedule((Panel(1), Panel(2)), every=2, at_sentence=True),
+                    layout=layout, prompt_len=0, is_boundary=lambda t: t == 9)
+    for token in [0, 5, 5, 5, 9, 5, 5]:  # the first forward is the prefill
+        hook.on_forward(torch.tensor([[token]]))
+    assert hook.applied == [0, 0, 0, 0, 1, 1, 1]
+
+
+def test_two_threads_get_what_they_get_alone(loaded, setup):
+    strip, _, _ = setup
+    heads = [(loaded.n_layers - 1, 0), (loaded.n_layers - 1, 3), (0, 1)]
+    jobs = {"plain": {}, "p2": dict(heads=heads, target=2), "p6": dict(heads=heads, target=6)}
+    alone = {k: generate(loaded, strip.image, QUESTION, panels=strip.panels, max_new_tokens=16, **kw).token_ids
+             for k, kw in jobs.items()}
+    together, barrier = {}, threading.Barrier(len(jobs))
+
+    def run(name):
+        barrier.wait()
+        together[name] = generate(loaded, strip.image, QUESTION, panels=strip.panels, max_new_tokens=16,
+                                  **jobs[name]).token_ids
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone
+    assert alone["p2"] != alone["plain"] or alone["p6"] != alone["plain"]  # steering did something
+
+
+def test_nothing_remains_after_an_exception(loaded, setup):
+    strip, inputs, layout = setup
+    base = _logits(loaded, inputs)
+    with pytest.raises(KeyError):
+        with steer(loaded.model, [(0, 0)], Panel(2), layout=layout, prompt_len=1, panels=strip.panels):
+            assert not torch.equal(_logits(loaded, inputs), base)
+            raise KeyError("inside")
+    assert _ACTIVE.get() == ()
+    assert torch.equal(_logits(loaded, inputs), base)
+
+
+def test_tokens_target_and_modes(loaded, setup):
+    strip, inputs, layout = setup
+    n = inputs["input_ids"].shape[1]
+    pos = tuple(layout.positions[:3].tolist())
+    for mode in ("boost", "suppress", "suppress_text"):
+        rec = RowRecorder(layers={0})
+        with torch.no_grad(), steer(loaded.model, [(0, 0)], Tokens(pos), layout=layout, prompt_len=n, mode=mode), active(rec):
+            loaded.model(**inputs)
+        row = rec.records[0][0, 0]
+        image = row[layout.positions]
+        assert float(image[:3].sum() / image.sum()) > 0.999
+        if mode == "suppress_text":
+            # the prompt's text keys are suppressed too: the head's mass sits on the target tokens
+            assert float(image[:3].sum()) > 0.999
+
+
+def test_bad_input_errors(loaded, setup):
+    strip, _, layout = setup
+    with pytest.raises(ValueError, match="outside the model"):
+        with steer(loaded.model, [(99, 0)], Panel(1), layout=layout, prompt_len=1, panels=strip.panels):
+            pass
+    with pytest.raises(RegionError, match="out of range"):
+        with steer(loaded.model, [(0, 0)], Panel(7), layout=layout, prompt_len=1, panels=strip.panels):
+            pass
+    with pytest.raises(RegionError, match="outside"):
+        with steer(loaded.model, [(0, 0)], Box((5000, 0, 6000, 10)), layout=layout, prompt_len=1):
+            pass
+    with pytest.raises(RegionError, match="covers no image-token centre"):
+        with steer(loaded.model, [(0, 0)], Box((0, 0, 3, 3)), layout=layout, prompt_len=1):
+            pass
+    with pytest.raises(ValueError, match="mode"):
+        with steer(loaded.model, [(0, 0)], Panel(1), layout=layout, prompt_len=1, panels=strip.panels, mode="nope"):
+            pass
+    for bad, match in [("4,x,1", "bad schedule entry"), ("", "empty schedule"), ("4,9", "out of range"),
+                       ("1,2", "switch interval")]:
+        with pytest.raises(ValueError, match=match):
+            parse_schedule(bad, every=None if match == "switch interval" else 5, n_panels=6)
+    assert parse_schedule("4, 2,1", every=7).targets == (Panel(4), Panel(2), Panel(1))
+
+
+def test_repetition_and_degenerate_flag():
+    assert repetition_rate([1, 2, 3, 4, 5, 6]) == 0.0
+    assert repetition_rate([1, 2] * 20) > 0.9
+    assert repetition_rate([]) == 0.0
+
+
+def test_tracker_heatmap_sums_to_image_mass(loaded, setup):
+    strip, _, _ = setup
+    heads = [(0, 1), (1, 2)]
+    out = generate(loaded, strip.image, QUESTION, max_new_tokens=4, track=heads)
+    tracker = out.tracker
+    assert isinstance(tracker, Tracker)
+    att = tracker.attention()
+    assert att.shape[1:] == (2, out.layout.n_tokens)
+    for step in range(att.shape[0]):
+        assert torch.allclose(tracker.heatmap(step).sum(), att[step].mean(0).sum(), atol=1e-3)
+        assert torch.allclose(att[step].sum(-1).mean(), tracker.image_share()[step], atol=1e-3)
+
+
+def test_cli_steer_prints_both_answers_and_saves_trajectory(qwen3_path, strip_for, tmp_path, capsys):
+    from gaze.cli import main
+    from gaze.ranking import Ranking
+
+    strip = strip_for(32, seed=9)
+    strip.image.save(tmp_path / "strip.png")
+    scores = torch.arange(8, dtype=torch.float32).reshape(2, 4)
+    Ranking(str(qwen3_path), scores, torch.zeros(2, 4, 6, 6), 1, "q").save(tmp_path / "rank")
+    rc = main(["steer", "--model", str(qwen3_path), "--ranking", str(tmp_path / "rank"), "--image",
+               str(tmp_path / "strip.png"), "--schedule", "2,4,3", "--every", "2", "--top-k", "3",
+               "--max-new-tokens", "6", "--trajectory-out", str(tmp_path / "traj.json")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "unsteered:" in out and "steered:" in out
+    assert (tmp_path / "traj.json").exists() and (tmp_path / "traj.png").exists()
+    rc = main(["steer", "--model", str(qwen3_path), "--ranking", str(tmp_path / "rank"), "--image",
+               str(tmp_path / "strip.png"), "--target", "9"])
+    assert rc == 2 and "out of range" in capsys.readouterr().err
