@@ -12,6 +12,7 @@ repetition rate and a `degenerate` flag (empty, or mostly repeated 3-grams).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 from typing import Sequence
@@ -100,6 +101,9 @@ def generate(
     """Greedy generation, optionally steered (`heads` + `target`/`schedule`) and tracked.
 
     `track=True` tracks the steered heads (or pass a list of heads to track).
+    A `streamer` with a `bind(steering=, tracker=, layout=)` method is handed
+    the live hooks first: `steering.applied[-1]` is the target of the token
+    being streamed, `tracker.steps[-1]` its attention over the image.
     """
     model, tok = loaded.model, loaded.processor.tokenizer
     inputs, layout = prepare_inputs(loaded, image, question)
@@ -115,13 +119,18 @@ def generate(
         kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnEvent(stop)])
     steering = None
     steered = bool(heads) and (target is not None or schedule is not None)
-    with active(*([tracker] if tracker else [])):
+    with contextlib.ExitStack() as stack:
+        if tracker is not None:
+            stack.enter_context(active(tracker))
         if steered:
-            with steer(model, heads, target, layout=layout, prompt_len=prompt_len, panels=panels, schedule=schedule,
-                       strength=strength, mode=mode, decode_only=decode_only, tokenizer=tok) as steering:
-                out = model.generate(**inputs, **kwargs)
-        else:
-            out = model.generate(**inputs, **kwargs)
+            steering = stack.enter_context(
+                steer(model, heads, target, layout=layout, prompt_len=prompt_len, panels=panels, schedule=schedule,
+                      strength=strength, mode=mode, decode_only=decode_only, tokenizer=tok)
+            )
+        if hasattr(streamer, "bind"):
+            # a streamer that wants to tint tokens by target or draw heat maps as they come
+            streamer.bind(steering=steering, tracker=tracker, layout=layout)
+        out = model.generate(**inputs, **kwargs)
     ids = out[0, prompt_len:].tolist()
     specials = set(tok.all_special_ids)
     while ids and ids[-1] in specials:

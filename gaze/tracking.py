@@ -65,6 +65,8 @@ class Tracker(Hook):
             r = r * norms
         for h, vec in zip(heads, r):
             self._pending[self._order[(layer, h)]] = vec
+        if len(self._pending) == len(self.heads):
+            self._flush()  # the step is complete: visible to a streamer as soon as its token is out
 
     def _flush(self) -> None:
         if not self._pending:
