@@ -68,6 +68,23 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _load_processor(path: str, config, revision: str | None):
+    """The checkpoint's processor; without torchvision, the stock Qwen-VL processors cannot build their
+    video processor, so fall back to the image-only subclass of the same family (same tokenizer and
+    image processor, no video)."""
+    from transformers import AutoProcessor
+
+    from gaze.tiny import FAMILIES as IMAGE_ONLY
+
+    try:
+        return AutoProcessor.from_pretrained(path, revision=revision)
+    except (ImportError, ValueError, OSError) as e:
+        family = IMAGE_ONLY.get(getattr(config, "model_type", ""))
+        if family is None:
+            raise UnsupportedModelError(f"cannot load the processor of {path!r}: {e}") from None
+        return family.processor_class.from_pretrained(path, revision=revision)
+
+
 def load(
     name_or_path: str,
     *,
@@ -110,7 +127,7 @@ def load(
     if device_map is None:
         model.to(device or default_device())
     model.eval()
-    processor = AutoProcessor.from_pretrained(path, revision=revision)
+    processor = _load_processor(path, config, revision)
     if not hasattr(processor, "image_processor"):
         raise UnsupportedModelError(f"{path!r} has no image processor: gaze needs a VLM processor")
     if attn_implementation == "sdpa":

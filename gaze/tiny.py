@@ -49,6 +49,7 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
+    ProcessorMixin,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
@@ -68,10 +69,12 @@ from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 __all__ = [
     "FAMILIES",
+    "CHAT_TEMPLATE",
     "QWEN_SPECIAL_TOKENS",
     "Qwen2VLImageOnlyProcessor",
     "Qwen2_5_VLImageOnlyProcessor",
     "Qwen3VLImageOnlyProcessor",
+    "TinyFamily",
     "build_tiny_vlm",
     "build_tokenizer",
     "default_corpus",
@@ -146,6 +149,13 @@ QWEN3_VISION_POSITIONS = 24 * 24
 # Merged tokens an image may have at most (the stock Qwen2-VL budget).
 MAX_IMAGE_TOKENS = 1280
 
+# Every family merges 2x2 patches into one text token and pairs video frames.
+MERGE_SIZE = 2
+TEMPORAL_PATCH_SIZE = 2
+
+# Head size of the tiny vision towers: vision_hidden must be a multiple of it.
+VISION_HEAD_DIM = 16
+
 _ORDINALS = ("1st", "2nd", "3rd", "4th", "5th", "6th", "7th", "8th", "9th", "10th", "11th", "12th")
 _COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "pink", "brown", "black", "white", "grey", "cyan")
 _SHAPES = ("circle", "square", "triangle", "star", "heart", "cross", "diamond", "ring", "moon", "arrow")
@@ -206,7 +216,8 @@ def build_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 512) -
     (default: `default_corpus()`), so any string can be encoded; the Qwen
     special tokens (`QWEN_SPECIAL_TOKENS`) are single tokens with ids 0..13.
     As in the Qwen-VL instruct tokenizers, `<|im_end|>` (the end of a chat
-    turn) is the eos token and `<|endoftext|>` the pad (and unknown) token. The chat template expands an image item to
+    turn) is the eos token and `<|endoftext|>` the pad (and unknown) token.
+    The chat template (`CHAT_TEMPLATE`) expands an image item to
     `<|vision_start|><|image_pad|><|vision_end|>`; `add_generation_prompt`
     appends `<|im_start|>assistant\\n`. A small corpus may yield fewer merges
     than `vocab_size` allows: size models by `len(tokenizer)`.
@@ -273,19 +284,14 @@ class TinyFamily:
 
     config_class: type[PretrainedConfig]
     model_class: type[PreTrainedModel]
-    processor_class: type
+    processor_class: type[ProcessorMixin]
     patch_size: int  # vision patch side in pixels
     image_mean: tuple[float, ...]
     image_std: tuple[float, ...]
-    vision_config: Callable[[int, int, int, int], dict]  # (depth, width, text hidden, text layers) -> dict
+    vision_config: Callable[[int, int, int, int], dict]  # (depth, width, text hidden, text layers) -> entries
     text_extra: Callable[[int], dict]  # (text hidden) -> family-specific text config entries
     interleaved_mrope: bool  # Qwen3-VL interleaves T/H/W rotary pairs; Qwen2-VL splits them in blocks
     has_head_dim: bool  # whether the text config takes head_dim (Qwen2-VL derives it from hidden size)
-
-
-def _vision_heads(width: int) -> int:
-    """Vision attention heads for a tower `width` wide: 16-dim heads, at least one."""
-    return max(1, width // 16)
 
 
 def _qwen3_vision(depth: int, width: int, out_hidden: int, text_layers: int) -> dict:
@@ -295,10 +301,7 @@ def _qwen3_vision(depth: int, width: int, out_hidden: int, text_layers: int) -> 
         depth=depth,
         hidden_size=width,
         intermediate_size=4 * width,
-        num_heads=_vision_heads(width),
-        patch_size=16,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
+        num_heads=width // VISION_HEAD_DIM,
         out_hidden_size=out_hidden,
         num_position_embeddings=QWEN3_VISION_POSITIONS,
         deepstack_visual_indexes=list(range(min(3, depth, text_layers))),
@@ -312,10 +315,7 @@ def _qwen2_vision(depth: int, width: int, out_hidden: int, text_layers: int) -> 
         embed_dim=width,
         hidden_size=out_hidden,
         mlp_ratio=4,
-        num_heads=_vision_heads(width),
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
+        num_heads=width // VISION_HEAD_DIM,
     )
 
 
@@ -325,10 +325,7 @@ def _qwen2_5_vision(depth: int, width: int, out_hidden: int, text_layers: int) -
         depth=depth,
         hidden_size=width,
         intermediate_size=4 * width,
-        num_heads=_vision_heads(width),
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
+        num_heads=width // VISION_HEAD_DIM,
         window_size=112,
         out_hidden_size=out_hidden,
         fullatt_block_indexes=sorted({*range(7, depth, 8), depth - 1}),
@@ -349,29 +346,58 @@ def _moe_text_extra(hidden_size: int) -> dict:
     )
 
 
-_CLIP = (tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD))
-_HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+_HALF = (0.5, 0.5, 0.5)  # Qwen3-VL's image mean and std (Qwen2-VL uses CLIP's)
 
 FAMILIES: dict[str, TinyFamily] = {
     "qwen3_vl": TinyFamily(
-        Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLImageOnlyProcessor, 16, *_HALF,
-        _qwen3_vision, _no_text_extra, interleaved_mrope=True, has_head_dim=True,
+        config_class=Qwen3VLConfig,
+        model_class=Qwen3VLForConditionalGeneration,
+        processor_class=Qwen3VLImageOnlyProcessor,
+        patch_size=16,
+        image_mean=_HALF,
+        image_std=_HALF,
+        vision_config=_qwen3_vision,
+        text_extra=_no_text_extra,
+        interleaved_mrope=True,
+        has_head_dim=True,
     ),
     "qwen3_vl_moe": TinyFamily(
-        Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, Qwen3VLImageOnlyProcessor, 16, *_HALF,
-        _qwen3_vision, _moe_text_extra, interleaved_mrope=True, has_head_dim=True,
+        config_class=Qwen3VLMoeConfig,
+        model_class=Qwen3VLMoeForConditionalGeneration,
+        processor_class=Qwen3VLImageOnlyProcessor,
+        patch_size=16,
+        image_mean=_HALF,
+        image_std=_HALF,
+        vision_config=_qwen3_vision,
+        text_extra=_moe_text_extra,
+        interleaved_mrope=True,
+        has_head_dim=True,
     ),
     "qwen2_vl": TinyFamily(
-        Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageOnlyProcessor, 14, *_CLIP,
-        _qwen2_vision, _no_text_extra, interleaved_mrope=False, has_head_dim=False,
+        config_class=Qwen2VLConfig,
+        model_class=Qwen2VLForConditionalGeneration,
+        processor_class=Qwen2VLImageOnlyProcessor,
+        patch_size=14,
+        image_mean=tuple(OPENAI_CLIP_MEAN),
+        image_std=tuple(OPENAI_CLIP_STD),
+        vision_config=_qwen2_vision,
+        text_extra=_no_text_extra,
+        interleaved_mrope=False,
+        has_head_dim=False,
     ),
     "qwen2_5_vl": TinyFamily(
-        Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLImageOnlyProcessor, 14, *_CLIP,
-        _qwen2_5_vision, _no_text_extra, interleaved_mrope=False, has_head_dim=False,
+        config_class=Qwen2_5_VLConfig,
+        model_class=Qwen2_5_VLForConditionalGeneration,
+        processor_class=Qwen2_5_VLImageOnlyProcessor,
+        patch_size=14,
+        image_mean=tuple(OPENAI_CLIP_MEAN),
+        image_std=tuple(OPENAI_CLIP_STD),
+        vision_config=_qwen2_5_vision,
+        text_extra=_no_text_extra,
+        interleaved_mrope=False,
+        has_head_dim=False,
     ),
-}  # fmt: skip
-
-MERGE_SIZE = 2  # merged token side in patches, for every family
+}
 
 
 def _family(family: str) -> TinyFamily:
@@ -410,7 +436,7 @@ def image_processor_for(family: str) -> Qwen2VLImageProcessorPil:
     return Qwen2VLImageProcessorPil(
         patch_size=spec.patch_size,
         merge_size=MERGE_SIZE,
-        temporal_patch_size=2,
+        temporal_patch_size=TEMPORAL_PATCH_SIZE,
         size={"shortest_edge": token_px**2, "longest_edge": MAX_IMAGE_TOKENS * token_px**2},
         image_mean=list(spec.image_mean),
         image_std=list(spec.image_std),
@@ -423,10 +449,10 @@ def _mrope_section(head_dim: int, interleaved: bool) -> list[int]:
     Qwen2-VL splits the pairs in blocks, [16, 24, 24] of 64; Qwen3-VL
     interleaves them, [24, 20, 20] of 64.
     """
+    if head_dim < 8 or head_dim % 2:
+        raise ValueError(f"head_dim ({head_dim}) must be even and at least 8 for multimodal rotary positions")
     pairs = head_dim // 2
     spatial = (5 * pairs) // 16 if interleaved else (3 * pairs) // 8
-    if head_dim % 2 or spatial < 1:
-        raise ValueError(f"head_dim {head_dim} is too small for multimodal rotary positions: use an even head_dim >= 8")
     return [pairs - 2 * spatial, spatial, spatial]
 
 
@@ -468,6 +494,10 @@ def build_tiny_vlm(
     spec = _family(family)
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if vision_hidden % VISION_HEAD_DIM:
+        raise ValueError(
+            f"vision_hidden ({vision_hidden}) must be a multiple of the vision head size ({VISION_HEAD_DIM})"
+        )
     if not spec.has_head_dim and hidden_size != num_heads * head_dim:
         raise ValueError(
             f"{family} derives head_dim from hidden_size // num_heads: "
@@ -499,9 +529,15 @@ def build_tiny_vlm(
         **({"head_dim": head_dim} if spec.has_head_dim else {}),
         **spec.text_extra(hidden_size),
     )
+    vision_config = dict(
+        spec.vision_config(vision_depth, vision_hidden, hidden_size, num_layers),
+        patch_size=spec.patch_size,
+        spatial_merge_size=MERGE_SIZE,
+        temporal_patch_size=TEMPORAL_PATCH_SIZE,
+    )
     config = spec.config_class(
         text_config=text_config,
-        vision_config=spec.vision_config(vision_depth, vision_hidden, hidden_size, num_layers),
+        vision_config=vision_config,
         image_token_id=ids[IMAGE_PAD],
         video_token_id=ids[VIDEO_PAD],
         vision_start_token_id=ids[VISION_START],

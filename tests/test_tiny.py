@@ -167,8 +167,15 @@ def test_caller_rng_untouched(tmp_path, tokenizer):
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_qwen2_head_dim_must_match_width(tmp_path):
-    with pytest.raises(ValueError, match="head_dim"):
-        build_tiny_vlm("qwen2_vl", tmp_path, hidden_size=64, num_heads=4, head_dim=8)
-    with pytest.raises(ValueError, match="num_kv_heads"):
-        build_tiny_vlm("qwen3_vl", tmp_path, num_heads=4, num_kv_heads=3)
+@pytest.mark.parametrize(
+    ("family", "kwargs", "message"),
+    [
+        ("qwen2_vl", dict(hidden_size=64, num_heads=4, head_dim=8), "must equal num_heads"),  # no head_dim in Qwen2-VL
+        ("qwen3_vl", dict(num_heads=4, num_kv_heads=3), "num_kv_heads"),
+        ("qwen3_vl", dict(head_dim=6), "at least 8"),
+        ("qwen3_vl", dict(vision_hidden=40), "vision head size"),
+    ],
+)
+def test_inconsistent_shapes_are_refused(family, kwargs, message, tmp_path, tokenizer):
+    with pytest.raises(ValueError, match=message):
+        build_tiny_vlm(family, tmp_path, tokenizer=tokenizer, **kwargs)
