@@ -27,22 +27,38 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-map", default=None, help="'auto' to spread a large model over all GPUs")
 
 
-def _load(args):
+def _distributed():
+    """Accelerate's process state when launched with `accelerate launch` on several processes, else None."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+def _load(args, state=None):
     from gaze.models import load
 
-    return load(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
+    device = args.device if state is None or args.device_map else str(state.device)
+    return load(args.model, device=device, dtype=args.dtype, device_map=args.device_map)
 
 
 def cmd_discover(args) -> int:
     from gaze.discovery import discover, summary
     from gaze.strips import load_strips
 
-    loaded = _load(args)
+    state = _distributed()
+    loaded = _load(args, state)
     align = loaded.family.merged_patch(loaded.processor)
     strips = load_strips(args.strips, n_strips=args.n_strips, align=align, gap=args.gap, split=args.split,
                          start=args.start)
+    shard = (state.process_index, state.num_processes) if state else (0, 1)
     ranking = discover(loaded, strips, args.out, template=args.prompt, source=args.strips, n_strips=args.n_strips,
-                       progress=not args.quiet)
+                       progress=not args.quiet, shard=shard, barrier=state.wait_for_everyone if state else None)
+    if ranking is None:  # another process merges
+        return 0
     print(summary(ranking, args.top))
     print(f"ranking saved to {Path(args.out) / 'ranking.json'}")
     return 0

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -69,10 +69,15 @@ def discover(
     source: str = "",
     n_strips: int | None = None,
     shard: tuple[int, int] = (0, 1),
+    barrier: Callable[[], None] | None = None,
     progress: bool = True,
     share_prefix: bool = True,
 ) -> Ranking | None:
-    """Score strips into `out` (resumable) and return the ranking (None on non-zero shards)."""
+    """Score strips into `out` (resumable) and return the ranking (None on non-zero shards).
+
+    With `shard=(rank, world)` this process scores strips `rank, rank + world, ...`;
+    `barrier` (e.g. Accelerate's `wait_for_everyone`) is called before rank 0 merges.
+    """
     out = Path(out)
     rank, world = shard
     manifest = _manifest(loaded, template, source)
@@ -95,6 +100,8 @@ def discover(
         tmp.replace(path)  # atomic: a killed run never leaves a half-written strip
         done += 1
     bar.close()
+    if barrier is not None:
+        barrier()
     if rank != 0:
         return None
     return merge(out, model_id=loaded.model_id, template=template, source=source,

@@ -1,0 +1,126 @@
+"""Does an organism have the phenomenon? Task accuracy, discovery, and steering, on held-out strips.
+
+    python -m gaze.organism_check --model gaze/organism --n-strips 50 --out runs/organism-check
+
+Prints and writes (JSON): per-task accuracy on strips the organism never saw;
+the gaze-score distribution (top heads, their layers, the median); and the
+whole-strip question's redirection when steering the top-K gaze heads to each
+panel, K random heads from the bottom of the score distribution, and all heads,
+with bootstrap 95% CIs. A redirected answer is the TARGET panel's caption,
+exactly; anything else (another caption, a garbled or empty answer) is a miss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gaze.discovery import discover
+from gaze.generation import generate
+from gaze.models import load
+from gaze.prompts import LETTER_QUESTION, NARRATION_PROMPT, PANEL_QUESTION, STRIP_QUESTION, panel_question
+from gaze.steering import Panel
+
+
+def held_out_strips(n: int, panel_size: int = 64, seed0: int | None = None):
+    """Strips the organism never trained on: datagen seeds from the evaluation range."""
+    from datagen import make_strip
+    from gaze.train_organism import EVAL_SEED0
+
+    seed0 = EVAL_SEED0 if seed0 is None else seed0
+    return [make_strip(seed0 + i, panel_size=panel_size) for i in range(n)]
+
+
+def bootstrap(hits, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high): percentile bootstrap 95% CI of a hit rate."""
+    x = np.asarray(hits, dtype=float)
+    if x.size == 0:
+        return (float("nan"),) * 3
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, (n_boot, x.size))].mean(1)
+    return float(x.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def _norm(text: str) -> str:
+    return text.strip().rstrip(".").strip().lower()
+
+
+def task_accuracy(loaded, strips, max_new_tokens: int = 80) -> dict:
+    hits = {"panel": [], "letter": [], "strip_is_panel1": [], "narration": []}
+    from gaze.train_organism import narration
+
+    for i, s in enumerate(strips):
+        k = i % 6 + 1
+        hits["panel"].append(_norm(generate(loaded, s.image, panel_question(k, PANEL_QUESTION), max_new_tokens=16).text) == _norm(s.captions[k - 1]))
+        hits["letter"].append(_norm(generate(loaded, s.image, panel_question(k, LETTER_QUESTION), max_new_tokens=4).text) == _norm(s.letters[k - 1]))
+        hits["strip_is_panel1"].append(_norm(generate(loaded, s.image, STRIP_QUESTION, max_new_tokens=16).text) == _norm(s.captions[0]))
+        hits["narration"].append(_norm(generate(loaded, s.image, NARRATION_PROMPT, max_new_tokens=max_new_tokens).text) == _norm(narration(s.captions)))
+    return {k: bootstrap(v) for k, v in hits.items()}
+
+
+def redirection(loaded, strips, heads, strength: float = 1e4, mode: str = "boost", decode_only: bool = False) -> dict:
+    """Whole-strip question steered to each panel: hit = the target's caption exactly."""
+    hits, per_panel = [], {k: [] for k in range(1, 7)}
+    for s in strips:
+        for k in range(1, 7):
+            out = generate(loaded, s.image, STRIP_QUESTION, heads=heads, target=Panel(k), panels=s.panels,
+                           strength=strength, mode=mode, decode_only=decode_only, max_new_tokens=16)
+            hit = _norm(out.text) == _norm(s.captions[k - 1])
+            hits.append(hit)
+            per_panel[k].append(hit)
+    return {"all": bootstrap(hits), "per_panel": {k: bootstrap(v)[0] for k, v in per_panel.items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="organism")
+    p.add_argument("--n-strips", type=int, default=50, help="held-out strips for steering (x6 targets)")
+    p.add_argument("--n-discovery", type=int, default=40, help="strips for discovery (disjoint from steering)")
+    p.add_argument("--ks", default="1,2,4,6,8")
+    p.add_argument("--k", type=int, default=4, help="K for the random and headline conditions")
+    p.add_argument("--out", default="runs/organism-check")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    t0 = time.time()
+    loaded = load(args.model, device="cpu")
+    out = Path(args.out)
+    disc = held_out_strips(args.n_discovery, seed0=2_000_000)
+    ranking = discover(loaded, disc, out / "discovery", progress=False, source="datagen procedural seeds 2,000,000+")
+    strips = held_out_strips(args.n_strips)
+    n_heads = loaded.n_layers * loaded.n_heads
+    scores = ranking.scores.flatten()
+    report = {
+        "model": args.model,
+        "heads": n_heads,
+        "top_heads": [(l, h, round(float(ranking.scores[l, h]), 4)) for l, h in ranking.top(8)],
+        "median_score": float(scores.median()),
+        "tasks": task_accuracy(loaded, strips),
+    }
+    print(json.dumps(report, indent=1), flush=True)
+    order = ranking.order()
+    bottom = order[int(len(order) * 0.5):]  # low-score half
+    rng = random.Random(args.seed)
+    conditions = {f"top{k}": order[:k] for k in [int(x) for x in args.ks.split(",")]}
+    conditions[f"random{args.k}"] = rng.sample(bottom, args.k)
+    conditions["all"] = order
+    report["baseline_panel1"] = report["tasks"]["strip_is_panel1"]
+    report["steering"] = {}
+    for name, heads in conditions.items():
+        report["steering"][name] = redirection(loaded, strips, heads)
+        report["steering"][name]["heads"] = heads
+        print(name, json.dumps(report["steering"][name]["all"]), report["steering"][name]["per_panel"], flush=True)
+    report["seconds"] = round(time.time() - t0, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "check.json").write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

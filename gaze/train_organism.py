@@ -1,0 +1,288 @@
+"""Train the model organism: a tiny Qwen3-VL that really has gaze heads.
+
+    python -m gaze.train_organism --out gaze/organism          # about 20 min on 2 CPU cores
+    python -m gaze.train_organism --out /tmp/smoke --steps 5   # a smoke run
+
+The organism is a real `Qwen3VLForConditionalGeneration` (vision tower and
+language backbone both trained from scratch) with its own byte-level BPE
+tokenizer, chat template and processor, saved beside the weights so that
+`gaze.load("organism")` and `from_pretrained(folder)` load it offline.
+
+Data: six-panel strips drawn by datagen's procedural renderer (a recurring
+character; per panel an action, an object, a scene and an overlaid letter),
+composed on the fly from a pool of rendered panels so every step sees new
+strips. Tasks, all answered in short text:
+
+    panel      "What is happening in the 3rd panel from the left?" -> "the cat sleeps by a tree"
+    letter     "Which letter is on the 3rd panel?"                 -> "K"
+    strip      "What is the main action happening in this comic strip? Answer briefly."
+               -> the FIRST panel's caption (as real VLMs tend to answer)
+    narration  "Describe this comic strip panel by panel."         -> "1: ... 2: ... ... 6: ..."
+
+Held-out evaluation uses `datagen.make_strip` with seeds the pool never used.
+Everything is seeded: the same config gives the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+EVAL_SEED0 = 1_000_000  # held-out strips: datagen.make_strip(EVAL_SEED0 + i); training never uses these seeds
+
+
+@dataclass(frozen=True)
+class OrganismConfig:
+    """How the organism is built and trained."""
+
+    seed: int = 0  # everything (weights, data, order) follows from it
+    steps: int = 3000  # optimiser steps
+    batch: int = 32  # sequences per step
+    lr: float = 2e-3  # peak learning rate (one-cycle)
+    warmup: float = 0.05  # share of steps warming up
+    weight_decay: float = 0.01
+    panel_size: int = 64  # pixels; 2x2 merged tokens of 32 px per panel
+    num_layers: int = 4  # language backbone
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    hidden_size: int = 128
+    head_dim: int = 16
+    vision_depth: int = 2
+    vision_hidden: int = 64
+    pool_per_combo: int = 24  # rendered panels per (character, action, object)
+    mix: str = "panel:0.35,letter:0.15,strip:0.2,narration:0.3"  # task sampling weights
+    vocab_size: int = 400
+    vision_pos_embed: str = "zero"  # "zero": no absolute position table in the vision tower (kept at 0,
+    # frozen), so a panel's features do not depend on where it sits and positions come from rotary
+    # embeddings only; "learned": the stock trained table
+
+
+def parse_mix(mix: str) -> dict[str, float]:
+    out = {}
+    for item in mix.split(","):
+        name, w = item.split(":")
+        out[name.strip()] = float(w)
+    unknown = set(out) - {"panel", "letter", "strip", "narration"}
+    if unknown:
+        raise ValueError(f"unknown tasks {sorted(unknown)} in --mix; use panel, letter, strip, narration")
+    return out
+
+
+def narration(captions) -> str:
+    return " ".join(f"{k}: {c}." for k, c in enumerate(captions, start=1))
+
+
+def corpus() -> list[str]:
+    """Every text the organism reads or writes, for its tokenizer."""
+    from datagen.letters import LETTERS
+    from datagen.story import ACTIONS, CHARACTERS, OBJECTS, caption_for
+    from gaze.prompts import LETTER_QUESTION, NARRATION_PROMPT, PANEL_QUESTION, STRIP_QUESTION, THIS_PANEL_QUESTION, panel_question
+
+    texts = [STRIP_QUESTION, NARRATION_PROMPT, THIS_PANEL_QUESTION]
+    for k in range(1, 7):
+        texts += [panel_question(k, PANEL_QUESTION), panel_question(k, LETTER_QUESTION), f"{k}: "]
+    for c in CHARACTERS:
+        for a in ACTIONS:
+            for o in OBJECTS:
+                texts.append(caption_for(c, a, o) + ".")
+    texts += list(LETTERS)
+    return texts * 3
+
+
+class PanelPool:
+    """Rendered panels by (character, action, object), each with a letter, to compose strips quickly."""
+
+    def __init__(self, cfg: OrganismConfig):
+        from datagen.letters import LETTERS, draw_letter
+        from datagen.procedural import draw_panel
+        from datagen.story import ACTIONS, CHARACTERS, OBJECTS, SCENES, caption_for
+
+        rng = random.Random(f"organism-pool/{cfg.seed}")
+        self.items: dict[tuple[str, str, str], list[tuple]] = {}
+        for c in CHARACTERS:
+            for a in ACTIONS:
+                for o in OBJECTS:
+                    variants = []
+                    for _ in range(cfg.pool_per_combo):
+                        panel = draw_panel(c, a, o, rng.choice(SCENES), cfg.panel_size, rng)
+                        letter = rng.choice(LETTERS)
+                        image = panel.image.copy()
+                        draw_letter(image, letter, rng, avoid=[ob["box"] for ob in panel.objects])
+                        variants.append((image, letter))
+                    self.items[(c, a, o)] = variants
+        self.characters, self.actions, self.objects = CHARACTERS, ACTIONS, OBJECTS
+        self.caption = caption_for
+
+    def strip(self, rng: random.Random):
+        """A new strip: one character, six distinct actions, objects and letters."""
+        from gaze.strips import Strip, stitch_panels
+
+        c = rng.choice(self.characters)
+        actions = rng.sample(self.actions, 6)
+        objects = rng.sample(self.objects, 6)
+        images, letters = [], []
+        for a, o in zip(actions, objects):
+            for _ in range(20):
+                image, letter = rng.choice(self.items[(c, a, o)])
+                if letter not in letters:
+                    break
+            images.append(image)
+            letters.append(letter)
+        strip_image, boxes = stitch_panels(images)
+        return Strip(strip_image, boxes, captions=tuple(self.caption(c, a, o) for a, o in zip(actions, objects)),
+                     letters=tuple(letters))
+
+
+def sample_task(strip, rng: random.Random, weights: dict[str, float]) -> tuple[str, str]:
+    """(question, answer) for one strip."""
+    from gaze.prompts import LETTER_QUESTION, NARRATION_PROMPT, PANEL_QUESTION, STRIP_QUESTION, panel_question
+
+    task = rng.choices(list(weights), weights=list(weights.values()))[0]
+    k = rng.randint(1, 6)
+    if task == "panel":
+        return panel_question(k, PANEL_QUESTION), strip.captions[k - 1]
+    if task == "letter":
+        return panel_question(k, LETTER_QUESTION), strip.letters[k - 1]
+    if task == "strip":
+        return STRIP_QUESTION, strip.captions[0]
+    return NARRATION_PROMPT, narration(strip.captions)
+
+
+def build_batch(processor, examples) -> dict:
+    """Prompt (with image) + answer + <|im_end|>, right-padded; loss on the answer only."""
+    from gaze.prompts import chat_text
+
+    tok = processor.tokenizer
+    enc = processor(text=[chat_text(processor, q) for _, q, _ in examples], images=[s.image for s, _, _ in examples],
+                    return_tensors="pt", padding=True)
+    rows, labels, types = [], [], []
+    for i, (_, _, answer) in enumerate(examples):
+        n = int(enc["attention_mask"][i].sum())
+        prompt = enc["input_ids"][i, :n]
+        ans = torch.tensor(tok(answer + "<|im_end|>", add_special_tokens=False)["input_ids"])
+        rows.append(torch.cat([prompt, ans]))
+        labels.append(torch.cat([torch.full_like(prompt, -100), ans]))
+        types.append(torch.cat([enc["mm_token_type_ids"][i, :n], torch.zeros_like(ans)]))
+    width = max(len(r) for r in rows)
+    pad = tok.pad_token_id
+
+    def stack(xs, fill):
+        return torch.stack([torch.cat([x, torch.full((width - len(x),), fill, dtype=x.dtype)]) for x in xs])
+
+    ids = stack(rows, pad)
+    return {
+        "input_ids": ids,
+        "attention_mask": stack([torch.ones_like(r) for r in rows], 0),
+        "labels": stack(labels, -100),
+        "mm_token_type_ids": stack(types, 0),
+        "pixel_values": enc["pixel_values"],
+        "image_grid_thw": enc["image_grid_thw"],
+    }
+
+
+def build(cfg: OrganismConfig, out: Path):
+    """A fresh organism (random weights) with its tokenizer and processor saved in `out`."""
+    from gaze.tiny import build_tiny_vlm, build_tokenizer
+
+    tokenizer = build_tokenizer(corpus(), vocab_size=cfg.vocab_size)
+    build_tiny_vlm("qwen3_vl", out, num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                   hidden_size=cfg.hidden_size, head_dim=cfg.head_dim, vision_depth=cfg.vision_depth,
+                   vision_hidden=cfg.vision_hidden, tokenizer=tokenizer, seed=cfg.seed)
+
+
+def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
+    """Train and save the organism into `out`; returns the training record."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import gaze.tiny  # noqa: F401  (image-only processor registration)
+
+    out = Path(out)
+    work = out.with_name(out.name + ".building")
+    if work.exists():
+        shutil.rmtree(work)
+    torch.manual_seed(cfg.seed)
+    build(cfg, work)
+    model = AutoModelForImageTextToText.from_pretrained(work, attn_implementation="sdpa")
+    if cfg.vision_pos_embed == "zero":
+        pos = model.model.visual.pos_embed
+        torch.nn.init.zeros_(pos.weight)
+        pos.weight.requires_grad_(False)
+    elif cfg.vision_pos_embed != "learned":
+        raise ValueError(f"--vision-pos-embed is 'zero' or 'learned', not {cfg.vision_pos_embed!r}")
+    processor = AutoProcessor.from_pretrained(work)
+    t0 = time.time()
+    pool = PanelPool(cfg)
+    log(f"panel pool: {sum(len(v) for v in pool.items.values())} panels in {time.time() - t0:.1f}s")
+    weights = parse_mix(cfg.mix)
+    rng = random.Random(f"organism-train/{cfg.seed}")
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.ndim >= 2]
+    no_decay = [p for n, p in trainable if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, 0.98))
+    warm = max(1, int(cfg.steps * cfg.warmup))
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return cfg.lr * (step + 1) / warm
+        t = (step - warm) / max(1, cfg.steps - warm)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
+
+    model.train()
+    losses = []
+    t0 = time.time()
+    for step in range(cfg.steps):
+        examples = []
+        for _ in range(cfg.batch):
+            strip = pool.strip(rng)
+            q, a = sample_task(strip, rng, weights)
+            examples.append((strip, q, a))
+        batch = build_batch(processor, examples)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if step % 100 == 0 or step == cfg.steps - 1:
+            recent = sum(losses[-100:]) / len(losses[-100:])
+            log(f"step {step:5d}  loss {recent:.4f}  lr {lr_at(step):.2e}  {time.time() - t0:.0f}s")
+    model.eval()
+    minutes = (time.time() - t0) / 60
+    model.save_pretrained(work)
+    processor.save_pretrained(work)
+    record = {"config": asdict(cfg), "train_minutes": round(minutes, 2), "final_loss": sum(losses[-100:]) / len(losses[-100:]),
+              "torch_threads": torch.get_num_threads()}
+    (work / "training.json").write_text(json.dumps(record, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    work.rename(out)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "organism"))
+    defaults = OrganismConfig()
+    for name, value in asdict(defaults).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    args = parser.parse_args(argv)
+    cfg = OrganismConfig(**{k: getattr(args, k) for k in asdict(defaults)})
+    record = train(cfg, args.out, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(json.dumps(record, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
