@@ -107,19 +107,11 @@ def open_dataset(source: str, split: str | None = None):
     import datasets
 
     path = Path(source)
-    if path.is_dir():
-        if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists() or (path / "state.json").exists():
-            ds = datasets.load_from_disk(str(path))
-        else:
-            files = sorted(str(p) for p in path.glob("**/*.parquet"))
-            by_split: dict[str, list[str]] = {}
-            for f in files:
-                name = Path(f).parent.name if Path(f).parent != path else "train"
-                by_split.setdefault(name, []).append(f)
-            ds = datasets.load_dataset("parquet", data_files=by_split)
+    if path.is_dir() and any((path / f).exists() for f in ("dataset_dict.json", "dataset_info.json", "state.json")):
+        ds = datasets.load_from_disk(str(path))
     else:
-        ds = datasets.load_dataset(source, split=split)
-        return ds
+        # a local folder of Parquet files (splits from file names, as on the Hub) or a hub id
+        ds = datasets.load_dataset(str(path) if path.is_dir() else source)
     if isinstance(ds, datasets.DatasetDict):
         if split is None:
             if len(ds) == 1:

@@ -252,7 +252,7 @@ def load_strips(
 
     rows = open_dataset(str(source), split=split)
     end = len(rows) if stop is None else stop
-    if start >= len(rows) or (stop is not None and stop > len(rows) and n_strips is not None and start >= len(rows)):
-        raise StripError(f"row range {start}..{end} is outside the dataset ({len(rows)} rows)")
-    for i in range(start, min(end, len(rows))):
+    if start < 0 or start >= len(rows) or end > len(rows):
+        raise StripError(f"rows {start}..{end - 1} are outside {source} ({len(rows)} rows): use --start/--n-strips within it")
+    for i in range(start, end):
         yield strip_from_row(rows[i], i, align=align, gap=gap)
