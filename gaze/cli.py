@@ -3,6 +3,7 @@
     gaze discover --model organism --strips STRIPS --n-strips 50 --out runs/organism
     gaze steer --model organism --ranking runs/organism --image strip.png --panels 6 --target 3
     gaze steer ... --schedule 2,4,3,5,1,6 --every 8 --trajectory-out traj.json
+    gaze doctor --model organism --image strip.png --panels 6 --out doctor.png
 
 Errors a user can fix (bad input) print one line and exit with status 2.
 """
@@ -56,10 +57,14 @@ def cmd_discover(args) -> int:
                          start=args.start)
     shard = (state.process_index, state.num_processes) if state else (0, 1)
     ranking = discover(loaded, strips, args.out, template=args.prompt, source=args.strips, n_strips=args.n_strips,
-                       progress=not args.quiet, shard=shard, barrier=state.wait_for_everyone if state else None)
+                       progress=not args.quiet, shard=shard, barrier=state.wait_for_everyone if state else None,
+                       variant=args.variant)
     if ranking is None:  # another process merges
         return 0
     print(summary(ranking, args.top))
+    ranking.save_pretrained(Path(args.out) / "hub")
+    if args.push_to_hub:
+        print(f"pushed: {ranking.push_to_hub(args.push_to_hub, private=args.private)}")
     print(f"ranking saved to {Path(args.out) / 'ranking.json'}")
     return 0
 
@@ -81,7 +86,7 @@ def cmd_steer(args) -> int:
     from gaze.strips import equal_panels, open_image
 
     loaded = _load(args)
-    ranking = Ranking.load(args.ranking).check(loaded.model, None)
+    ranking = Ranking.from_pretrained(args.ranking).check(loaded.model, None)
     image = open_image(args.image)
     panels = equal_panels(image.size, args.panels)
     heads = ranking.top(args.top_k)
@@ -121,6 +126,27 @@ def cmd_steer(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    from gaze.doctor import describe, draw_layout
+    from gaze.generation import prepare_inputs
+    from gaze.regions import box_regions, equal_panel_regions
+    from gaze.strips import open_image
+
+    loaded = _load(args)
+    image = open_image(args.image)
+    _, layout = prepare_inputs(loaded, image, "x")
+    if args.box:
+        regions = box_regions(layout, [_parse_box(b) for b in args.box])
+    else:
+        regions = equal_panel_regions(layout, args.panels, args.rows)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    draw_layout(image, layout, regions).save(out)
+    print(describe(layout, regions))
+    print(f"picture saved to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gaze.prompts import PANEL_QUESTION, STRIP_QUESTION
 
@@ -138,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--gap", type=int, default=0, help="pixels between stitched panels")
     d.add_argument("--top", type=int, default=10, help="how many top heads to print")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.add_argument("--variant", default="raw", help="score: raw (paper), selectivity, value_weighted, sink_excluded")
+    d.add_argument("--push-to-hub", default=None, metavar="OWNER/NAME", help="upload the ranking folder (HF_TOKEN)")
+    d.add_argument("--private", action="store_true", help="make the Hub repo private")
     d.set_defaults(func=cmd_discover)
 
     s = sub.add_parser("steer", help="generate with the gaze heads steered to a panel, box or schedule")
@@ -160,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-repeat-ngram-size", type=int, default=None)
     s.add_argument("--trajectory-out", default=None, help="save the trajectory as JSON (+ PNG beside it)")
     s.set_defaults(func=cmd_steer)
+
+    doc = sub.add_parser("doctor", help="draw the image-token grid and the panel/box assignment over an image")
+    _add_model_args(doc)
+    doc.add_argument("--image", required=True)
+    doc.add_argument("--panels", type=int, default=6, help="split into N equal panels")
+    doc.add_argument("--rows", type=int, default=1, help="panel rows (e.g. 2 for a 2x3 grid)")
+    doc.add_argument("--box", action="append", default=None, help="x0,y0,x1,y1 (repeatable) instead of panels")
+    doc.add_argument("--out", default="doctor.png")
+    doc.set_defaults(func=cmd_doctor)
     return parser
 
 

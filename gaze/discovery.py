@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from gaze.models import Loaded
 from gaze.prompts import PANEL_QUESTION
 from gaze.ranking import Ranking
-from gaze.scoring import gaze_scores, strip_matrices
+from gaze.scoring import VARIANTS, gaze_scores, strip_variants
 from gaze.strips import Strip
 
 MANIFEST = "manifest.json"
@@ -72,6 +73,7 @@ def discover(
     barrier: Callable[[], None] | None = None,
     progress: bool = True,
     share_prefix: bool = True,
+    variant: str = "raw",
 ) -> Ranking | None:
     """Score strips into `out` (resumable) and return the ranking (None on non-zero shards).
 
@@ -93,10 +95,10 @@ def discover(
         path = strip_file(out, index)
         if path.exists():
             continue
-        m = strip_matrices(loaded.model, loaded.processor, strip, template=template, share_prefix=share_prefix,
-                           family=loaded.family)
+        variants = strip_variants(loaded.model, loaded.processor, strip, template=template, share_prefix=share_prefix,
+                                  family=loaded.family)
         tmp = path.with_suffix(".tmp")
-        save_file({"matrices": m.contiguous()}, str(tmp), metadata={"strip_id": strip.strip_id})
+        save_file({k: v.contiguous() for k, v in variants.items()}, str(tmp), metadata={"strip_id": strip.strip_id})
         tmp.replace(path)  # atomic: a killed run never leaves a half-written strip
         done += 1
     bar.close()
@@ -104,12 +106,42 @@ def discover(
         barrier()
     if rank != 0:
         return None
-    return merge(out, model_id=loaded.model_id, template=template, source=source,
-                 dtype=manifest["dtype"])
+    return merge(out, model_id=loaded.model_id, template=template, source=source, dtype=manifest["dtype"],
+                 variant=variant)
 
 
-def merge(out: str | Path, *, model_id: str, template: str, source: str = "", dtype: str = "") -> Ranking:
-    """Average every strip file in `out` (strip order) into a ranking, saved as `out/ranking.json`."""
+def stability(per_strip: torch.Tensor, ks: tuple[int, ...] = (5, 10, 20), n_boot: int = 1000, seed: int = 0) -> dict:
+    """How much a ranking can be trusted: per-head bootstrap 95% CIs over strips, and the
+    overlap of the top-K heads between two disjoint halves of the strips (even vs odd strips).
+
+    per_strip: [N, L, H] scores per strip.
+    """
+    n = per_strip.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n, (n_boot, n), generator=g)  # [boot, N]
+    means = torch.stack([per_strip[i].mean(0) for i in idx])  # [boot, L, H]
+    low, high = torch.quantile(means.flatten(1), torch.tensor([0.025, 0.975]), dim=0)
+    shape = per_strip.shape[1:]
+    overlap = {}
+    if n >= 2:
+        a, b = per_strip[0::2].mean(0).flatten(), per_strip[1::2].mean(0).flatten()
+        for k in ks:
+            k = min(k, a.numel())
+            top_a, top_b = set(a.topk(k).indices.tolist()), set(b.topk(k).indices.tolist())
+            overlap[str(k)] = len(top_a & top_b) / k
+    return {"ci_low": low.reshape(shape).tolist(), "ci_high": high.reshape(shape).tolist(),
+            "half_overlap": overlap, "n_boot": n_boot}
+
+
+def merge(out: str | Path, *, model_id: str, template: str, source: str = "", dtype: str = "",
+          variant: str = "raw") -> Ranking:
+    """Average every strip file in `out` (strip order) into a ranking, saved as `out/ranking.json`.
+
+    `variant` picks the score (see `gaze.scoring.VARIANTS`); every variant's
+    scores are kept in `meta["variant_scores"]`, all from the same pass.
+    """
+    if variant not in VARIANTS:
+        raise DiscoveryError(f"unknown score variant {variant!r}; use one of {sorted(VARIANTS)}")
     out = Path(out)
     files = sorted((out / "strips").glob("*.safetensors"))
     if not files:
@@ -118,21 +150,30 @@ def merge(out: str | Path, *, model_id: str, template: str, source: str = "", dt
     missing = sorted(set(range(max(indices) + 1)) - set(indices))
     if missing:
         raise DiscoveryError(f"strips {missing[:10]} are not scored yet in {out}: run discovery again to finish them")
-    matrices = torch.stack([load_file(str(f))["matrices"] for f in files])  # [N, L, H, R, R]
+    loaded = [load_file(str(f)) for f in files]
     strip_ids = []
     for f in files:
-        from safetensors import safe_open
-
         with safe_open(str(f), "pt") as fh:
             strip_ids.append((fh.metadata() or {}).get("strip_id", f.stem))
-    mean = matrices.mean(0)  # [L, H, R, R]
+    variant_scores, chosen = {}, None
+    for name in VARIANTS:
+        if all(name in x for x in loaded):
+            stack = torch.stack([x[name] for x in loaded])  # [N, L, H, R, R]
+            variant_scores[name] = gaze_scores(stack.mean(0)).tolist()
+            if name == variant:
+                chosen = stack
+    if chosen is None:
+        raise DiscoveryError(f"the strips in {out} lack the {variant!r} variant: rerun discovery in a new folder")
+    mean = chosen.mean(0)  # [L, H, R, R]
     ranking = Ranking(
         model_id=model_id,
         scores=gaze_scores(mean),
         matrices=mean,
         n_strips=len(files),
         prompt=template,
-        meta={"source": source, "dtype": dtype, "strip_ids": strip_ids},
+        method=variant,
+        meta={"source": source, "dtype": dtype, "strip_ids": strip_ids, "variant_scores": variant_scores,
+              "stability": stability(gaze_scores(chosen))},
     )
     ranking.save(out / "ranking.json")
     return ranking
@@ -148,4 +189,11 @@ def summary(ranking: Ranking, k: int = 10) -> str:
     lo, hi = ranking.layer_band(k)
     med = float(ranking.scores.flatten().median())
     lines.append(f"top {k} heads sit in layers {lo}-{hi} of 0-{n_layers - 1}; median score {med:.4f}")
+    stab = ranking.meta.get("stability")
+    if stab:
+        low, high = torch.tensor(stab["ci_low"]), torch.tensor(stab["ci_high"])
+        (l, h), = ranking.top(1) or [(0, 0)]
+        lines.append(f"stability: top head 95% CI [{float(low[l, h]):.4f}, {float(high[l, h]):.4f}] over strips; "
+                     "top-K overlap between two halves of the strips: "
+                     + ", ".join(f"K={k}: {v:.0%}" for k, v in stab["half_overlap"].items()))
     return "\n".join(lines)

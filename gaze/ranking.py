@@ -17,6 +17,8 @@ import torch
 Head = tuple[int, int]  # (layer, head) in the language backbone
 
 RANKING_FILE = "ranking.json"
+SCORES_FILE = "scores.safetensors"
+CONFIG_FILE = "config.json"
 
 
 class RankingError(ValueError):
@@ -32,7 +34,7 @@ class Ranking:
     matrices: torch.Tensor  # [layers, heads, R, R] mean raw attention mass, queried x attended panel
     n_strips: int  # strips averaged over
     prompt: str  # question template used for the queries
-    method: str = "raw_mass_diagonal"  # score variant
+    method: str = "raw"  # score variant (gaze.scoring.VARIANTS)
     meta: dict = field(default_factory=dict)  # data source, dtype, stability, ...
 
     @property
@@ -88,7 +90,7 @@ class Ranking:
                 matrices=torch.tensor(d["matrices"], dtype=torch.float32),
                 n_strips=int(d["n_strips"]),
                 prompt=d["prompt"],
-                method=d.get("method", "raw_mass_diagonal"),
+                method=d.get("method", "raw"),
                 meta=d.get("meta", {}),
             )
         except KeyError as e:
@@ -117,6 +119,86 @@ class Ranking:
         except json.JSONDecodeError as e:
             raise RankingError(f"{path} is not a valid ranking JSON ({e}): re-run `gaze discover`") from None
         return cls.from_dict(data)
+
+
+    # ---------------------------------------------------------------- folders and the Hub
+
+    def save_pretrained(self, folder: str | Path, *, model_revision: str | None = None,
+                        data_revision: str | None = None) -> Path:
+        """A shareable ranking folder: config.json, scores.safetensors, ranking.json, README.md (+ figures)."""
+        from safetensors.torch import save_file
+
+        from gaze.plots import plot_matrices, plot_score_map
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {"model_id": self.model_id, "model_revision": model_revision, "source": self.meta.get("source", ""),
+                  "source_revision": data_revision, "variant": self.method, "n_strips": self.n_strips,
+                  "prompt": self.prompt, "layers": self.shape[0], "heads": self.shape[1]}
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+        tensors = {"scores": self.scores.contiguous(), "matrices": self.matrices.contiguous()}
+        for name, scores in self.meta.get("variant_scores", {}).items():
+            tensors[f"scores.{name}"] = torch.tensor(scores, dtype=torch.float32)
+        save_file(tensors, str(folder / SCORES_FILE), metadata={"model_id": self.model_id, "variant": self.method})
+        self.save(folder / RANKING_FILE)
+        plot_score_map(self.scores, folder / "score_map.png", title=f"{self.method} gaze score")
+        top = self.top(min(6, self.scores.numel()))
+        plot_matrices(self.matrices, top, folder / "top_matrices.png")
+        (folder / "README.md").write_text(self.card(config, top))
+        return folder
+
+    def card(self, config: dict, top: list[Head]) -> str:
+        rows = "\n".join(f"| {i + 1} | {l} | {h} | {float(self.scores[l, h]):.4f} |" for i, (l, h) in enumerate(top))
+        stab = self.meta.get("stability", {}).get("half_overlap", {})
+        stability = ", ".join(f"top-{k} overlap {v:.0%}" for k, v in stab.items()) or "not computed"
+        return (
+            "---\n"
+            f"base_model: {self.model_id}\n"
+            "tags:\n- gaze-heads\n- interpretability\n- vision-language\n"
+            "---\n\n"
+            f"# Gaze-head ranking of {self.model_id}\n\n"
+            f"Every attention head of the language backbone ({self.shape[0]} layers x {self.shape[1]} heads) "
+            f"ranked by its `{self.method}` gaze score over {self.n_strips} six-panel strips "
+            f"(source: {config['source'] or 'unknown'}), made with `gaze discover`. The question was "
+            f"\"{self.prompt}\"; a head's score is the mean attention mass of the last prompt token on the "
+            "queried panel.\n\n"
+            "| rank | layer | head | score |\n| --- | --- | --- | --- |\n" + rows + "\n\n"
+            f"Stability between two halves of the strips: {stability}.\n\n"
+            "![layer x head score map](score_map.png)\n\n![top heads' queried x attended matrices](top_matrices.png)\n\n"
+            "Load it with `gaze.Ranking.from_pretrained(...)`, or pass it as `--ranking` to any `gaze` command.\n"
+        )
+
+    @classmethod
+    def from_pretrained(cls, name: str | Path, *, revision: str | None = None) -> "Ranking":
+        """A ranking from a folder, a ranking JSON, or a hub repo id OWNER/NAME (downloaded with huggingface_hub)."""
+        path = Path(name)
+        if path.exists():
+            return cls.load(path)
+        if str(name).count("/") != 1 or str(name).startswith((".", "/")):
+            raise RankingError(f"no ranking at {name}: give a folder, a ranking.json, or a hub id OWNER/NAME")
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = snapshot_download(repo_id=str(name), revision=revision, allow_patterns=[RANKING_FILE, CONFIG_FILE])
+        except Exception as e:  # noqa: BLE001 - network, auth and missing repos all end here
+            raise RankingError(f"cannot download the ranking {name!r} from the Hub: {e}") from None
+        return cls.load(folder)
+
+    def push_to_hub(self, repo_id: str, *, private: bool = False, token: str | None = None,
+                    model_revision: str | None = None, data_revision: str | None = None) -> str:
+        """Upload the ranking folder to a model repo; the token comes from HF_TOKEN when not given."""
+        import os
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token or os.environ.get("HF_TOKEN"))
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, model_revision=model_revision, data_revision=data_revision)
+            api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, repo_type="model",
+                                     commit_message=f"gaze-head ranking of {self.model_id}")
+        return str(getattr(info, "commit_url", info))
 
 
 def _norm(model_id: str) -> str:

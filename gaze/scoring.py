@@ -36,6 +36,8 @@ class RowRecorder(Hook):
     layers: set[int] | None = None  # None: every layer
     rows: torch.Tensor | None = None  # [B] query index per batch row; None: the last query
     records: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H, kv]
+    keep_value_norms: bool = False
+    value_norms: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H, kv] ||v_j|| per head
 
     def wants(self, layer: int) -> bool:
         return self.layers is None or layer in self.layers
@@ -45,10 +47,15 @@ class RowRecorder(Hook):
 
     def record(self, layer: int, rows: torch.Tensor, value: torch.Tensor) -> None:
         self.records[layer] = rows
+        if self.keep_value_norms:
+            norms = value.float().norm(dim=-1)  # [B, Hkv, kv]
+            norms = norms.repeat_interleave(rows.shape[1] // norms.shape[1], dim=1)  # [B, H, kv]
+            self.value_norms[layer] = norms.expand(rows.shape[0], -1, -1)
 
-    def stacked(self) -> torch.Tensor:
-        """[L, B, H, kv] in layer order."""
-        return torch.stack([self.records[k] for k in sorted(self.records)])
+    def stacked(self, values: bool = False) -> torch.Tensor:
+        """[L, B, H, kv] in layer order (value norms with `values=True`)."""
+        source = self.value_norms if values else self.records
+        return torch.stack([source[k] for k in sorted(source)])
 
 
 def gaze_scores(matrices: torch.Tensor) -> torch.Tensor:
@@ -96,24 +103,29 @@ def encode_queries(model, processor, image, questions: list[str], family: Family
 @torch.no_grad()
 def query_rows(
     model, processor, image, questions: list[str], *, share_prefix: bool = True, layers: set[int] | None = None,
-    family: Family | None = None,
-) -> tuple[torch.Tensor, ImageLayout]:
+    family: Family | None = None, value_norms: bool = False,
+) -> tuple[torch.Tensor, ImageLayout] | tuple[torch.Tensor, torch.Tensor, ImageLayout]:
     """Attention rows of each question's last prompt token: ([L, Q, H, kv_image_prefix], layout).
 
     Only the first `prefix_len` keys are kept (they hold the image), so rows of
-    questions of different lengths stack.
+    questions of different lengths stack. With `value_norms=True` also returns
+    the norm of every key's value vector per head, same shape, before the layout.
     """
     family = family or family_of(model)
     prepare(model)
     enc = encode_queries(model, processor, image, questions, family)
     p = enc.prefix_len
     if not share_prefix:
-        out = []
+        out, norms = [], []
         for x in enc.inputs:
-            rec = RowRecorder(layers)
+            rec = RowRecorder(layers, keep_value_norms=value_norms)
             with active(rec):
                 model(**x, use_cache=False, logits_to_keep=1)
             out.append(rec.stacked()[:, 0, :, :p])  # [L, H, p]
+            if value_norms:
+                norms.append(rec.stacked(values=True)[:, 0, :, :p])
+        if value_norms:
+            return torch.stack(out, dim=1), torch.stack(norms, dim=1), enc.layout
         return torch.stack(out, dim=1), enc.layout  # [L, Q, H, p]
 
     first = enc.inputs[0]
@@ -144,10 +156,53 @@ def query_rows(
             pos[:, i, :n] = positions[i][:, 0, p:]
             pos[:, i, n:] = positions[i][:, 0, -1:]  # padding: any position, it is masked out
     cache.batch_repeat_interleave(q)
-    rec = RowRecorder(layers, rows=torch.tensor(lengths, device=model.device) - 1)
+    rec = RowRecorder(layers, rows=torch.tensor(lengths, device=model.device) - 1, keep_value_norms=value_norms)
     with active(rec):
         model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    if value_norms:
+        return rec.stacked()[..., :p], rec.stacked(values=True)[..., :p], enc.layout
     return rec.stacked()[..., :p], enc.layout  # [L, Q, H, p]
+
+
+VARIANTS: dict[str, str] = {
+    "raw": "mass on the queried panel (the paper's score): image-blind heads score ~0",
+    "selectivity": "queried-panel mass over the head's total panel mass: precise heads that look at the image little rank high",
+    "value_weighted": "attention times the value vector's norm: attention on tokens whose values are ~0 moves nothing",
+    "sink_excluded": "raw mass without sink tokens (those drawing attention whatever the query): corner-token heads drop",
+}
+SINK_RATIO = 3.0  # a sink gets >= this many times the mean image token's attention, even from its least interested query
+
+
+def sink_tokens(image_rows: torch.Tensor, ratio: float = SINK_RATIO) -> torch.Tensor:
+    """[..., Q, T] attention over image tokens -> [..., T] bool: tokens that draw attention whatever the query."""
+    floor = image_rows.min(dim=-2).values  # [..., T]: attention from the least interested query
+    mean = image_rows.mean(dim=(-2, -1), keepdim=False)[..., None]  # [..., 1]
+    return floor >= ratio * mean.clamp_min(1e-12)
+
+
+def variant_matrices(rows: torch.Tensor, norms: torch.Tensor | None, layout: ImageLayout, regions: RegionMap) -> dict[str, torch.Tensor]:
+    """All score variants' [L, H, Q, R] matrices from one pass's rows [L, Q, H, kv] (and value norms)."""
+    image = rows[..., layout.positions].float().permute(0, 2, 1, 3)  # [L, H, Q, T]
+    member = regions.membership.to(image.dtype)  # [R, T]
+    raw = image @ member.T  # [L, H, Q, R]
+    out = {"raw": raw, "selectivity": raw / raw.sum(-1, keepdim=True).clamp_min(1e-12)}
+    if norms is not None:
+        weighted = image * norms[..., layout.positions].float().permute(0, 2, 1, 3)
+        out["value_weighted"] = weighted @ member.T
+    keep = (~sink_tokens(image)).to(image.dtype)[..., None, :]  # [L, H, 1, T]
+    out["sink_excluded"] = (image * keep) @ member.T
+    return {k: v.cpu() for k, v in out.items()}
+
+
+def strip_variants(
+    model, processor, strip: Strip, *, template: str = PANEL_QUESTION, share_prefix: bool = True,
+    family: Family | None = None,
+) -> dict[str, torch.Tensor]:
+    """Every score variant's [layers, heads, R queried, R attended] matrix for one strip, from ONE pass."""
+    questions = [panel_question(k + 1, template) for k in range(strip.n_panels)]
+    rows, norms, layout = query_rows(model, processor, strip.image, questions, share_prefix=share_prefix,
+                                     family=family, value_norms=True)
+    return variant_matrices(rows, norms, layout, panel_regions(layout, strip.panels))
 
 
 def strip_matrices(

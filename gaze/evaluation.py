@@ -1,0 +1,830 @@
+"""Evaluation: the paper's protocols over many (strip, target) pairs, judged offline, resumable.
+
+    cfg = EvalConfig(model="organism", ranking="gaze/organism", strips="procedural:eval", n_strips=50,
+                     out="reports/organism")
+    aggregate = run_eval(cfg)            # records.jsonl, aggregate.json, trajectories.json in cfg.out
+    gaze.report.write_report(cfg.out)    # README.md + figures/*.png
+
+Protocols (each a function yielding one JSON record per generation):
+
+    vqa        the whole-strip question, steered to each panel in turn            (paper: 83.1%)
+    narration  the ambiguous "What is happening in this panel?", longer answers   (paper: 79.4%)
+    dynamic    narration on a random derangement schedule switching every N
+               tokens; per-segment accuracy and Spearman(schedule, described)    (paper: 0.87)
+    region     steer to one object box of a multi-object scene, by size class
+    sweep      vqa accuracy vs the number K of steered heads                      (paper: peak at K=100)
+
+Conditions, i.e. which heads are steered (`head_sets`):
+
+    gaze          the top-K heads of the ranking
+    random        K heads sampled (seeded) from the bottom `random_percentile`% of gaze scores
+    all           every head of the backbone
+    image         prior work's "image heads": most attention mass on image tokens
+    localization  prior work's "localization heads": among heads with at least median image
+                  mass, the most spatially concentrated (1 - normalised entropy of the
+                  image-attention distribution), after Kang et al.'s two-step criterion
+    none          no steering: the chance level the model itself sets
+
+Every record is keyed by (protocol, condition, strip, target, K) and appended to
+`records.jsonl` as soon as it is judged: rerunning the same command skips what is
+there, and a line broken by an interruption is dropped and recomputed.
+Aggregates carry seeded percentile-bootstrap 95% CIs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Container, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from gaze.judges import CaptionJudge, CandidateJudge, Judge, make_judge
+from gaze.prompts import NARRATION_PROMPT, STRIP_QUESTION, THIS_PANEL_QUESTION
+from gaze.ranking import Head, Ranking
+from gaze.regions import RegionError, box_membership
+from gaze.steering import Box, Panel, Schedule
+from gaze.strips import Strip, StripError, load_strips
+
+PROTOCOLS = ("vqa", "narration", "dynamic", "region", "sweep")
+CONDITIONS = ("gaze", "random", "all", "image", "localization", "none")
+PAPER_HEAD_SHARE = 100 / 1152  # the paper steers K=100 of Qwen3-VL-8B's 1,152 heads
+SPLIT_SEEDS = {"eval": 1_000_000, "discovery": 2_000_000}  # procedural:SPLIT -> datagen seeds SEED0 + i
+# eval seeds are the organism's held-out range (gaze.train_organism.EVAL_SEED0); training draws its own pool
+SIZE_CLASSES = (("small", 2), ("medium", 8), ("large", math.inf))  # object size by image tokens covered (<=)
+
+LETTER_STRIP_QUESTION = "Which letter is in this comic strip? Answer with one letter."
+LETTER_PANEL_QUESTION = "Which letter is on this panel?"
+DEFAULT_QUESTIONS = {  # protocol -> question, for caption-like judges
+    "vqa": STRIP_QUESTION, "sweep": STRIP_QUESTION, "narration": THIS_PANEL_QUESTION,
+    "dynamic": NARRATION_PROMPT, "region": THIS_PANEL_QUESTION,
+}
+LETTER_QUESTIONS = {"vqa": LETTER_STRIP_QUESTION, "sweep": LETTER_STRIP_QUESTION, "narration": LETTER_PANEL_QUESTION}
+
+RECORDS = "records.jsonl"
+AGGREGATE = "aggregate.json"
+MANIFEST = "eval.json"
+TRAJECTORIES = "trajectories.json"
+PRIOR = "prior_heads.json"
+
+
+class EvalError(ValueError):
+    """An evaluation that cannot run as asked; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """`gaze eval`: every setting of an evaluation run (CLI flags share these names)."""
+
+    model: str = "organism"  # hub id, local folder, or "organism"
+    ranking: str | None = None  # ranking folder / JSON from `gaze discover`; None: discover into OUT/discovery
+    strips: str = "procedural:eval"  # strip source: `load_strips` source, or procedural:SPLIT (eval|discovery|SEED0)
+    n_strips: int = 50  # strips per protocol (x targets x conditions generations)
+    out: str = "runs/eval"  # output folder (resumable)
+    protocols: tuple[str, ...] = PROTOCOLS  # which protocols to run
+    conditions: tuple[str, ...] = CONDITIONS  # which head sets to steer
+    top_k: int | None = None  # K for every condition; None: the paper's share (100/1,152 of all heads), >= 1
+    ks: tuple[int, ...] = (1, 2, 4, 8)  # K values of the head-count sweep (capped at the model's head count)
+    targets: tuple[int, ...] | None = None  # panels to steer to (1-based); None: every panel
+    every: int = 10  # dynamic narration: tokens per schedule entry (the paper: 50 for long 8B narrations)
+    seed: int = 0  # random heads, derangements, bootstrap
+    judge: str = "caption"  # caption | letter | embedding | llm
+    judge_model: str | None = None  # embedding model / LLM (endpoint model name or local folder)
+    judge_endpoint: str | None = None  # OpenAI-compatible base URL for --judge llm (key from $OPENAI_API_KEY)
+    max_new_tokens: int = 24  # short answers: vqa, sweep, region
+    narration_tokens: int = 64  # static narration answers
+    strength: float = 1e4  # steering bias B
+    mode: str = "boost"  # boost | suppress | suppress_text
+    random_percentile: float = 5.0  # random heads come from this bottom share of gaze scores (widened to 2K heads)
+    prior_strips: int = 8  # strips for the image / localization head criteria
+    scenes: str = "procedural"  # region protocol: procedural[:SEED0] (datagen scenes), strip-objects, or a folder
+    n_scenes: int | None = None  # scenes for the region protocol; None: n_strips
+    n_objects: int = 4  # objects per procedural scene
+    scene_size: tuple[int, int] = (384, 192)  # procedural scene (width, height) in pixels
+    panel_size: int = 64  # procedural strips: panel side in pixels
+    questions: tuple[tuple[str, str], ...] = ()  # (protocol, question) overrides
+    discovery_strips: str = "procedural:discovery"  # used when `ranking` is None
+    n_discovery: int = 20  # strips for that discovery
+    n_boot: int = 2000  # bootstrap resamples
+    device: str | None = None  # cpu, cuda, ... (default: cuda if available)
+    dtype: str = "float32"
+
+    def question(self, protocol: str) -> str:
+        given = dict(self.questions)
+        if protocol in given:
+            return given[protocol]
+        if self.judge == "letter" and protocol in LETTER_QUESTIONS:
+            return LETTER_QUESTIONS[protocol]
+        return DEFAULT_QUESTIONS[protocol]
+
+    def check(self) -> "EvalConfig":
+        bad = set(self.protocols) - set(PROTOCOLS)
+        if bad:
+            raise EvalError(f"unknown protocols {sorted(bad)}; use some of {','.join(PROTOCOLS)}")
+        bad = set(self.conditions) - set(CONDITIONS)
+        if bad:
+            raise EvalError(f"unknown conditions {sorted(bad)}; use some of {','.join(CONDITIONS)}")
+        bad = {p for p, _ in self.questions} - set(PROTOCOLS)
+        if bad:
+            raise EvalError(f"--question for unknown protocols {sorted(bad)}: write PROTOCOL=TEXT, e.g. vqa=...")
+        if self.n_strips < 1 or self.every < 1 or (self.top_k is not None and self.top_k < 1):
+            raise EvalError("--n-strips, --every and --top-k must be at least 1")
+        if any(k < 1 for k in self.ks):
+            raise EvalError(f"--ks must be positive head counts, got {list(self.ks)}")
+        return self
+
+
+# ---------------------------------------------------------------- statistics (pure)
+
+def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95
+                 ) -> tuple[float, float, float]:
+    """(mean, low, high): seeded percentile-bootstrap CI of the mean. NaNs for no values."""
+    x = np.asarray(list(values), dtype=np.float64)
+    if x.size == 0:
+        return (math.nan, math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, (n_boot, x.size))].mean(axis=1)  # [n_boot]
+    tail = (1 - level) / 2 * 100
+    return float(x.mean()), float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n with ties given their average rank."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.arange(1, len(x) + 1)
+    for v in np.unique(x):
+        tie = x == v
+        ranks[tie] = ranks[tie].mean()
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman rank correlation (ties averaged, as scipy); None for < 2 pairs or a constant side."""
+    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if a.size != b.size:
+        raise ValueError(f"spearman needs equal lengths, got {a.size} and {b.size}")
+    if a.size < 2:
+        return None
+    ra, rb = _ranks(a), _ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = math.sqrt(float((ra ** 2).sum() * (rb ** 2).sum()))
+    return None if den == 0 else float((ra * rb).sum() / den)
+
+
+def derangement(n: int, rng: random.Random) -> list[int]:
+    """A random order of panels 1..n with no panel in its own place (so never left to right)."""
+    if n < 2:
+        raise EvalError("a derangement needs at least 2 panels")
+    while True:
+        order = list(range(1, n + 1))
+        rng.shuffle(order)
+        if all(p != i + 1 for i, p in enumerate(order)):
+            return order
+
+
+def size_class(n_tokens: int) -> str:
+    """'small' (<= 2 image tokens), 'medium' (<= 8) or 'large'."""
+    for name, upto in SIZE_CLASSES:
+        if n_tokens <= upto:
+            return name
+    return SIZE_CLASSES[-1][0]
+
+
+def resolve_top_k(top_k: int | None, n_total: int) -> int:
+    """K: as given (capped at all heads), or the paper's share of heads (100 of 1,152), at least 1."""
+    if top_k is None:
+        return max(1, round(n_total * PAPER_HEAD_SHARE))
+    return min(top_k, n_total)
+
+
+# ---------------------------------------------------------------- head sets
+
+@dataclass(frozen=True)
+class PriorScores:
+    """Prior work's head criteria from the last prompt token's attention over the image."""
+
+    image_mass: torch.Tensor  # [L, H] mean attention mass on image tokens
+    concentration: torch.Tensor  # [L, H] 1 - entropy / log(T) of the attention renormalised over the image
+    n_strips: int
+
+    def image_heads(self, k: int) -> list[Head]:
+        return _top(self.image_mass, k)
+
+    def localization_heads(self, k: int) -> list[Head]:
+        """Top-k concentration among heads with at least median image mass (then the rest, if too few)."""
+        eligible = self.image_mass >= self.image_mass.flatten().median()
+        first = _top(torch.where(eligible, self.concentration, torch.full_like(self.concentration, -math.inf)),
+                     int(eligible.sum()))
+        rest = [h for h in _top(self.concentration, self.concentration.numel()) if h not in first]
+        return (first + rest)[:k]
+
+    def to_dict(self) -> dict:
+        return {"image_mass": self.image_mass.tolist(), "concentration": self.concentration.tolist(),
+                "n_strips": self.n_strips}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PriorScores":
+        return cls(torch.tensor(d["image_mass"]), torch.tensor(d["concentration"]), int(d["n_strips"]))
+
+
+def _top(scores: torch.Tensor, k: int) -> list[Head]:
+    """The k best heads of a [L, H] score tensor, ties broken by (layer, head)."""
+    flat = scores.flatten().tolist()
+    n_heads = scores.shape[1]
+    idx = sorted(range(len(flat)), key=lambda i: (-flat[i], i))[:k]
+    return [(i // n_heads, i % n_heads) for i in idx]
+
+
+@torch.no_grad()
+def prior_scores(loaded, strips: Sequence[Strip], questions: Sequence[str] = (STRIP_QUESTION, NARRATION_PROMPT,
+                 THIS_PANEL_QUESTION)) -> PriorScores:
+    """Image mass and spatial concentration of every head, from one shared-prefix pass per strip."""
+    from gaze.scoring import query_rows
+
+    if not strips:
+        raise EvalError("the image / localization head criteria need at least one strip")
+    mass, conc = [], []
+    for strip in strips:
+        rows, layout = query_rows(loaded.model, loaded.processor, strip.image, list(questions), family=loaded.family)
+        image = rows[..., layout.positions.to(rows.device)].float().cpu()  # [L, Q, H, T]
+        m = image.sum(-1)  # [L, Q, H]
+        p = image / m.unsqueeze(-1).clamp_min(1e-12)  # [L, Q, H, T] distribution over image tokens
+        entropy = -(p * p.clamp_min(1e-12).log()).sum(-1)  # [L, Q, H]
+        mass.append(m.mean(1))  # [L, H]
+        conc.append(1 - entropy.mean(1) / math.log(max(2, layout.n_tokens)))  # [L, H]
+    return PriorScores(torch.stack(mass).mean(0), torch.stack(conc).mean(0), len(strips))
+
+
+def random_pool(ranking: Ranking, k: int, percentile: float = 5.0) -> list[Head]:
+    """The low-score heads random heads are drawn from: the bottom `percentile`% of scores,
+    widened to at least 2K heads (so K heads are a sample, not the whole pool) and never the top K."""
+    order = ranking.order()
+    n = len(order)
+    size = max(math.ceil(n * percentile / 100), 2 * k)
+    size = min(size, n - min(k, n - k))  # keep the top-K gaze heads out whenever the model has room
+    return order[n - size:]
+
+
+def head_sets(ranking: Ranking, k: int, seed: int = 0, kinds: Iterable[str] = ("gaze", "random"), *,
+              prior: PriorScores | None = None, percentile: float = 5.0) -> dict[str, list[Head]]:
+    """Condition name -> the heads it steers. `image` and `localization` need `prior` (see `prior_scores`)."""
+    out: dict[str, list[Head]] = {}
+    n_total = ranking.scores.numel()
+    k = min(k, n_total)
+    for kind in kinds:
+        if kind == "gaze":
+            out[kind] = ranking.top(k)
+        elif kind == "random":
+            pool = random_pool(ranking, k, percentile)
+            out[kind] = sorted(random.Random(f"{seed}/random/{k}").sample(pool, min(k, len(pool))))
+        elif kind == "all":
+            out[kind] = ranking.order()
+        elif kind == "none":
+            out[kind] = []
+        elif kind in ("image", "localization"):
+            if prior is None:
+                raise EvalError(f"the {kind} heads need prior scores: pass prior=prior_scores(loaded, strips)")
+            out[kind] = prior.image_heads(k) if kind == "image" else prior.localization_heads(k)
+        else:
+            raise EvalError(f"unknown condition {kind!r}; use one of {', '.join(CONDITIONS)}")
+    return out
+
+
+# ---------------------------------------------------------------- strips and scenes
+
+def _procedural_seed0(spec: str, what: str) -> int:
+    if spec in SPLIT_SEEDS:
+        return SPLIT_SEEDS[spec]
+    try:
+        return int(spec.replace("_", ""))
+    except ValueError:
+        raise EvalError(f"bad {what} source procedural:{spec}: use procedural:eval, procedural:discovery "
+                        "or procedural:SEED0 (an integer)") from None
+
+
+def eval_strips(source: str, n_strips: int, *, align: int | None = None, panel_size: int = 64) -> list[Strip]:
+    """Strips from `source`: `procedural:SPLIT` (datagen strips, seeds SPLIT_SEEDS[SPLIT] + i) or any
+    `load_strips` source (folders, datasets, an image)."""
+    if source.startswith("procedural:"):
+        from datagen import make_strip
+
+        seed0 = _procedural_seed0(source.split(":", 1)[1], "strip")
+        snap = align if align and panel_size % align == 0 else None
+        return [make_strip(seed0 + i, panel_size=panel_size, align=snap) for i in range(n_strips)]
+    strips = list(load_strips(source, n_strips=n_strips, align=align))
+    if not strips:
+        raise StripError(f"the strip source {source} gave no strips")
+    return strips
+
+
+def scene_strip(image, objects: Sequence[tuple[str, Sequence[float]]], scene_id: str, meta: dict | None = None) -> Strip:
+    """A scene as a `Strip` whose panels are its object boxes and whose captions are their labels."""
+    boxes = tuple(tuple(int(round(v)) for v in box) for _, box in objects)
+    return Strip(image=image, panels=boxes, strip_id=scene_id, captions=tuple(label for label, _ in objects),
+                 meta={"kind": "scene", **(meta or {})})
+
+
+def eval_scenes(source: str, n: int, *, size: tuple[int, int] = (384, 192), n_objects: int = 4,
+                strips: Sequence[Strip] = ()) -> list[Strip]:
+    """Scenes with labelled object boxes for region steering.
+
+    - `procedural` / `procedural:SEED0`: datagen's multi-object scenes (seeds SEED0 + i, default the eval range);
+    - `strip-objects`: the objects drawn in the eval strips (not the recurring character), one box per panel;
+    - a folder of `NAME.json` files {"image": "NAME.png", "objects": [{"label": ..., "box": [x0, y0, x1, y1]}]}.
+    """
+    if source == "procedural" or source.startswith("procedural:"):
+        from datagen import make_scene
+
+        seed0 = _procedural_seed0(source.split(":", 1)[1], "scene") if ":" in source else SPLIT_SEEDS["eval"]
+        out = []
+        for i in range(n):
+            image, objects = make_scene(seed0 + i, size=tuple(size), n_objects=n_objects)
+            out.append(scene_strip(image, [(o["label"], o["box"]) for o in objects], f"scene-{seed0 + i}"))
+        return out
+    if source == "strip-objects":
+        out = []
+        for strip in strips[:n]:
+            boxes = strip.meta.get("object_boxes")
+            character = (strip.meta.get("story") or {}).get("character")
+            if not boxes:
+                raise EvalError(f"strip {strip.strip_id} has no object boxes: use procedural strips or --scenes procedural")
+            objects = [(o["label"], o["box"]) for panel in boxes for o in panel if o["label"] != character]
+            out.append(scene_strip(strip.image, objects, f"{strip.strip_id}-objects", {"from_strip": strip.strip_id}))
+        return out
+    folder = Path(source)
+    if not folder.is_dir():
+        raise EvalError(f"scene source {source} not found: use procedural, strip-objects, or a folder of NAME.json "
+                        "(+ image) files")
+    from gaze.strips import open_image
+
+    out = []
+    for spec in sorted(folder.glob("*.json"))[:n]:
+        data = json.loads(spec.read_text())
+        image = open_image(folder / data.get("image", spec.with_suffix(".png").name))
+        out.append(scene_strip(image, [(o["label"], o["box"]) for o in data["objects"]], spec.stem))
+    if not out:
+        raise EvalError(f"{folder} holds no scene files (NAME.json with an image and labelled boxes)")
+    return out
+
+
+# ---------------------------------------------------------------- the resumable record log
+
+def record_key(protocol: str, condition: str, strip_id: str, target, k: int) -> str:
+    return f"{protocol}|{condition}|{strip_id}|{target}|{k}"
+
+
+class RecordLog:
+    """`records.jsonl`, one judged generation a line, keyed; appends are flushed line by line.
+
+    Opening it drops lines that do not parse (an interrupted write) and duplicate
+    keys, rewriting the file if needed, so the missing records are recomputed.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.records: dict[str, dict] = {}
+        self.dropped = 0
+        if self.path.exists():
+            raw = self.path.read_text(encoding="utf-8")
+            for line in raw.splitlines():
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    key = rec["key"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    self.dropped += 1
+                    continue
+                if key in self.records:
+                    self.dropped += 1
+                    continue
+                self.records[key] = rec
+            if self.dropped or (raw and not raw.endswith("\n")):
+                tmp = self.path.with_suffix(".jsonl.tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records.values()), encoding="utf-8")
+                tmp.replace(self.path)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def append(self, record: dict) -> None:
+        if record["key"] in self.records:
+            return
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+        self.records[record["key"]] = record
+
+
+# ---------------------------------------------------------------- protocols
+
+@dataclass
+class Context:
+    """What every protocol needs: the model, the judges, the settings, and a generation cache."""
+
+    loaded: object  # gaze.models.Loaded
+    cfg: EvalConfig
+    judge: Judge  # for vqa, narration, sweep
+    candidate_judge: CandidateJudge  # for dynamic segments and regions (captions or labels)
+    track_heads: list[Head] = field(default_factory=list)  # heads whose attention dynamic records keep
+    cache: dict = field(default_factory=dict)
+
+    def ask(self, strip: Strip, question: str, heads: Sequence[Head], target=None, schedule: Schedule | None = None,
+            max_new_tokens: int = 24, track: Sequence[Head] = ()):
+        """One greedy generation (cached within the run: identical requests are generated once)."""
+        from gaze.generation import generate
+
+        if not heads:  # unsteered: the same answer for every target
+            target = schedule = None
+        key = (strip.strip_id, question, tuple(heads), repr(target), repr(schedule), max_new_tokens, tuple(track))
+        if key not in self.cache:
+            t0 = time.perf_counter()
+            g = generate(self.loaded, strip.image, question, heads=list(heads), target=target,
+                         schedule=schedule, panels=strip.panels, strength=self.cfg.strength,
+                         mode=self.cfg.mode, max_new_tokens=max_new_tokens, track=list(track) or False)
+            if len(self.cache) > 256:  # generations of earlier strips are not asked for again
+                self.cache.clear()
+            self.cache[key] = (g, time.perf_counter() - t0)
+        return self.cache[key]
+
+
+def _base(protocol: str, condition: str, strip: Strip, target, k: int, question: str, g, seconds: float) -> dict:
+    return {"key": record_key(protocol, condition, strip.strip_id, target, k), "protocol": protocol,
+            "condition": condition, "k": k, "strip_id": strip.strip_id, "target": target, "question": question,
+            "answer": g.text, "n_tokens": len(g.token_ids), "degenerate": bool(g.degenerate),
+            "seconds": round(seconds, 4)}
+
+
+def _judged(record: dict, verdict, judge_name: str, degenerate: bool) -> dict:
+    if degenerate:  # the generation itself looped or said nothing: a miss, whatever the text resembles
+        record.update(matched=None, correct=False, why="degenerate generation", judge=judge_name)
+    else:
+        record.update(matched=verdict.matched_panel, correct=bool(verdict.correct), why=verdict.why, judge=judge_name)
+    return record
+
+
+def panel_protocol(ctx: Context, protocol: str, strips: Sequence[Strip], condition: str, heads: Sequence[Head], k: int,
+                   *, done: Container[str] = (), max_new_tokens: int | None = None) -> Iterator[dict]:
+    """vqa / narration / sweep: one question per strip, steered to each target panel in turn."""
+    question = ctx.cfg.question(protocol)
+    budget = max_new_tokens or (ctx.cfg.narration_tokens if protocol == "narration" else ctx.cfg.max_new_tokens)
+    for strip in strips:
+        for target in ctx.cfg.targets or range(1, strip.n_panels + 1):
+            if target > strip.n_panels:
+                continue
+            if record_key(protocol, condition, strip.strip_id, target, k) in done:
+                continue
+            g, seconds = ctx.ask(strip, question, heads, Panel(target), max_new_tokens=budget)
+            verdict = ctx.judge.judge(g.text, strip, target)
+            rec = _base(protocol, condition, strip, target, k, question, g, seconds)
+            yield _judged(rec, verdict, ctx.judge.name, g.degenerate)
+
+
+def vqa(ctx: Context, strips, condition, heads, k, *, done=()) -> Iterator[dict]:
+    """The whole-strip question, steered to each panel (the paper's 83.1% protocol)."""
+    return panel_protocol(ctx, "vqa", strips, condition, heads, k, done=done)
+
+
+def static_narration(ctx: Context, strips, condition, heads, k, *, done=()) -> Iterator[dict]:
+    """The ambiguous "this panel" question with longer answers, steered to each panel (the paper's 79.4%)."""
+    return panel_protocol(ctx, "narration", strips, condition, heads, k, done=done)
+
+
+def head_count_sweep(ctx: Context, strips, condition, heads, k, *, done=()) -> Iterator[dict]:
+    """The vqa protocol at one K; call it for every K (records are keyed by K)."""
+    return panel_protocol(ctx, "sweep", strips, condition, heads, k, done=done)
+
+
+def segments(pieces: Sequence[str], targets: Sequence[int] | None, n_targets: int, every: int) -> list[str]:
+    """The text produced under each schedule entry (an entry with no tokens gives '')."""
+    index = list(targets) if targets is not None else [min(i // every, n_targets - 1) for i in range(len(pieces))]
+    out = [""] * n_targets
+    for piece, t in zip(pieces, index):
+        out[t] += piece
+    return out
+
+
+def dynamic_narration(ctx: Context, strips, condition, heads, k, *, done=()) -> Iterator[dict]:
+    """Narration steered along a random derangement of the panels, switching every `every` tokens.
+
+    Each segment (the tokens generated under one schedule entry) is judged against
+    its scheduled panel; Spearman correlates the scheduled panels with the judged
+    ones (segments the judge cannot place are left out of the correlation).
+    """
+    from gaze.generation import regions_for
+
+    cfg = ctx.cfg
+    question = cfg.question("dynamic")
+    for strip in strips:
+        order = derangement(strip.n_panels, random.Random(f"{cfg.seed}/derangement/{strip.strip_id}"))
+        target = ",".join(map(str, order))
+        if record_key("dynamic", condition, strip.strip_id, target, k) in done:
+            continue
+        schedule = Schedule(tuple(Panel(p) for p in order), every=cfg.every)
+        g, seconds = ctx.ask(strip, question, heads, schedule=schedule, max_new_tokens=cfg.every * len(order),
+                             track=ctx.track_heads)
+        texts = segments(g.pieces, g.targets, len(order), cfg.every)
+        segs = []
+        for panel, text in zip(order, texts):
+            v = ctx.candidate_judge.judge(text, strip, panel)
+            segs.append({"panel": panel, "text": text, "matched": v.matched_panel, "correct": bool(v.correct),
+                         "why": v.why})
+        if g.degenerate:
+            for s in segs:
+                s.update(matched=None, correct=False, why="degenerate generation")
+        pairs = [(s["panel"], s["matched"]) for s in segs if s["matched"] is not None]
+        rho = spearman(*zip(*pairs)) if len(pairs) >= 2 else None
+        rec = _base("dynamic", condition, strip, target, k, question, g, seconds)
+        rec.update(schedule=order, every=cfg.every, segments=segs, judge=ctx.candidate_judge.name,
+                   segment_accuracy=sum(s["correct"] for s in segs) / len(segs),
+                   described=[s["matched"] for s in segs], spearman=rho,
+                   correct=sum(s["correct"] for s in segs) / len(segs) > 0.5, matched=None,
+                   why=f"{sum(s['correct'] for s in segs)}/{len(segs)} segments on schedule")
+        if g.tracker is not None:
+            traj = g.trajectory(regions_for(g.layout, strip.panels), normalise=True)  # [tokens, R]
+            rec["trajectory"] = [[round(float(v), 3) for v in row] for row in traj]
+            rec["tracked"] = [list(h) for h in ctx.track_heads]
+        yield rec
+
+
+def region_steering(ctx: Context, scenes: Sequence[Strip], condition, heads, k, *, done=()) -> Iterator[dict]:
+    """Steer to each object box of each scene; the answer must name that object and no other."""
+    question = ctx.cfg.question("region")
+    for scene in scenes:
+        for i, (label, box) in enumerate(zip(scene.captions, scene.panels), start=1):
+            target = f"{i}:{label}"
+            if record_key("region", condition, scene.strip_id, target, k) in done:
+                continue
+            rec = {"key": record_key("region", condition, scene.strip_id, target, k), "protocol": "region",
+                   "condition": condition, "k": k, "strip_id": scene.strip_id, "target": target, "label": label,
+                   "box": list(box), "n_objects": scene.n_panels, "question": question, "judge": ctx.candidate_judge.name}
+            try:
+                g, seconds = ctx.ask(scene, question, heads, Box(tuple(float(v) for v in box)),
+                                     max_new_tokens=ctx.cfg.max_new_tokens)
+                n_tokens = int(box_membership(g.layout, box).sum())
+            except RegionError as e:  # a box too small to own an image token cannot be steered to
+                rec.update(skipped=str(e), size_class="none", box_tokens=0, correct=None, matched=None, why=str(e),
+                           answer="", degenerate=False)
+                yield rec
+                continue
+            verdict = ctx.candidate_judge.judge(g.text, scene, i)
+            rec.update(answer=g.text, n_tokens=len(g.token_ids), degenerate=bool(g.degenerate),
+                       seconds=round(seconds, 4), box_tokens=n_tokens, size_class=size_class(n_tokens))
+            yield _judged(rec, verdict, ctx.candidate_judge.name, g.degenerate)
+
+
+# ---------------------------------------------------------------- aggregation
+
+def _rate(records: list[dict], field_: str, n_boot: int, seed: int) -> dict:
+    values = [float(r[field_]) for r in records]
+    mean, lo, hi = bootstrap_ci(values, n_boot, seed)
+    return {"n": len(values), "accuracy": mean, "ci": [lo, hi]}
+
+
+def _panel_summary(records: list[dict], n_boot: int, seed: int) -> dict:
+    out = _rate(records, "correct", n_boot, seed)
+    out["degenerate"] = float(np.mean([r["degenerate"] for r in records])) if records else math.nan
+    out["unmatched"] = float(np.mean([r["matched"] is None for r in records])) if records else math.nan
+    by_panel: dict[str, list[dict]] = {}
+    for r in records:
+        by_panel.setdefault(str(r["target"]), []).append(r)
+    out["per_panel"] = {p: _rate(rs, "correct", n_boot, seed) for p, rs in sorted(by_panel.items(), key=lambda x: int(x[0]))}
+    # where the answers went: share of answers matched to each panel (None = unmatched)
+    matched: dict[str, int] = {}
+    for r in records:
+        matched[str(r["matched"])] = matched.get(str(r["matched"]), 0) + 1
+    out["matched_share"] = {m: c / len(records) for m, c in sorted(matched.items())}
+    return out
+
+
+def aggregate(records: Iterable[dict], *, n_boot: int = 2000, seed: int = 0, meta: dict | None = None) -> dict:
+    """Records -> accuracies with bootstrap 95% CIs per protocol, condition (and K, panel, size class).
+
+    Records are sorted by key first, so the result does not depend on the order they were written in.
+    """
+    recs = sorted(records, key=lambda r: r["key"])
+    groups: dict[tuple, list[dict]] = {}
+    for r in recs:
+        groups.setdefault((r["protocol"], r["condition"]), []).append(r)
+    out: dict = {}
+    for (protocol, condition), rs in sorted(groups.items()):
+        p = out.setdefault(protocol, {})
+        if protocol in ("vqa", "narration"):
+            p[condition] = {"k": rs[0]["k"], **_panel_summary(rs, n_boot, seed)}
+        elif protocol == "sweep":
+            by_k: dict[int, list[dict]] = {}
+            for r in rs:
+                by_k.setdefault(int(r["k"]), []).append(r)
+            p[condition] = {str(k): _panel_summary(v, n_boot, seed) for k, v in sorted(by_k.items())}
+        elif protocol == "dynamic":
+            seg = _rate(rs, "segment_accuracy", n_boot, seed)
+            rhos = [r["spearman"] for r in rs if r["spearman"] is not None]
+            mean, lo, hi = bootstrap_ci(rhos, n_boot, seed)
+            p[condition] = {"k": rs[0]["k"], "n": len(rs), "segment_accuracy": seg["accuracy"], "ci": seg["ci"],
+                            "spearman": {"mean": mean, "ci": [lo, hi], "n_defined": len(rhos)},
+                            "degenerate": float(np.mean([r["degenerate"] for r in rs]))}
+        elif protocol == "region":
+            judged = [r for r in rs if r.get("correct") is not None]
+            summary = _rate(judged, "correct", n_boot, seed)
+            summary.update(k=rs[0]["k"], skipped=len(rs) - len(judged),
+                           chance=float(np.mean([1 / r["n_objects"] for r in judged])) if judged else math.nan,
+                           degenerate=float(np.mean([r["degenerate"] for r in judged])) if judged else math.nan)
+            by_size: dict[str, list[dict]] = {}
+            for r in judged:
+                by_size.setdefault(r["size_class"], []).append(r)
+            summary["per_size"] = {s: _rate(by_size[s], "correct", n_boot, seed) for s, _ in SIZE_CLASSES if s in by_size}
+            p[condition] = summary
+    return {"meta": meta or {}, "protocols": out, "n_records": len(recs)}
+
+
+# ---------------------------------------------------------------- the run
+
+def _manifest(cfg: EvalConfig, loaded, ranking: Ranking, k: int) -> dict:
+    """What fixes the records' content: a rerun with other values must not mix into the same file."""
+    digest = hashlib.sha1(np.asarray(ranking.scores, dtype=np.float32).tobytes()).hexdigest()[:12]
+    keep = ("strips", "every", "seed", "judge", "judge_model", "max_new_tokens", "narration_tokens", "strength",
+            "mode", "random_percentile", "prior_strips", "scenes", "n_objects", "scene_size", "panel_size")
+    m = {name: getattr(cfg, name) for name in keep}
+    m["scene_size"] = list(cfg.scene_size)
+    m.update(model_id=loaded.model_id, ranking_digest=digest, top_k=k,
+             questions={p: cfg.question(p) for p in PROTOCOLS}, dtype=cfg.dtype)
+    return m
+
+
+def _check_manifest(out: Path, manifest: dict) -> None:
+    path = out / MANIFEST
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = {key: (old.get(key), v) for key, v in manifest.items() if old.get(key) != v}
+        if diff:
+            raise EvalError(f"{out} holds an evaluation with other settings {diff} (old, new): use another --out, "
+                            f"or delete {out / RECORDS} and {path} to start over")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(manifest, indent=1))
+
+
+def _get_ranking(cfg: EvalConfig, loaded, out: Path, align: int | None, progress: bool) -> Ranking:
+    if cfg.ranking is not None:
+        return Ranking.load(cfg.ranking).check(loaded.model)
+    from gaze.discovery import discover
+
+    strips = eval_strips(cfg.discovery_strips, cfg.n_discovery, align=align, panel_size=cfg.panel_size)
+    if cfg.discovery_strips == cfg.strips:
+        print("warning: discovering on the evaluation strips themselves; pass --discovery-strips to keep them apart",
+              file=sys.stderr)
+    return discover(loaded, strips, out / "discovery", source=cfg.discovery_strips, n_strips=len(strips),
+                    progress=progress)
+
+
+def _prior(cfg: EvalConfig, loaded, strips: Sequence[Strip], out: Path) -> PriorScores:
+    path = out / PRIOR
+    if path.exists():
+        return PriorScores.from_dict(json.loads(path.read_text()))
+    prior = prior_scores(loaded, strips[: cfg.prior_strips])
+    path.write_text(json.dumps(prior.to_dict()))
+    return prior
+
+
+def _trajectories(ctx: Context, strip: Strip, sets: dict[str, list[Head]]) -> dict:
+    """Free (unsteered) narration of one strip, with each head set's attention over the panels per token."""
+    from gaze.generation import regions_for
+
+    names = [n for n, hs in sets.items() if hs]
+    tracked = sorted({h for n in names for h in sets[n]})  # one tracker, each head once
+    g, _ = ctx.ask(strip, NARRATION_PROMPT, [], max_new_tokens=ctx.cfg.narration_tokens, track=tracked)
+    regions = regions_for(g.layout, strip.panels)
+    att = g.tracker.attention()[: len(g.token_ids)]  # [tokens, heads, T]
+    out = {}
+    for n in names:
+        part = att[:, [tracked.index(h) for h in sets[n]]]  # [tokens, h, T]
+        traj = (part @ regions.membership.T).mean(1)  # [tokens, R]
+        out[n] = {"heads": [list(h) for h in sets[n]], "trajectory": [[round(float(v), 4) for v in row] for row in traj]}
+    return {"strip_id": strip.strip_id, "question": NARRATION_PROMPT, "text": g.text, "pieces": g.pieces,
+            "captions": list(strip.captions or []), "sets": out}
+
+
+def run_eval(cfg: EvalConfig, *, loaded=None, ranking: Ranking | None = None, limit: int | None = None,
+             progress: bool = True) -> dict:
+    """Run (or resume) an evaluation into `cfg.out`; return the aggregate (also saved as aggregate.json).
+
+    `limit` stops after that many NEW records (the aggregate then says complete: false);
+    rerunning continues where it stopped.
+    """
+    from tqdm.auto import tqdm
+
+    from gaze.models import load
+
+    cfg.check()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = loaded or load(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    align = loaded.family.merged_patch(loaded.processor)
+    ranking = ranking or _get_ranking(cfg, loaded, out, align, progress)
+    ranking.check(loaded.model)
+    n_total = ranking.scores.numel()
+    k = resolve_top_k(cfg.top_k, n_total)
+    _check_manifest(out, _manifest(cfg, loaded, ranking, k))
+    ranking.save(out / "ranking.json")
+
+    strips = eval_strips(cfg.strips, cfg.n_strips, align=align, panel_size=cfg.panel_size)
+    kinds = [c for c in cfg.conditions]
+    prior = _prior(cfg, loaded, strips, out) if {"image", "localization"} & set(kinds) else None
+    sets = head_sets(ranking, k, cfg.seed, kinds, prior=prior, percentile=cfg.random_percentile)
+    judge = make_judge(cfg.judge, model=cfg.judge_model, endpoint=cfg.judge_endpoint,
+                       device=str(loaded.model.device))
+    candidate = judge if isinstance(judge, CandidateJudge) else CaptionJudge()
+    ctx = Context(loaded, cfg, judge, candidate, track_heads=sets.get("gaze") or ranking.top(k))
+    log = RecordLog(out / RECORDS)
+    if log.dropped:
+        print(f"{out / RECORDS}: dropped {log.dropped} broken or duplicate line(s); they will be recomputed",
+              file=sys.stderr)
+
+    def jobs() -> Iterator[Iterator[dict]]:
+        for protocol in cfg.protocols:
+            if protocol in ("vqa", "narration", "dynamic"):
+                fn = {"vqa": vqa, "narration": static_narration, "dynamic": dynamic_narration}[protocol]
+                for c in kinds:
+                    yield fn(ctx, strips, c, sets[c], len(sets[c]), done=log)
+            elif protocol == "region":
+                scenes = eval_scenes(cfg.scenes, cfg.n_scenes or cfg.n_strips, size=cfg.scene_size,
+                                     n_objects=cfg.n_objects, strips=strips)
+                for c in kinds:
+                    yield region_steering(ctx, scenes, c, sets[c], len(sets[c]), done=log)
+            elif protocol == "sweep":
+                for kk in sorted({min(x, n_total) for x in cfg.ks}):
+                    swept = head_sets(ranking, kk, cfg.seed, [c for c in ("gaze", "random") if c in kinds] or ["gaze"],
+                                      percentile=cfg.random_percentile)
+                    for c, hs in swept.items():
+                        yield head_count_sweep(ctx, strips, c, hs, kk, done=log)
+
+    t0 = time.time()
+    new = 0
+    bar = tqdm(desc="eval", unit="gen", disable=not progress, file=sys.stderr)
+    stopped = False
+    for job in jobs():
+        for rec in job:
+            log.append(rec)
+            new += 1
+            bar.update(1)
+            if limit is not None and new >= limit:
+                stopped = True
+                break
+        if stopped:
+            break
+    bar.close()
+    if not stopped and not (out / TRAJECTORIES).exists():
+        show = {n: sets[n] for n in ("gaze", "random", "image", "localization") if n in sets}
+        show = show or {"gaze": ranking.top(k)}
+        (out / TRAJECTORIES).write_text(json.dumps(_trajectories(ctx, strips[0], show)))
+    meta = {
+        "model_id": loaded.model_id, "n_layers": loaded.n_layers, "n_heads": loaded.n_heads, "n_total_heads": n_total,
+        "top_k": k, "strips": cfg.strips, "n_strips": len(strips), "scenes": cfg.scenes, "judge": cfg.judge,
+        "seed": cfg.seed, "every": cfg.every, "strength": cfg.strength, "mode": cfg.mode,
+        "random_percentile": cfg.random_percentile, "random_pool": len(random_pool(ranking, k, cfg.random_percentile)),
+        "questions": {p: cfg.question(p) for p in cfg.protocols}, "protocols": list(cfg.protocols),
+        "conditions": list(kinds), "heads": {c: [list(h) for h in hs] for c, hs in sets.items() if c != "all"},
+        "chance": 1 / strips[0].n_panels, "ranking_strips": ranking.n_strips, "ranking_source": ranking.meta.get("source", ""),
+        "complete": not stopped, "size_classes": {n: (None if math.isinf(u) else u) for n, u in SIZE_CLASSES},
+        "config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)},
+    }
+    agg = aggregate(log.records.values(), n_boot=cfg.n_boot, seed=cfg.seed, meta=meta)
+    agg["cost"] = {"generation_seconds": round(sum(r.get("seconds", 0.0) for r in log.records.values()), 1),
+                   "this_run_seconds": round(time.time() - t0, 1), "new_records": new}
+    tmp = out / (AGGREGATE + ".tmp")
+    tmp.write_text(json.dumps(_finite(agg), indent=1, default=_json_default))
+    tmp.replace(out / AGGREGATE)
+    return agg
+
+
+def _finite(o):
+    """NaN / inf -> None, so the aggregate is strict JSON."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
+
+
+def _json_default(o):
+    if isinstance(o, (tuple, set)):
+        return list(o)
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
