@@ -111,7 +111,7 @@ def open_dataset(source: str, split: str | None = None):
         ds = datasets.load_from_disk(str(path))
     else:
         # a local folder of Parquet files (splits from file names, as on the Hub) or a hub id
-        ds = datasets.load_dataset(str(path) if path.is_dir() else source)
+        ds = datasets.load_dataset(str(path)) if path.is_dir() else datasets.load_dataset(source, split=split)
     if isinstance(ds, datasets.DatasetDict):
         if split is None:
             if len(ds) == 1:

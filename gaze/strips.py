@@ -217,6 +217,8 @@ def load_strips(
     gap: int = 0,
     split: str | None = None,
     start: int = 0,
+    skip_bad: bool = False,
+    on_skip=None,
 ) -> Iterator[Strip]:
     """Strips from a `--strips` source, lazily, in a stable order.
 
@@ -225,7 +227,26 @@ def load_strips(
       or a hub id (project schema: `strip` image + `panel_boxes`; paper schema:
       `panel_1 .. panel_6` images);
     - one image file, split into `n_panels` equal panels left to right.
+
+    A strip with a missing or unreadable panel is an error naming it, unless
+    `skip_bad`: then it is skipped and reported to `on_skip(strip_id, reason)`
+    (default: printed to stderr), never silently.
     """
+    if on_skip is None:
+        def on_skip(strip_id: str, reason: str) -> None:
+            import sys
+
+            print(f"skipping {strip_id}: {reason}", file=sys.stderr)
+
+    def guarded(make, strip_id: str):
+        try:
+            return make()
+        except StripError as e:
+            if not skip_bad:
+                raise
+            on_skip(strip_id, str(e))
+            return None
+
     path = Path(source)
     stop = None if n_strips is None else start + n_strips
     if path.is_file():
@@ -244,7 +265,9 @@ def load_strips(
                 f"{path} holds no comic folders: expected comicN/p1.png .. p{n_panels}.png, a dataset, or an image"
             )
         for folder in folders[start:stop]:
-            yield load_folder_strip(folder, n_panels=n_panels, align=align, gap=gap)
+            strip = guarded(lambda: load_folder_strip(folder, n_panels=n_panels, align=align, gap=gap), folder.name)
+            if strip is not None:
+                yield strip
         return
     if not path.exists() and (path.is_absolute() or str(source).startswith(".") or str(source).count("/") != 1):
         raise StripError(f"strip source {source} not found: give a folder, a dataset folder, an image, or a hub id OWNER/NAME")
@@ -255,4 +278,8 @@ def load_strips(
     if start < 0 or start >= len(rows) or end > len(rows):
         raise StripError(f"rows {start}..{end - 1} are outside {source} ({len(rows)} rows): use --start/--n-strips within it")
     for i in range(start, end):
-        yield strip_from_row(rows[i], i, align=align, gap=gap)
+        row = rows[i]
+        strip_id = str(next((row[c] for c in ("strip_id", "comic_id", "id") if c in row), f"row{i}"))
+        strip = guarded(lambda: strip_from_row(row, i, align=align, gap=gap), f"comic {strip_id}")
+        if strip is not None:
+            yield strip
