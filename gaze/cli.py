@@ -126,6 +126,35 @@ def cmd_steer(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    from gaze.generation import generate, regions_for
+    from gaze.inspect import Inspection, write
+    from gaze.ranking import Ranking
+    from gaze.steering import Panel
+    from gaze.strips import equal_panels, open_image
+    from gaze.tracking import memory_bytes
+
+    loaded = _load(args)
+    ranking = Ranking.from_pretrained(args.ranking).check(loaded.model, None)
+    image = open_image(args.image)
+    panels = equal_panels(image.size, args.panels)
+    heads = ranking.top(args.top_k)
+    target = Panel(args.target) if args.target else None
+    out = generate(loaded, image, args.prompt, heads=heads if target else (), target=target, panels=panels,
+                   max_new_tokens=args.max_new_tokens, track=heads)
+    inspection = Inspection(out, regions_for(out.layout, panels))
+    folder = write(inspection, image, args.out, words=args.word)
+    need = memory_bytes(args.max_new_tokens, len(heads), out.layout.n_tokens)
+    print(f"answer: {out.text}")
+    for word in inspection.words():
+        k, share = inspection.region_of(word.tokens)
+        print(f"  {word.text:<16} -> {inspection.regions.names[k]} ({share:.0%} of its image attention)")
+    print(f"kept {len(heads)} heads x {out.layout.n_tokens} image tokens at float16: "
+          f"{need / 2**20:.2f} MiB for {args.max_new_tokens} tokens")
+    print(f"written to {folder}")
+    return 0
+
+
 def cmd_doctor(args) -> int:
     from gaze.doctor import describe, draw_layout
     from gaze.generation import prepare_inputs
@@ -190,6 +219,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-repeat-ngram-size", type=int, default=None)
     s.add_argument("--trajectory-out", default=None, help="save the trajectory as JSON (+ PNG beside it)")
     s.set_defaults(func=cmd_steer)
+
+    i = sub.add_parser("inspect", help="per-token heat maps of the gaze heads over the image")
+    _add_model_args(i)
+    i.add_argument("--ranking", required=True)
+    i.add_argument("--image", required=True)
+    i.add_argument("--panels", type=int, default=6)
+    i.add_argument("--prompt", default=STRIP_QUESTION)
+    i.add_argument("--top-k", type=int, default=8)
+    i.add_argument("--target", type=int, default=None, help="steer to this panel while inspecting")
+    i.add_argument("--word", action="append", default=None, help="write a PNG for this word (repeatable)")
+    i.add_argument("--max-new-tokens", type=int, default=64)
+    i.add_argument("--out", default="inspect")
+    i.set_defaults(func=cmd_inspect)
 
     doc = sub.add_parser("doctor", help="draw the image-token grid and the panel/box assignment over an image")
     _add_model_args(doc)
