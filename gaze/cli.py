@@ -54,7 +54,8 @@ def cmd_discover(args) -> int:
     loaded = _load(args, state)
     align = loaded.family.merged_patch(loaded.processor)
     strips = load_strips(args.strips, n_strips=args.n_strips, align=align, gap=args.gap, split=args.split,
-                         start=args.start, skip_bad=args.skip_bad)
+                         start=args.start, skip_bad=args.skip_bad,
+                         panel_boxes=[_parse_box(b) for b in args.panel_box] if args.panel_box else None)
     shard = (state.process_index, state.num_processes) if state else (0, 1)
     ranking = discover(loaded, strips, args.out, template=args.prompt, source=args.strips, n_strips=args.n_strips,
                        progress=not args.quiet, shard=shard, barrier=state.wait_for_everyone if state else None,
@@ -191,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="output folder (resumable)")
     d.add_argument("--prompt", default=PANEL_QUESTION, help="panel question template with {ordinal}")
     d.add_argument("--gap", type=int, default=0, help="pixels between stitched panels")
+    d.add_argument("--panel-box", action="append", default=None, metavar="x0,y0,x1,y1",
+                   help="with a single image: a panel box in reading order (repeat for each panel)")
     d.add_argument("--skip-bad", action="store_true", help="skip (and report) strips with missing or unreadable panels")
     d.add_argument("--top", type=int, default=10, help="how many top heads to print")
     d.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -219,6 +219,7 @@ def load_strips(
     start: int = 0,
     skip_bad: bool = False,
     on_skip=None,
+    panel_boxes: Sequence[Box] | None = None,
 ) -> Iterator[Strip]:
     """Strips from a `--strips` source, lazily, in a stable order.
 
@@ -226,7 +227,7 @@ def load_strips(
     - a Hugging Face dataset: a `save_to_disk` folder, a folder of Parquet files,
       or a hub id (project schema: `strip` image + `panel_boxes`; paper schema:
       `panel_1 .. panel_6` images);
-    - one image file, split into `n_panels` equal panels left to right.
+    - one image file with its `panel_boxes`, or split into `n_panels` equal panels left to right.
 
     A strip with a missing or unreadable panel is an error naming it, unless
     `skip_bad`: then it is skipped and reported to `on_skip(strip_id, reason)`
@@ -253,7 +254,8 @@ def load_strips(
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             raise StripError(f"{path} is not an image ({', '.join(IMAGE_SUFFIXES)}) nor a strip folder or dataset")
         image = open_image(path)
-        yield Strip(image=image, panels=equal_panels(image.size, n_panels), strip_id=path.stem)
+        boxes = tuple(tuple(int(v) for v in b) for b in panel_boxes) if panel_boxes else equal_panels(image.size, n_panels)
+        yield Strip(image=image, panels=boxes, strip_id=path.stem)
         return
     if path.is_dir() and not _is_dataset_folder(path):
         if any((path / f"p1{s}").exists() for s in IMAGE_SUFFIXES):

@@ -47,7 +47,7 @@ class OrganismConfig:
     seed: int = 0  # everything (weights, data, order) follows from it
     steps: int = 3000  # optimiser steps
     batch: int = 32  # sequences per step
-    lr: float = 2e-3  # peak learning rate (one-cycle)
+    lr: float = 1.5e-3  # peak learning rate (warm-up, then cosine)
     warmup: float = 0.05  # share of steps warming up
     weight_decay: float = 0.01
     panel_size: int = 64  # pixels; 2x2 merged tokens of 32 px per panel
@@ -55,9 +55,9 @@ class OrganismConfig:
     num_heads: int = 8
     num_kv_heads: int = 4
     hidden_size: int = 128
-    head_dim: int = 16
+    head_dim: int = 32
     vision_depth: int = 2
-    vision_hidden: int = 64
+    vision_hidden: int = 96
     pool_per_combo: int = 24  # rendered panels per (character, action, object)
     mix: str = "panel:0.35,letter:0.15,strip:0.2,narration:0.3"  # task sampling weights
     vocab_size: int = 400

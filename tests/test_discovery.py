@@ -129,6 +129,8 @@ def test_strip_sources_and_bad_input(strip_for, tmp_path):
     strip.image.save(tmp_path / "one.png")
     (single,) = load_strips(tmp_path / "one.png")
     assert single.panels == strip.panels
+    (boxed,) = load_strips(tmp_path / "one.png", panel_boxes=[(0, 0, 64, 64), (64, 0, 384, 64)])
+    assert boxed.panels == ((0, 0, 64, 64), (64, 0, 384, 64))
     # missing panel, extra panel, unreadable panel
     (tmp_path / "comics" / "comic2" / "p4.png").unlink()
     with pytest.raises(StripError, match="p4 is missing"):
