@@ -236,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--out", default="inspect")
     i.set_defaults(func=cmd_inspect)
 
+    from gaze.eval_cli import register as register_eval
+
+    register_eval(sub)
+
     doc = sub.add_parser("doctor", help="draw the image-token grid and the panel/box assignment over an image")
     _add_model_args(doc)
     doc.add_argument("--image", required=True)

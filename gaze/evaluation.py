@@ -56,6 +56,7 @@ from gaze.strips import Strip, StripError, load_strips
 
 PROTOCOLS = ("vqa", "narration", "dynamic", "region", "sweep")
 CONDITIONS = ("gaze", "random", "all", "image", "localization", "none")
+PROTOCOL_ORDER = ("vqa", "sweep", "narration", "dynamic", "region")  # run order: the sweep reuses vqa answers
 PAPER_HEAD_SHARE = 100 / 1152  # the paper steers K=100 of Qwen3-VL-8B's 1,152 heads
 SPLIT_SEEDS = {"eval": 1_000_000, "discovery": 2_000_000}  # procedural:SPLIT -> datagen seeds SEED0 + i
 # eval seeds are the organism's held-out range (gaze.train_organism.EVAL_SEED0); training draws its own pool
@@ -85,7 +86,7 @@ class EvalConfig:
     """`gaze eval`: every setting of an evaluation run (CLI flags share these names)."""
 
     model: str = "organism"  # hub id, local folder, or "organism"
-    ranking: str | None = None  # ranking folder / JSON from `gaze discover`; None: discover into OUT/discovery
+    ranking: str | None = None  # ranking folder, JSON or hub id (`gaze discover`); None: discover into OUT/discovery
     strips: str = "procedural:eval"  # strip source: `load_strips` source, or procedural:SPLIT (eval|discovery|SEED0)
     n_strips: int = 50  # strips per protocol (x targets x conditions generations)
     out: str = "runs/eval"  # output folder (resumable)
@@ -95,6 +96,7 @@ class EvalConfig:
     ks: tuple[int, ...] = (1, 2, 4, 8)  # K values of the head-count sweep (capped at the model's head count)
     targets: tuple[int, ...] | None = None  # panels to steer to (1-based); None: every panel
     every: int = 10  # dynamic narration: tokens per schedule entry (the paper: 50 for long 8B narrations)
+    at_sentence: bool = False  # dynamic narration: switch at the first sentence end after `every` tokens
     seed: int = 0  # random heads, derangements, bootstrap
     judge: str = "caption"  # caption | letter | embedding | llm
     judge_model: str | None = None  # embedding model / LLM (endpoint model name or local folder)
@@ -115,7 +117,8 @@ class EvalConfig:
     n_discovery: int = 20  # strips for that discovery
     n_boot: int = 2000  # bootstrap resamples
     device: str | None = None  # cpu, cuda, ... (default: cuda if available)
-    dtype: str = "float32"
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    device_map: str | None = None  # "auto": spread a large model over all GPUs
 
     def question(self, protocol: str) -> str:
         given = dict(self.questions)
@@ -445,21 +448,22 @@ class Context:
 
     def ask(self, strip: Strip, question: str, heads: Sequence[Head], target=None, schedule: Schedule | None = None,
             max_new_tokens: int = 24, track: Sequence[Head] = ()):
-        """One greedy generation (cached within the run: identical requests are generated once)."""
+        """One greedy generation. Untracked ones are cached for the run: the unsteered answer serves every
+        target, and the sweep's K = top-K reuses the vqa generations."""
         from gaze.generation import generate
 
         if not heads:  # unsteered: the same answer for every target
             target = schedule = None
-        key = (strip.strip_id, question, tuple(heads), repr(target), repr(schedule), max_new_tokens, tuple(track))
-        if key not in self.cache:
-            t0 = time.perf_counter()
-            g = generate(self.loaded, strip.image, question, heads=list(heads), target=target,
-                         schedule=schedule, panels=strip.panels, strength=self.cfg.strength,
-                         mode=self.cfg.mode, max_new_tokens=max_new_tokens, track=list(track) or False)
-            if len(self.cache) > 256:  # generations of earlier strips are not asked for again
-                self.cache.clear()
+        key = (strip.strip_id, question, tuple(heads), repr(target), repr(schedule), max_new_tokens)
+        if not track and key in self.cache:
+            return self.cache[key]
+        t0 = time.perf_counter()
+        g = generate(self.loaded, strip.image, question, heads=list(heads), target=target,
+                     schedule=schedule, panels=strip.panels, strength=self.cfg.strength,
+                     mode=self.cfg.mode, max_new_tokens=max_new_tokens, track=list(track) or False)
+        if not track:
             self.cache[key] = (g, time.perf_counter() - t0)
-        return self.cache[key]
+        return g, time.perf_counter() - t0
 
 
 def _base(protocol: str, condition: str, strip: Strip, target, k: int, question: str, g, seconds: float) -> dict:
@@ -534,9 +538,9 @@ def dynamic_narration(ctx: Context, strips, condition, heads, k, *, done=()) -> 
         target = ",".join(map(str, order))
         if record_key("dynamic", condition, strip.strip_id, target, k) in done:
             continue
-        schedule = Schedule(tuple(Panel(p) for p in order), every=cfg.every)
-        g, seconds = ctx.ask(strip, question, heads, schedule=schedule, max_new_tokens=cfg.every * len(order),
-                             track=ctx.track_heads)
+        schedule = Schedule(tuple(Panel(p) for p in order), every=cfg.every, at_sentence=cfg.at_sentence)
+        budget = cfg.every * len(order) * (2 if cfg.at_sentence else 1)  # sentence ends come after `every` tokens
+        g, seconds = ctx.ask(strip, question, heads, schedule=schedule, max_new_tokens=budget, track=ctx.track_heads)
         texts = segments(g.pieces, g.targets, len(order), cfg.every)
         segs = []
         for panel, text in zip(order, texts):
@@ -641,6 +645,7 @@ def aggregate(records: Iterable[dict], *, n_boot: int = 2000, seed: int = 0, met
             judged = [r for r in rs if r.get("correct") is not None]
             summary = _rate(judged, "correct", n_boot, seed)
             summary.update(k=rs[0]["k"], skipped=len(rs) - len(judged),
+                           unmatched=float(np.mean([r["matched"] is None for r in judged])) if judged else math.nan,
                            chance=float(np.mean([1 / r["n_objects"] for r in judged])) if judged else math.nan,
                            degenerate=float(np.mean([r["degenerate"] for r in judged])) if judged else math.nan)
             by_size: dict[str, list[dict]] = {}
@@ -656,8 +661,8 @@ def aggregate(records: Iterable[dict], *, n_boot: int = 2000, seed: int = 0, met
 def _manifest(cfg: EvalConfig, loaded, ranking: Ranking, k: int) -> dict:
     """What fixes the records' content: a rerun with other values must not mix into the same file."""
     digest = hashlib.sha1(np.asarray(ranking.scores, dtype=np.float32).tobytes()).hexdigest()[:12]
-    keep = ("strips", "every", "seed", "judge", "judge_model", "max_new_tokens", "narration_tokens", "strength",
-            "mode", "random_percentile", "prior_strips", "scenes", "n_objects", "scene_size", "panel_size")
+    keep = ("strips", "every", "at_sentence", "seed", "judge", "judge_model", "max_new_tokens", "narration_tokens",
+            "strength", "mode", "random_percentile", "prior_strips", "scenes", "n_objects", "scene_size", "panel_size")
     m = {name: getattr(cfg, name) for name in keep}
     m["scene_size"] = list(cfg.scene_size)
     m.update(model_id=loaded.model_id, ranking_digest=digest, top_k=k,
@@ -678,9 +683,22 @@ def _check_manifest(out: Path, manifest: dict) -> None:
         path.write_text(json.dumps(manifest, indent=1))
 
 
+def _check_strips(cfg: EvalConfig, strips: Sequence[Strip]) -> None:
+    """Fail before generating anything when the strips lack what the judges compare against."""
+    panel = {"vqa", "narration", "sweep"} & set(cfg.protocols)
+    letters = cfg.judge == "letter"
+    for s in strips:
+        if panel and letters and s.letters is None:
+            raise EvalError(f"strip {s.strip_id} has no letters for --judge letter: use letter-overlaid strips "
+                            "(procedural:eval) or --judge caption")
+        if ((panel and not letters) or "dynamic" in cfg.protocols) and s.captions is None:
+            raise EvalError(f"strip {s.strip_id} has no captions to judge answers against: use captioned strips "
+                            "(procedural:eval, or captions.json beside p1..p6), or --judge letter with --protocols vqa")
+
+
 def _get_ranking(cfg: EvalConfig, loaded, out: Path, align: int | None, progress: bool) -> Ranking:
     if cfg.ranking is not None:
-        return Ranking.load(cfg.ranking).check(loaded.model)
+        return Ranking.from_pretrained(cfg.ranking).check(loaded.model)
     from gaze.discovery import discover
 
     strips = eval_strips(cfg.discovery_strips, cfg.n_discovery, align=align, panel_size=cfg.panel_size)
@@ -732,7 +750,7 @@ def run_eval(cfg: EvalConfig, *, loaded=None, ranking: Ranking | None = None, li
     cfg.check()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    loaded = loaded or load(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    loaded = loaded or load(cfg.model, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map)
     align = loaded.family.merged_patch(loaded.processor)
     ranking = ranking or _get_ranking(cfg, loaded, out, align, progress)
     ranking.check(loaded.model)
@@ -742,6 +760,7 @@ def run_eval(cfg: EvalConfig, *, loaded=None, ranking: Ranking | None = None, li
     ranking.save(out / "ranking.json")
 
     strips = eval_strips(cfg.strips, cfg.n_strips, align=align, panel_size=cfg.panel_size)
+    _check_strips(cfg, strips)
     kinds = [c for c in cfg.conditions]
     prior = _prior(cfg, loaded, strips, out) if {"image", "localization"} & set(kinds) else None
     sets = head_sets(ranking, k, cfg.seed, kinds, prior=prior, percentile=cfg.random_percentile)
@@ -755,7 +774,7 @@ def run_eval(cfg: EvalConfig, *, loaded=None, ranking: Ranking | None = None, li
               file=sys.stderr)
 
     def jobs() -> Iterator[Iterator[dict]]:
-        for protocol in cfg.protocols:
+        for protocol in sorted(cfg.protocols, key=PROTOCOL_ORDER.index):
             if protocol in ("vqa", "narration", "dynamic"):
                 fn = {"vqa": vqa, "narration": static_narration, "dynamic": dynamic_narration}[protocol]
                 for c in kinds:
@@ -794,11 +813,12 @@ def run_eval(cfg: EvalConfig, *, loaded=None, ranking: Ranking | None = None, li
     meta = {
         "model_id": loaded.model_id, "n_layers": loaded.n_layers, "n_heads": loaded.n_heads, "n_total_heads": n_total,
         "top_k": k, "strips": cfg.strips, "n_strips": len(strips), "scenes": cfg.scenes, "judge": cfg.judge,
-        "seed": cfg.seed, "every": cfg.every, "strength": cfg.strength, "mode": cfg.mode,
+        "seed": cfg.seed, "every": cfg.every, "at_sentence": cfg.at_sentence, "strength": cfg.strength, "mode": cfg.mode,
         "random_percentile": cfg.random_percentile, "random_pool": len(random_pool(ranking, k, cfg.random_percentile)),
         "questions": {p: cfg.question(p) for p in cfg.protocols}, "protocols": list(cfg.protocols),
         "conditions": list(kinds), "heads": {c: [list(h) for h in hs] for c, hs in sets.items() if c != "all"},
-        "chance": 1 / strips[0].n_panels, "ranking_strips": ranking.n_strips, "ranking_source": ranking.meta.get("source", ""),
+        "chance": 1 / strips[0].n_panels, "ranking_strips": ranking.n_strips,
+        "ranking_source": ranking.meta.get("source", ""),
         "complete": not stopped, "size_classes": {n: (None if math.isinf(u) else u) for n, u in SIZE_CLASSES},
         "config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)},
     }
@@ -806,7 +826,8 @@ def run_eval(cfg: EvalConfig, *, loaded=None, ranking: Ranking | None = None, li
     agg["cost"] = {"generation_seconds": round(sum(r.get("seconds", 0.0) for r in log.records.values()), 1),
                    "this_run_seconds": round(time.time() - t0, 1), "new_records": new}
     tmp = out / (AGGREGATE + ".tmp")
-    tmp.write_text(json.dumps(_finite(agg), indent=1, default=_json_default))
+    agg = _finite(agg)
+    tmp.write_text(json.dumps(agg, indent=1, default=_json_default))
     tmp.replace(out / AGGREGATE)
     return agg
 

@@ -89,7 +89,7 @@ def stem(word: str) -> str:
             if len(w) >= 4 and w[-1] == w[-2] and w[-1] not in "lsz":  # running -> runn -> run
                 w = w[:-1]
             return w
-    if w.endswith("es") and w[:-2].endswith(("s", "x", "z", "ch", "sh")):
+    if w.endswith("es") and w[:-2].endswith(("ss", "x", "z", "ch", "sh")):
         return w[:-2]
     if w.endswith("s") and not w.endswith(("ss", "us", "is")) and len(w) > 3:
         return w[:-1]
@@ -315,7 +315,8 @@ LLM_SYSTEM = ("You grade answers about images. You are given numbered descriptio
 def build_llm_messages(answer: str, candidates: Sequence[str]) -> list[dict]:
     """The chat messages the LLM judge sends: a system rule, the numbered captions, the answer."""
     listing = "\n".join(f"{k}. {c}" for k, c in enumerate(candidates, start=1))
-    user = f"Descriptions:\n{listing}\n\nAnswer:\n\"\"\"{answer.strip()}\"\"\"\n\nWhich description (1-{len(candidates)}, or 0)?"
+    user = (f"Descriptions:\n{listing}\n\nAnswer:\n\"\"\"{answer.strip()}\"\"\"\n\n"
+            f"Which description (1-{len(candidates)}, or 0)?")
     return [{"role": "system", "content": LLM_SYSTEM}, {"role": "user", "content": user}]
 
 

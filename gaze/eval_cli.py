@@ -1,0 +1,189 @@
+"""`gaze eval`: run the paper's evaluation protocols and write the report.
+
+    gaze eval --model organism --ranking gaze/organism --strips procedural:eval --n-strips 50 --out reports/organism
+    gaze eval ... --protocols vqa,sweep --conditions gaze,random,none --ks 1,2,4,8
+    gaze eval --out reports/organism --report-only      # redraw README.md and figures from aggregate.json
+
+Resumable: rerun the same command after an interruption and it continues.
+Offline by default (`--judge caption`); `--judge llm --judge-endpoint URL`
+reads its key from $OPENAI_API_KEY. Wired into `gaze` by `register(subparsers)`;
+`python -m gaze.eval_cli ...` runs it on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gaze.evaluation import CONDITIONS, PROTOCOLS, EvalConfig
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give integers separated by commas, e.g. 1,2,4,8") from None
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one integer")
+    return values
+
+
+def _names(allowed: tuple[str, ...]):
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(v for v in text.replace(" ", "").split(",") if v)
+        bad = [n for n in names if n not in allowed]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"{text!r}: choose from {','.join(allowed)}")
+        return names
+
+    return parse
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give WIDTHxHEIGHT in pixels, e.g. 384x192") from None
+    return (w, h)
+
+
+def _question(text: str) -> tuple[str, str]:
+    protocol, sep, question = text.partition("=")
+    if not sep or protocol not in PROTOCOLS or not question.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: write PROTOCOL=QUESTION with PROTOCOL one of {','.join(PROTOCOLS)}")
+    return (protocol, question)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = EvalConfig()
+    p.add_argument("--model", default=d.model, help="hub id, local folder, or 'organism' (default)")
+    p.add_argument("--ranking", default=None,
+                   help="ranking folder or ranking.json from `gaze discover` (default: discover into OUT/discovery)")
+    p.add_argument("--strips", default=d.strips,
+                   help="procedural:eval (datagen, held-out seeds), procedural:SEED0, comic folders, a dataset, or an image")
+    p.add_argument("--n-strips", type=int, default=d.n_strips, help="evaluation strips")
+    p.add_argument("--out", default=d.out, help="output folder (resumable): records, aggregate, figures, README.md")
+    p.add_argument("--protocols", type=_names(PROTOCOLS), default=d.protocols, help=f"some of {','.join(PROTOCOLS)}")
+    p.add_argument("--conditions", type=_names(CONDITIONS), default=d.conditions,
+                   help=f"head sets to steer, some of {','.join(CONDITIONS)}")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="K heads per condition (default: the paper's share, 100 of 1,152 heads)")
+    p.add_argument("--ks", type=_ints, default=d.ks, help="K values of the head-count sweep")
+    p.add_argument("--targets", type=_ints, default=None, help="panels to steer to (default: all)")
+    p.add_argument("--every", type=int, default=d.every, help="dynamic narration: tokens per schedule entry")
+    p.add_argument("--at-sentence", action="store_true",
+                   help="dynamic narration: switch at the first sentence end after --every tokens")
+    p.add_argument("--seed", type=int, default=d.seed, help="random heads, derangements, bootstrap")
+    p.add_argument("--judge", default=d.judge, choices=["caption", "letter", "embedding", "llm"],
+                   help="caption (offline, default) | letter (exact; asks for the overlaid letter) | embedding | llm")
+    p.add_argument("--judge-model", default=None, help="embedding model, or LLM (endpoint model name or local folder)")
+    p.add_argument("--judge-endpoint", default=None,
+                   help="OpenAI-compatible base URL for --judge llm; the key comes from $OPENAI_API_KEY")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="short answers (vqa, sweep, region)")
+    p.add_argument("--narration-tokens", type=int, default=d.narration_tokens, help="static narration answers")
+    p.add_argument("--strength", type=float, default=d.strength, help="steering bias B")
+    p.add_argument("--mode", default=d.mode, choices=["boost", "suppress", "suppress_text"])
+    p.add_argument("--random-percentile", type=float, default=d.random_percentile,
+                   help="random heads come from this bottom share of gaze scores")
+    p.add_argument("--prior-strips", type=int, default=d.prior_strips, help="strips for the image/localization heads")
+    p.add_argument("--scenes", default=d.scenes, help="region protocol: procedural[:SEED0], strip-objects, or a folder")
+    p.add_argument("--n-scenes", type=int, default=None, help="scenes for the region protocol (default: --n-strips)")
+    p.add_argument("--n-objects", type=int, default=d.n_objects, help="objects per procedural scene")
+    p.add_argument("--scene-size", type=_size, default=d.scene_size, help="procedural scene size WxH")
+    p.add_argument("--panel-size", type=int, default=d.panel_size, help="procedural strips: panel side in pixels")
+    p.add_argument("--question", type=_question, action="append", default=[], metavar="PROTOCOL=TEXT",
+                   help="replace a protocol's question (repeatable)")
+    p.add_argument("--discovery-strips", default=d.discovery_strips, help="strips for discovery when --ranking is not given")
+    p.add_argument("--n-discovery", type=int, default=d.n_discovery, help="how many")
+    p.add_argument("--n-boot", type=int, default=d.n_boot, help="bootstrap resamples")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default=d.dtype, help="float32 | bfloat16 | float16")
+    p.add_argument("--device-map", default=None, help="'auto' to spread a large model over all GPUs")
+    p.add_argument("--limit", type=int, default=None, help="stop after this many new generations (rerun to continue)")
+    p.add_argument("--report-only", action="store_true", help="only redraw README.md and figures from OUT")
+    p.add_argument("--no-report", action="store_true", help="skip README.md and figures")
+    p.add_argument("--title", default=None, help="report title")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    return EvalConfig(
+        model=args.model, ranking=args.ranking, strips=args.strips, n_strips=args.n_strips, out=args.out,
+        protocols=tuple(args.protocols), conditions=tuple(args.conditions), top_k=args.top_k, ks=tuple(args.ks),
+        targets=tuple(args.targets) if args.targets else None, every=args.every, at_sentence=args.at_sentence,
+        seed=args.seed, judge=args.judge,
+        judge_model=args.judge_model, judge_endpoint=args.judge_endpoint, max_new_tokens=args.max_new_tokens,
+        narration_tokens=args.narration_tokens, strength=args.strength, mode=args.mode,
+        random_percentile=args.random_percentile, prior_strips=args.prior_strips, scenes=args.scenes,
+        n_scenes=args.n_scenes, n_objects=args.n_objects, scene_size=tuple(args.scene_size),
+        panel_size=args.panel_size, questions=tuple(args.question), discovery_strips=args.discovery_strips,
+        n_discovery=args.n_discovery, n_boot=args.n_boot, device=args.device, dtype=args.dtype,
+        device_map=args.device_map,
+    ).check()
+
+
+def summary(agg: dict) -> str:
+    """A few lines for the terminal: the headline accuracy of each protocol per condition."""
+    from gaze.report import pct
+
+    lines = []
+    for protocol, by_cond in agg.get("protocols", {}).items():
+        parts = []
+        for c, e in by_cond.items():
+            if protocol == "sweep":
+                curve = sorted(e.items(), key=lambda x: int(x[0]))
+                parts.append(f"{c} " + " ".join(f"K{k}={pct(v['accuracy'])}" for k, v in curve))
+            elif protocol == "dynamic":
+                rho = e["spearman"]["mean"]
+                parts.append(f"{c} {pct(e['segment_accuracy'])} rho={'n/a' if rho is None else f'{rho:.2f}'}")
+            else:
+                parts.append(f"{c} {pct(e['accuracy'])}")
+        lines.append(f"{protocol:>9}: " + ", ".join(parts))
+    if not agg.get("meta", {}).get("complete", True):
+        lines.append("incomplete: rerun the same command to continue")
+    return "\n".join(lines)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from gaze.report import write_report
+
+    if args.report_only:
+        print(f"report written to {write_report(args.out, title=args.title)}")
+        return 0
+    from gaze.evaluation import run_eval
+
+    agg = run_eval(config_from_args(args), limit=args.limit, progress=not args.quiet)
+    print(summary(agg))
+    if not args.no_report:
+        print(f"report written to {write_report(args.out, title=args.title)}")
+    return 0
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the `eval` subcommand to a `gaze` argparse subparsers object."""
+    p = subparsers.add_parser("eval", help="evaluate steering: the paper's protocols, judged offline, with a report",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gaze.families import UnsupportedModelError
+    from gaze.ranking import RankingError
+    from gaze.regions import RegionError
+    from gaze.strips import StripError
+
+    parser = argparse.ArgumentParser(prog="gaze")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except (StripError, RegionError, RankingError, UnsupportedModelError, FileNotFoundError, ValueError) as e:
+        print(f"gaze eval: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
