@@ -49,7 +49,7 @@ def resolve(name_or_path: str) -> str:
         folder = SHORT_NAMES[name_or_path]
         if not (folder / "config.json").exists():
             raise FileNotFoundError(
-                f"the model organism is not at {folder}: train it with `python -m gaze.organism.train` "
+                f"the model organism is not at {folder}: train it with `python -m gaze.train_organism` "
                 "or pass --model with a hub id or folder"
             )
         return str(folder)
