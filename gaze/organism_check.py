@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from gaze.discovery import discover
@@ -38,14 +37,11 @@ def held_out_strips(n: int, panel_size: int = 64, seed0: int | None = None):
     return [make_strip(seed0 + i, panel_size=panel_size) for i in range(n)]
 
 
-def bootstrap(hits, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """(mean, low, high): percentile bootstrap 95% CI of a hit rate."""
-    x = np.asarray(hits, dtype=float)
-    if x.size == 0:
-        return (float("nan"),) * 3
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, (n_boot, x.size))].mean(1)
-    return float(x.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+def bootstrap(hits) -> tuple[float, float, float]:
+    """(mean, low, high): the evaluation's percentile bootstrap 95% CI of a hit rate."""
+    from gaze.evaluation import bootstrap_ci
+
+    return bootstrap_ci([float(h) for h in hits])
 
 
 def _norm(text: str) -> str:
