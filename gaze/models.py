@@ -131,5 +131,5 @@ def load(
     if not hasattr(processor, "image_processor"):
         raise UnsupportedModelError(f"{path!r} has no image processor: gaze needs a VLM processor")
     if attn_implementation == "sdpa":
-        prepare(model)
+        prepare(model, getattr(family, "text_config_key", "text_config"))
     return Loaded(model=model, processor=processor, family=family, model_id=name_or_path)

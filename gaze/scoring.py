@@ -130,11 +130,9 @@ def query_rows(
 
     first = enc.inputs[0]
     positions = [family.position_ids(model, x) for x in enc.inputs]  # each [3, 1, S] or None
-    prefix = {k: v for k, v in first.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    prefix["input_ids"] = first["input_ids"][:, :p]
-    prefix["attention_mask"] = first["attention_mask"][:, :p]
-    if "mm_token_type_ids" in first:
-        prefix["mm_token_type_ids"] = first["mm_token_type_ids"][:, :p]
+    # per-token inputs (ids, mask, any family's token types) are cut to the prefix; image inputs stay whole
+    per_token = {k for k in first if k in ("input_ids", "attention_mask") or k.endswith("token_type_ids")}
+    prefix = {k: (v[:, :p] if k in per_token else v) for k, v in first.items()}
     if positions[0] is not None:
         prefix["position_ids"] = positions[0][..., :p]
     cache = model(**prefix, use_cache=True, logits_to_keep=1).past_key_values

@@ -1,9 +1,16 @@
-"""Tiny Qwen-VL models, built offline, that load through the real transformers path.
+"""Tiny VLMs of every supported family, built offline, that load through the real transformers path.
 
 Tests, demos and trained "model organisms" need a vision-language model whose
 classes, configs, processor and checkpoint layout are exactly those of a real
-Qwen-VL checkpoint, yet nothing can be downloaded here. This module builds one
-from scratch in well under a second:
+checkpoint, yet nothing can be downloaded here. This module builds one from
+scratch in well under a second: Qwen-VL (below), and LLaVA-1.5, LLaVA-NeXT,
+LLaVA-OneVision, InternVL, Gemma 3, Idefics3 and SmolVLM (`OTHER_FAMILIES`:
+the stock model classes with tiny configs, the family's PIL image processor
+scaled down with its geometry kept (centre crop, anyres tiles, thumbnails,
+pooling), the family's image tokens added to the same locally trained BPE by
+`family_tokenizer`, and a chat template shaped like the family's).
+
+For Qwen-VL:
 
 - `build_tokenizer`: a byte-level BPE (the Qwen2 pre-tokenizer, trained locally
   with `tokenizers` on a small English corpus) with the Qwen special tokens and
@@ -45,12 +52,48 @@ from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, 
 from tokenizers.models import BPE
 from transformers import (
     AutoProcessor,
+    CLIPVisionConfig,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3ImageProcessorPil,
+    Gemma3Processor,
+    Gemma3TextConfig,
     GenerationConfig,
+    GotOcr2ImageProcessorPil,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3ImageProcessorPil,
+    Idefics3Processor,
+    Idefics3VisionConfig,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLProcessor,
+    InternVLVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaImageProcessorPil,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessorPil,
+    LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessorPil,
+    LlavaOnevisionProcessor,
+    LlavaProcessor,
+    SiglipVisionConfig,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
+    SmolVLMImageProcessorPil,
+    SmolVLMProcessor,
+    SmolVLMVisionConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     ProcessorMixin,
     Qwen2_5_VLConfig,
+    Qwen2Config,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
     Qwen2Tokenizer,
@@ -69,16 +112,23 @@ from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 __all__ = [
     "FAMILIES",
+    "OTHER_FAMILIES",
+    "QWEN_FAMILIES",
     "CHAT_TEMPLATE",
     "QWEN_SPECIAL_TOKENS",
     "Qwen2VLImageOnlyProcessor",
     "Qwen2_5_VLImageOnlyProcessor",
     "Qwen3VLImageOnlyProcessor",
+    "InternVLImageOnlyProcessor",
+    "LlavaOnevisionImageOnlyProcessor",
+    "SmolVLMImageOnlyProcessor",
     "TinyFamily",
+    "TinyVLM",
     "build_tiny_vlm",
     "build_tokenizer",
     "default_corpus",
     "family_patch_size",
+    "family_tokenizer",
     "image_processor_for",
     "register_processors",
 ]
@@ -348,7 +398,7 @@ def _moe_text_extra(hidden_size: int) -> dict:
 
 _HALF = (0.5, 0.5, 0.5)  # Qwen3-VL's image mean and std (Qwen2-VL uses CLIP's)
 
-FAMILIES: dict[str, TinyFamily] = {
+QWEN_FAMILIES: dict[str, TinyFamily] = {
     "qwen3_vl": TinyFamily(
         config_class=Qwen3VLConfig,
         model_class=Qwen3VLForConditionalGeneration,
@@ -400,26 +450,425 @@ FAMILIES: dict[str, TinyFamily] = {
 }
 
 
-def _family(family: str) -> TinyFamily:
+# ---------------------------------------------------------------------------
+# Other families: LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, InternVL, Gemma 3,
+# Idefics3 and SmolVLM. Each is the stock transformers model class with a tiny
+# config, saved with a processor of the family's real kind (its PIL image
+# processor, the family's image tokens and a chat template shaped like the
+# real one). Where the stock processor also wants a video processor (whose
+# classes need torchvision), an image-only subclass stands in, as for Qwen-VL.
+# ---------------------------------------------------------------------------
+
+
+class LlavaOnevisionImageOnlyProcessor(LlavaOnevisionProcessor):
+    """`LlavaOnevisionProcessor` without the video processor (whose classes need torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=None,
+                 vision_feature_select_strategy=None, chat_template=None, image_token="<image>",
+                 video_token="<video>", vision_aspect_ratio="anyres_max_9", **kwargs):
+        super().__init__(image_processor, tokenizer, None, num_image_tokens=num_image_tokens,
+                         vision_feature_select_strategy=vision_feature_select_strategy, chat_template=chat_template,
+                         image_token=image_token, video_token=video_token, vision_aspect_ratio=vision_aspect_ratio,
+                         **kwargs)
+
+
+class InternVLImageOnlyProcessor(InternVLProcessor):
+    """`InternVLProcessor` without the video processor (whose classes need torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 256, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, image_seq_length=image_seq_length,
+                         chat_template=chat_template, **kwargs)
+
+
+class SmolVLMImageOnlyProcessor(SmolVLMProcessor):
+    """`SmolVLMProcessor` without the video processor (torchvision) and without `num2words` (video prompts only).
+
+    Images are expanded exactly as in the stock processor (the same
+    `get_image_prompt_string`); only video input is unavailable.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, image_seq_len: int = 169, chat_template=None, **kwargs):
+        self.fake_image_token = getattr(tokenizer, "fake_image_token", "<fake_token_around_image>")
+        self.image_token = getattr(tokenizer, "image_token", "<image>")
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.end_of_utterance_token = getattr(tokenizer, "end_of_utterance_token", "<end_of_utterance>")
+        self.global_image_token = getattr(tokenizer, "global_image_token", "<global-img>")
+        self.image_seq_len = image_seq_len
+        self.video_token = getattr(tokenizer, "video_token", "<video>")
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+        # the stock method reads the video processor's frame settings first
+        return ProcessorMixin.apply_chat_template(self, conversation, chat_template, **kwargs)
+
+
+@dataclass(frozen=True)
+class TinyText:
+    """The text-model shape every tiny family shares (see `build_tiny_vlm`)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vision_depth: int
+    vision_hidden: int
+    ids: dict[str, int]  # special token -> id in the family's tokenizer
+
+    def entries(self, eos: str) -> dict:
+        """Config entries of a Llama-like text model (Llama, Qwen2)."""
+        return dict(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},
+            bos_token_id=self.ids[ENDOFTEXT],
+            eos_token_id=self.ids[eos],
+            pad_token_id=self.ids[ENDOFTEXT],
+            tie_word_embeddings=False,
+        )
+
+    def vision(self, **kw) -> dict:
+        """Entries of a ViT tower (CLIP, SigLIP, Idefics3, InternViT): `vision_depth` blocks of 16-dim heads."""
+        return dict(
+            hidden_size=self.vision_hidden,
+            intermediate_size=4 * self.vision_hidden,
+            num_hidden_layers=self.vision_depth,
+            num_attention_heads=self.vision_hidden // VISION_HEAD_DIM,
+            **kw,
+        )
+
+
+def _chat_template(user: str, user_end: str, assistant: str, assistant_end: str, image: str, system: str = "",
+                   system_end: str = "") -> str:
+    """A chat template: turns are `prefix + content + end`; an image item becomes `image`.
+
+    `add_generation_prompt` appends the assistant prefix. Content is a string
+    or a list of items ({"type": "image"} or any item with an "image" /
+    "image_url" key; {"type": "text", "text": ...}).
+    """
+
+    def q(text: str) -> str:
+        return "'" + text.replace("\\", "\\\\").replace("\n", "\\n").replace("'", "\\'") + "'"
+
+    return (
+        "{%- for message in messages -%}"
+        f"{{%- if message['role'] == 'user' -%}}{{{{- {q(user)} -}}}}"
+        f"{{%- elif message['role'] == 'system' -%}}{{{{- {q(system)} -}}}}"
+        f"{{%- else -%}}{{{{- {q(assistant)} -}}}}{{%- endif -%}}"
+        "{%- if message['content'] is string -%}{{- message['content'] -}}"
+        "{%- else -%}{%- for item in message['content'] -%}"
+        "{%- if item['type'] == 'image' or 'image' in item or 'image_url' in item -%}"
+        f"{{{{- {q(image)} -}}}}"
+        "{%- elif 'text' in item -%}{{- item['text'] -}}{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}"
+        f"{{%- if message['role'] == 'user' -%}}{{{{- {q(user_end)} -}}}}"
+        f"{{%- elif message['role'] == 'system' -%}}{{{{- {q(system_end)} -}}}}"
+        f"{{%- else -%}}{{{{- {q(assistant_end)} -}}}}{{%- endif -%}}"
+        "{%- endfor -%}"
+        f"{{%- if add_generation_prompt -%}}{{{{- {q(assistant)} -}}}}{{%- endif -%}}"
+    )
+
+
+_QWEN_CHAT = dict(user="<|im_start|>user\n", user_end="<|im_end|>\n", assistant="<|im_start|>assistant\n",
+                  assistant_end="<|im_end|>\n", system="<|im_start|>system\n", system_end="<|im_end|>\n")
+
+
+@dataclass(frozen=True)
+class TinyVLM:
+    """What `build_tiny_vlm` needs to know about one family outside Qwen-VL."""
+
+    config_class: type[PretrainedConfig]
+    model_class: type[PreTrainedModel]
+    processor_class: type[ProcessorMixin]
+    token_px: int  # pixels per image-token side of the processed image (one tile)
+    specials: tuple[str, ...]  # the family's special tokens (image placeholders, turn markers)
+    named: dict[str, str]  # tokenizer attributes the processor reads, e.g. {"boi_token": "<start_of_image>"}
+    chat: dict[str, str]  # `_chat_template` arguments
+    end_of_turn: str  # what ends an assistant turn (generation stops there)
+    make: Callable[[TinyText, PreTrainedTokenizerFast], tuple[PretrainedConfig, ProcessorMixin]]
+    init: Callable[[PreTrainedModel], None] | None = None  # fixes weights a fresh model starts with (under the seed)
+
+
+def _gemma3_init(model: PreTrainedModel) -> None:
+    # Gemma 3 initialises its image projection to zeros: every image token of a
+    # fresh model would carry the same (zero) embedding, blind to the picture.
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.02)
+
+
+# LLaVA-1.5: CLIP (CLS + 6x6 patches of 8 px at 48 px), centre-cropped like the real 336 px processor.
+LLAVA_IMAGE = 48
+# LLaVA-NeXT / OneVision tiles: 32 px, 4x4 patches of 8 px; the grid pinpoints scaled from 336 / 384 to 32.
+ANYRES_TILE = 32
+LLAVA_NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]
+ONEVISION_PINPOINTS = [[32 * i, 32 * j] for i in range(1, 7) for j in range(1, 7)]
+# OneVision's patches do not tile its tiles: 384 px with 14 px patches is 27 patches and 6 px unseen; here
+# 32 px with 7 px patches is 4 patches and 4 px unseen, at LLaVA-NeXT's 16 tokens per tile.
+ONEVISION_PATCH = 7
+# InternVL tiles: 64 px, 8x8 patches pixel-shuffled to 4x4 = 16 tokens (real: 448 px, 256 tokens), at most 12 tiles.
+INTERNVL_TILE = 64
+# Gemma 3: a 96 px square, 12x12 patches average-pooled to 6x6 = 36 tokens (real: 896 px, 64x64 -> 16x16 = 256).
+GEMMA3_IMAGE = 96
+GEMMA3_TOKENS = 36
+# Idefics3 / SmolVLM tiles: 64 px, 8x8 patches pixel-shuffled (scale 2) to 16 tokens; the long side resized
+# to 4 tiles (real: 364 px tiles, 1456 px long side).
+IDEFICS3_TILE = 64
+VIT_PATCH = 8
+
+
+def _llava(text: TinyText, tok) -> tuple[PretrainedConfig, ProcessorMixin]:
+    vision = CLIPVisionConfig(**text.vision(image_size=LLAVA_IMAGE, patch_size=VIT_PATCH, projection_dim=text.vision_hidden))
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=LlamaConfig(**text.entries(IM_END)),
+        image_token_index=text.ids["<image>"],
+        image_seq_length=(LLAVA_IMAGE // VIT_PATCH) ** 2,
+        vision_feature_layer=-2 if text.vision_depth > 1 else -1,
+        vision_feature_select_strategy="default",
+    )
+    image_processor = LlavaImageProcessorPil(
+        size={"shortest_edge": LLAVA_IMAGE}, crop_size={"height": LLAVA_IMAGE, "width": LLAVA_IMAGE}
+    )
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=VIT_PATCH,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=tok.chat_template)
+    return config, processor
+
+
+def _llava_next(text: TinyText, tok) -> tuple[PretrainedConfig, ProcessorMixin]:
+    vision = CLIPVisionConfig(**text.vision(image_size=ANYRES_TILE, patch_size=VIT_PATCH, projection_dim=text.vision_hidden))
+    config = LlavaNextConfig(
+        vision_config=vision,
+        text_config=LlamaConfig(**text.entries(IM_END)),
+        image_token_index=text.ids["<image>"],
+        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+        vision_feature_layer=-2 if text.vision_depth > 1 else -1,
+        vision_feature_select_strategy="default",
+    )
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": ANYRES_TILE}, crop_size={"height": ANYRES_TILE, "width": ANYRES_TILE},
+        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+    )
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=VIT_PATCH,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=tok.chat_template)
+    return config, processor
+
+
+def _llava_onevision(text: TinyText, tok) -> tuple[PretrainedConfig, ProcessorMixin]:
+    vision = SiglipVisionConfig(**text.vision(image_size=ANYRES_TILE, patch_size=ONEVISION_PATCH))
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=Qwen2Config(**text.entries(IM_END)),
+        image_token_index=text.ids["<image>"],
+        video_token_index=text.ids["<video>"],
+        image_grid_pinpoints=ONEVISION_PINPOINTS,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+    )
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": ANYRES_TILE, "width": ANYRES_TILE}, image_grid_pinpoints=ONEVISION_PINPOINTS,
+        image_mean=list(_HALF), image_std=list(_HALF),
+    )
+    processor = LlavaOnevisionImageOnlyProcessor(
+        image_processor=image_processor, tokenizer=tok, num_image_tokens=(ANYRES_TILE // ONEVISION_PATCH) ** 2,
+        vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9", chat_template=tok.chat_template,
+    )
+    return config, processor
+
+
+def _internvl(text: TinyText, tok) -> tuple[PretrainedConfig, ProcessorMixin]:
+    vision = InternVLVisionConfig(**text.vision(image_size=[INTERNVL_TILE] * 2, patch_size=[VIT_PATCH] * 2))
+    seq = (INTERNVL_TILE // VIT_PATCH // 2) ** 2
+    config = InternVLConfig(
+        vision_config=vision,
+        text_config=Qwen2Config(**text.entries(IM_END)),
+        image_token_id=text.ids["<IMG_CONTEXT>"],
+        image_seq_length=seq,
+        downsample_ratio=0.5,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": INTERNVL_TILE, "width": INTERNVL_TILE}, crop_to_patches=True, min_patches=1, max_patches=12,
+    )
+    processor = InternVLImageOnlyProcessor(image_processor=image_processor, tokenizer=tok, image_seq_length=seq,
+                                           chat_template=tok.chat_template)
+    return config, processor
+
+
+def _gemma3(text: TinyText, tok) -> tuple[PretrainedConfig, ProcessorMixin]:
+    entries = text.entries(IM_END)
+    entries.pop("rope_parameters")
+    text_config = Gemma3TextConfig(
+        **entries,
+        query_pre_attn_scalar=text.head_dim,
+        # the real pattern is five sliding-window layers per global one; the window
+        # (real: 1024) stays longer than any prompt here, as with real prompts
+        layer_types=["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(text.num_layers - 1)]
+        + ["full_attention"],
+        sliding_window=512,
+    )
+    vision = SiglipVisionConfig(**text.vision(image_size=GEMMA3_IMAGE, patch_size=VIT_PATCH))
+    config = Gemma3Config(
+        text_config=text_config,
+        vision_config=vision,
+        mm_tokens_per_image=GEMMA3_TOKENS,
+        boi_token_index=text.ids["<start_of_image>"],
+        eoi_token_index=text.ids["<end_of_image>"],
+        image_token_index=text.ids["<image_soft_token>"],
+    )
+    image_processor = Gemma3ImageProcessorPil(size={"height": GEMMA3_IMAGE, "width": GEMMA3_IMAGE})
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tok, image_seq_length=GEMMA3_TOKENS,
+                                chat_template=tok.chat_template)
+    return config, processor
+
+
+def _idefics3_like(config_class, vision_class, image_processor_class, processor_class):
+    def make(text: TinyText, tok) -> tuple[PretrainedConfig, ProcessorMixin]:
+        vision = vision_class(**text.vision(image_size=IDEFICS3_TILE, patch_size=VIT_PATCH))
+        config = config_class(
+            vision_config=vision,
+            text_config=LlamaConfig(**text.entries(IM_END)),
+            image_token_id=text.ids["<image>"],
+            scale_factor=2,
+        )
+        image_processor = image_processor_class(
+            size={"longest_edge": 4 * IDEFICS3_TILE}, max_image_size={"longest_edge": IDEFICS3_TILE},
+        )
+        processor = processor_class(image_processor=image_processor, tokenizer=tok,
+                                    image_seq_len=(IDEFICS3_TILE // VIT_PATCH // 2) ** 2,
+                                    chat_template=tok.chat_template)
+        return config, processor
+
+    return make
+
+
+_IDEFICS3_SPECIALS = ("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>") + tuple(
+    f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)
+)
+_IDEFICS3_CHAT = dict(user="<|im_start|>User:", user_end="<end_of_utterance>\n", assistant="Assistant:",
+                      assistant_end="<end_of_utterance>\n", system="<|im_start|>System:",
+                      system_end="<end_of_utterance>\n")
+
+OTHER_FAMILIES: dict[str, TinyVLM] = {
+    "llava": TinyVLM(
+        LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, token_px=VIT_PATCH,
+        specials=("<image>", "</s>"), named={"image_token": "<image>"},
+        chat=dict(user="USER: ", user_end=" ", assistant="ASSISTANT:", assistant_end="</s>", image="<image>\n"),
+        end_of_turn="</s>", make=_llava,
+    ),
+    "llava_next": TinyVLM(
+        LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor, token_px=VIT_PATCH,
+        specials=("<image>", "[INST]", "[/INST]", "</s>"), named={"image_token": "<image>"},
+        chat=dict(user="[INST] ", user_end=" [/INST]", assistant="", assistant_end="</s>", image="<image>\n"),
+        end_of_turn="</s>", make=_llava_next,
+    ),
+    "llava_onevision": TinyVLM(
+        LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageOnlyProcessor,
+        token_px=VIT_PATCH, specials=("<image>", "<video>"), named={"image_token": "<image>", "video_token": "<video>"},
+        chat=dict(_QWEN_CHAT, image="<image>\n"), end_of_turn=IM_END, make=_llava_onevision,
+    ),
+    "internvl": TinyVLM(
+        InternVLConfig, InternVLForConditionalGeneration, InternVLImageOnlyProcessor, token_px=2 * VIT_PATCH,
+        specials=("<img>", "</img>", "<IMG_CONTEXT>", "<video>"),
+        named={"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+               "video_token": "<video>"},
+        chat=dict(_QWEN_CHAT, image="<IMG_CONTEXT>\n"), end_of_turn=IM_END, make=_internvl,
+    ),
+    "gemma3": TinyVLM(
+        Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, token_px=GEMMA3_IMAGE // 6,
+        specials=("<start_of_image>", "<end_of_image>", "<image_soft_token>", "<start_of_turn>", "<end_of_turn>"),
+        named={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
+        chat=dict(user="<start_of_turn>user\n", user_end="<end_of_turn>\n", assistant="<start_of_turn>model\n",
+                  assistant_end="<end_of_turn>\n", system="<start_of_turn>user\n", system_end="\n\n",
+                  image="<start_of_image>"),
+        end_of_turn="<end_of_turn>", make=_gemma3, init=_gemma3_init,
+    ),
+    "idefics3": TinyVLM(
+        Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, token_px=2 * VIT_PATCH,
+        specials=_IDEFICS3_SPECIALS, named={},
+        chat=dict(_IDEFICS3_CHAT, image="<image>"), end_of_turn="<end_of_utterance>",
+        make=_idefics3_like(Idefics3Config, Idefics3VisionConfig, Idefics3ImageProcessorPil, Idefics3Processor),
+    ),
+    "smolvlm": TinyVLM(
+        SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageOnlyProcessor, token_px=2 * VIT_PATCH,
+        specials=_IDEFICS3_SPECIALS + ("<video>",), named={},
+        chat=dict(_IDEFICS3_CHAT, image="<image>"), end_of_turn="<end_of_utterance>",
+        make=_idefics3_like(SmolVLMConfig, SmolVLMVisionConfig, SmolVLMImageProcessorPil, SmolVLMImageOnlyProcessor),
+    ),
+}
+
+
+def family_tokenizer(family: str, base: PreTrainedTokenizerFast | None = None) -> PreTrainedTokenizerFast:
+    """`base` (default: `build_tokenizer()`) with `family`'s special tokens, named token attributes and chat template.
+
+    A new tokenizer: `base` is left as it is. The family's tokens get ids after
+    the base vocabulary; the named ones (e.g. Gemma 3's `boi_token`) are
+    attributes, as in the real tokenizers, and survive save/load.
+    """
+    spec = _family(family)
+    if not isinstance(spec, TinyVLM):
+        raise ValueError(f"{family} uses the Qwen tokenizer of `build_tokenizer` as it is")
+    base = build_tokenizer() if base is None else base
+    bpe = json.loads(base.backend_tokenizer.to_str())["model"]
+    tok = Qwen2Tokenizer(
+        vocab=bpe["vocab"],
+        merges=[tuple(m) for m in bpe["merges"]],
+        unk_token=ENDOFTEXT,
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,
+        chat_template=_chat_template(**spec.chat),
+        extra_special_tokens=dict(spec.named) or None,
+    )
+    extra = [t for t in QWEN_SPECIAL_TOKENS if t != IM_END] + [t for t in spec.specials if t not in QWEN_SPECIAL_TOKENS]
+    tok.add_special_tokens({"additional_special_tokens": extra})
+    return tok
+
+
+# Every family `build_tiny_vlm` builds, by `config.model_type`.
+FAMILIES: dict[str, TinyFamily | TinyVLM] = {**QWEN_FAMILIES, **OTHER_FAMILIES}
+
+
+def _family(family: str) -> TinyFamily | TinyVLM:
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; use one of {', '.join(FAMILIES)}")
     return FAMILIES[family]
 
 
 def family_patch_size(family: str) -> int:
-    """Pixels per side of one merged image token: 32 for Qwen3-VL, 28 for Qwen2-VL / Qwen2.5-VL."""
-    return _family(family).patch_size * MERGE_SIZE
+    """Pixels per side of one image token in the processed image (one tile) of a tiny model of `family`.
+
+    Qwen-VL: one merged token, 32 for Qwen3-VL, 28 for Qwen2-VL / Qwen2.5-VL.
+    Other families resize (and tile) the image first, so in the ORIGINAL image
+    a token covers what the family's layout says (`gaze.families`).
+    """
+    spec = _family(family)
+    if isinstance(spec, TinyVLM):
+        return spec.token_px
+    return spec.patch_size * MERGE_SIZE
 
 
 def register_processors() -> None:
-    """Map each Qwen-VL config class to its image-only processor in `AutoProcessor` (idempotent).
+    """Map each config class whose stock processor needs torchvision to its image-only processor (idempotent).
 
-    Run at import of `gaze.tiny`. Saved folders name the processor class in
+    Qwen-VL, LLaVA-OneVision, InternVL and SmolVLM. Run at import of
+    `gaze.tiny`. Saved folders name the processor class in
     `processor_config.json`; registration is what lets `AutoProcessor` find
-    it by that name (and by config type when the name is absent).
+    it by that name (and by config type when the name is absent). LLaVA,
+    LLaVA-NeXT, Gemma 3 and Idefics3 keep their stock processors.
     """
     for spec in FAMILIES.values():
-        AutoProcessor.register(spec.config_class, spec.processor_class, exist_ok=True)
+        if spec.processor_class.__module__ == __name__:
+            AutoProcessor.register(spec.config_class, spec.processor_class, exist_ok=True)
 
 
 def image_processor_for(family: str) -> Qwen2VLImageProcessorPil:
@@ -432,6 +881,8 @@ def image_processor_for(family: str) -> Qwen2VLImageProcessorPil:
     image_grid_thw [[1, 4, 24]] with Qwen3-VL, a 336x56 strip the same with Qwen2-VL.
     """
     spec = _family(family)
+    if not isinstance(spec, TinyFamily):
+        raise ValueError(f"{family} is not a Qwen-VL family: its image processor is made by `build_tiny_vlm`")
     token_px = family_patch_size(family)
     return Qwen2VLImageProcessorPil(
         patch_size=spec.patch_size,
@@ -472,10 +923,13 @@ def build_tiny_vlm(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Build a randomly initialised tiny Qwen-VL model of `family` and save it with its processor into `out_dir`.
+    """Build a randomly initialised tiny VLM of `family` and save it with its processor into `out_dir`.
 
     `family` is one of `FAMILIES`: "qwen3_vl", "qwen3_vl_moe" (4 experts, 2
-    active), "qwen2_vl", "qwen2_5_vl". The text model has `num_layers` layers
+    active), "qwen2_vl", "qwen2_5_vl", or of `OTHER_FAMILIES`: "llava",
+    "llava_next", "llava_onevision", "internvl", "gemma3", "idefics3",
+    "smolvlm" (their tokenizer is `family_tokenizer(family, tokenizer)`; their
+    image geometry is in the constants above, e.g. `LLAVA_IMAGE`). The text model has `num_layers` layers
     of `num_heads` query heads and `num_kv_heads` key/value heads (grouped-query
     attention) of `head_dim` each, width `hidden_size` and MLP width
     `intermediate_size` (default 4 x hidden); Qwen2-VL and Qwen2.5-VL derive
@@ -488,7 +942,8 @@ def build_tiny_vlm(
 
     The folder loads with `AutoModelForImageTextToText.from_pretrained(out_dir)`
     and, after `import gaze.tiny`, `AutoProcessor.from_pretrained(out_dir)`,
-    offline. Greedy generation stops at `<|im_end|>` or `<|endoftext|>`.
+    offline. Greedy generation stops at `<|im_end|>` or `<|endoftext|>` (and
+    the family's own end of turn, e.g. Gemma 3's `<end_of_turn>`).
     Returns `out_dir` as a Path.
     """
     spec = _family(family)
@@ -498,6 +953,12 @@ def build_tiny_vlm(
         raise ValueError(
             f"vision_hidden ({vision_hidden}) must be a multiple of the vision head size ({VISION_HEAD_DIM})"
         )
+    if isinstance(spec, TinyVLM):
+        return _build_other(family, spec, Path(out_dir), num_layers=num_layers, num_heads=num_heads,
+                            num_kv_heads=num_kv_heads, hidden_size=hidden_size, head_dim=head_dim,
+                            vision_depth=vision_depth, vision_hidden=vision_hidden,
+                            intermediate_size=intermediate_size or 4 * hidden_size, tokenizer=tokenizer, seed=seed,
+                            dtype=dtype)
     if not spec.has_head_dim and hidden_size != num_heads * head_dim:
         raise ValueError(
             f"{family} derives head_dim from hidden_size // num_heads: "
@@ -560,6 +1021,35 @@ def build_tiny_vlm(
         tokenizer=tokenizer,
         chat_template=tokenizer.chat_template or CHAT_TEMPLATE,
     )
+    processor.save_pretrained(out)
+    return out
+
+
+def _build_other(family: str, spec: TinyVLM, out: Path, *, num_layers: int, num_heads: int, num_kv_heads: int,
+                 hidden_size: int, head_dim: int, vision_depth: int, vision_hidden: int, intermediate_size: int,
+                 tokenizer: PreTrainedTokenizerFast | None, seed: int, dtype: torch.dtype) -> Path:
+    """`build_tiny_vlm` for the families of `OTHER_FAMILIES`."""
+    tok = family_tokenizer(family, tokenizer)
+    names = {ENDOFTEXT, IM_END, *spec.specials, spec.end_of_turn}
+    ids = {t: tok.convert_tokens_to_ids(t) for t in names}
+    text = TinyText(
+        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size, num_layers=num_layers,
+        num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, vision_depth=vision_depth,
+        vision_hidden=vision_hidden, ids=ids,
+    )
+    config, processor = spec.make(text, tok)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = spec.model_class(config)
+        if spec.init is not None:
+            spec.init(model)
+    model.to(dtype)
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids[ENDOFTEXT],
+        eos_token_id=sorted({ids[IM_END], ids[ENDOFTEXT], ids[spec.end_of_turn]}),
+        pad_token_id=ids[ENDOFTEXT],
+    )
+    model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
 

@@ -1,4 +1,4 @@
-"""Tiny Qwen-VL models built offline load and run through the real transformers path."""
+"""Tiny VLMs of every family, built offline, load and run through the real transformers path."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen2Tokenizer
+from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, Qwen2Tokenizer
 
 from gaze.tiny import (
     FAMILIES,
+    OTHER_FAMILIES,
+    QWEN_FAMILIES,
     QWEN_SPECIAL_TOKENS,
     Qwen2_5_VLImageOnlyProcessor,
     Qwen2VLImageOnlyProcessor,
@@ -21,6 +23,7 @@ from gaze.tiny import (
     build_tiny_vlm,
     build_tokenizer,
     family_patch_size,
+    family_tokenizer,
     register_processors,
 )
 
@@ -58,8 +61,9 @@ def test_family_patch_size():
     assert family_patch_size("qwen3_vl_moe") == 32
     assert family_patch_size("qwen2_vl") == 28
     assert family_patch_size("qwen2_5_vl") == 28
+    assert family_patch_size("llava") == 8 and family_patch_size("gemma3") == 16
     with pytest.raises(ValueError, match="unknown family"):
-        family_patch_size("llava")
+        family_patch_size("paligemma")
 
 
 def test_tokenizer(tokenizer):
@@ -92,7 +96,7 @@ def test_chat_template(tokenizer):
     )
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(QWEN_FAMILIES))
 def test_build_load_run(family, tmp_path, tokenizer):
     folder = build_tiny_vlm(family, tmp_path / family, tokenizer=tokenizer)
     model = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="sdpa").eval()
@@ -179,3 +183,62 @@ def test_caller_rng_untouched(tmp_path, tokenizer):
 def test_inconsistent_shapes_are_refused(family, kwargs, message, tmp_path, tokenizer):
     with pytest.raises(ValueError, match=message):
         build_tiny_vlm(family, tmp_path, tokenizer=tokenizer, **kwargs)
+
+
+# Other families: the processor class AutoProcessor must give back, the image inputs it must produce, and
+# the number of image-placeholder ids for a 192x32 strip (LLaVA-NeXT / OneVision include one newline per tile row).
+OTHER = {
+    "llava": ("LlavaProcessor", {"pixel_values"}, 36),
+    "llava_next": ("LlavaNextProcessor", {"pixel_values", "image_sizes"}, 16 + 2 * 13),
+    "llava_onevision": ("LlavaOnevisionImageOnlyProcessor", {"pixel_values", "image_sizes"}, 16 + 4 * 25),
+    "internvl": ("InternVLImageOnlyProcessor", {"pixel_values"}, 7 * 16),
+    "gemma3": ("Gemma3Processor", {"pixel_values", "token_type_ids"}, 36),
+    "idefics3": ("Idefics3Processor", {"pixel_values", "pixel_attention_mask"}, 5 * 16),
+    "smolvlm": ("SmolVLMImageOnlyProcessor", {"pixel_values", "pixel_attention_mask"}, 5 * 16),
+}
+
+
+def test_every_family_is_listed():
+    assert set(FAMILIES) == set(QWEN_FAMILIES) | set(OTHER_FAMILIES) == set(PROCESSOR_CLASSES) | set(OTHER)
+
+
+@pytest.mark.parametrize("family", sorted(OTHER))
+def test_other_family_build_load_run(family, tmp_path, tokenizer):
+    import time
+
+    t = time.perf_counter()
+    folder = build_tiny_vlm(family, tmp_path / family, tokenizer=tokenizer)
+    assert time.perf_counter() - t < 2.0
+    model = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="sdpa").eval()
+    eager = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="eager").eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    processor_name, keys, n_image = OTHER[family]
+    assert type(model) is OTHER_FAMILIES[family].model_class
+    assert type(processor).__name__ == processor_name
+    text = model.config.get_text_config()
+    assert (text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (2, 4, 2)
+
+    image = Image.new("RGB", (192, 32), (200, 40, 40))
+    inputs = processor(text=[chat(processor)], images=[image], return_tensors="pt")
+    assert keys <= set(inputs)
+    assert int((inputs["input_ids"][0] == model.config.image_token_id).sum()) == n_image
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        reference = eager(**inputs).logits
+        generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert logits.shape == (1, inputs["input_ids"].shape[1], len(processor.tokenizer))
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+    assert 1 <= generated.shape[1] - inputs["input_ids"].shape[1] <= 3
+
+
+def test_family_tokenizer_keeps_the_base_and_adds_named_tokens(tokenizer, tmp_path):
+    tok = family_tokenizer("gemma3", tokenizer)
+    assert len(tokenizer) < len(tok) and tok.get_vocab().items() >= {
+        k: v for k, v in tokenizer.get_vocab().items() if k not in QWEN_SPECIAL_TOKENS}.items()
+    assert (tok.boi_token, tok.image_token) == ("<start_of_image>", "<image_soft_token>")
+    tok.save_pretrained(tmp_path)
+    back = AutoTokenizer.from_pretrained(tmp_path)
+    assert back.boi_token_id == tok.boi_token_id and back.image_token_id == tok.image_token_id
+    assert tok("<start_of_image>x", add_special_tokens=False)["input_ids"][0] == tok.boi_token_id
+    with pytest.raises(ValueError, match="Qwen tokenizer"):
+        family_tokenizer("qwen3_vl", tokenizer)
