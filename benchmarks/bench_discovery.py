@@ -7,8 +7,9 @@
 Reference: eager attention, `output_attentions=True`, six full prefills per
 strip (what the paper's code does). Ours: "gaze_sdpa", one image prefill,
 six question suffixes as one batch, last attention row only. Each method runs
-in its own subprocess so peak memory is measured cleanly (CPU: peak RSS over
-the RSS after loading; CUDA: `max_memory_allocated` over the loaded model).
+in its own subprocess so peak memory is measured cleanly (CPU: the peak
+resident set size during the timed run, reset before it, over the RSS at its
+start; CUDA: `max_memory_allocated` over what was allocated before the run).
 Prints strips/s, peak memory, their ratios, and the max abs diff of the gaze
 scores (float32: should be <= 1e-4).
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -47,12 +47,18 @@ def strips_for(n: int, panel_size: int):
     return [make_strip(3_000_000 + i, panel_size=panel_size) for i in range(n)]
 
 
-def rss_mb() -> float:
+def status_mb(field: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM) to the current one."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def worker(args) -> None:
@@ -72,7 +78,8 @@ def worker(args) -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    base_rss = rss_mb()
+    reset_peak_rss()
+    base_rss = status_mb("VmRSS")
     t0 = time.perf_counter()
     mats = [fn(loaded.model, loaded.processor, s) for s in strips]
     if cuda:
@@ -81,7 +88,7 @@ def worker(args) -> None:
     if cuda:
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss
+        peak = status_mb("VmHWM") - base_rss
     scores = gaze_scores(torch.stack(mats).mean(0))
     torch.save(scores, args.scores_out)
     print(json.dumps({"method": args.method, "seconds": dt, "strips_per_s": len(strips) / dt, "peak_mb": peak}))

@@ -7,7 +7,9 @@ the gaze-score distribution (top heads, their layers, the median); and the
 whole-strip question's redirection when steering the top-K gaze heads to each
 panel, K random heads from the bottom of the score distribution, and all heads,
 with bootstrap 95% CIs. A redirected answer is the TARGET panel's caption,
-exactly; anything else (another caption, a garbled or empty answer) is a miss.
+exactly (the organism's caption: character and object, see
+`train_organism.organism_caption`); anything else (another caption, a garbled
+or empty answer) is a miss.
 """
 
 from __future__ import annotations
@@ -50,25 +52,29 @@ def _norm(text: str) -> str:
 
 def task_accuracy(loaded, strips, max_new_tokens: int = 80) -> dict:
     hits = {"panel": [], "letter": [], "strip_is_panel1": [], "narration": []}
-    from gaze.train_organism import narration
+    from gaze.train_organism import narration, strip_captions
 
     for i, s in enumerate(strips):
         k = i % 6 + 1
-        hits["panel"].append(_norm(generate(loaded, s.image, panel_question(k, PANEL_QUESTION), max_new_tokens=16).text) == _norm(s.captions[k - 1]))
+        captions = strip_captions(s)
+        hits["panel"].append(_norm(generate(loaded, s.image, panel_question(k, PANEL_QUESTION), max_new_tokens=16).text) == _norm(captions[k - 1]))
         hits["letter"].append(_norm(generate(loaded, s.image, panel_question(k, LETTER_QUESTION), max_new_tokens=4).text) == _norm(s.letters[k - 1]))
-        hits["strip_is_panel1"].append(_norm(generate(loaded, s.image, STRIP_QUESTION, max_new_tokens=16).text) == _norm(s.captions[0]))
-        hits["narration"].append(_norm(generate(loaded, s.image, NARRATION_PROMPT, max_new_tokens=max_new_tokens).text) == _norm(narration(s.captions)))
+        hits["strip_is_panel1"].append(_norm(generate(loaded, s.image, STRIP_QUESTION, max_new_tokens=16).text) == _norm(captions[0]))
+        hits["narration"].append(_norm(generate(loaded, s.image, NARRATION_PROMPT, max_new_tokens=max_new_tokens).text) == _norm(narration(captions)))
     return {k: bootstrap(v) for k, v in hits.items()}
 
 
 def redirection(loaded, strips, heads, strength: float = 1e4, mode: str = "boost", decode_only: bool = False) -> dict:
     """Whole-strip question steered to each panel: hit = the target's caption exactly."""
+    from gaze.train_organism import strip_captions
+
     hits, per_panel = [], {k: [] for k in range(1, 7)}
     for s in strips:
+        captions = strip_captions(s)
         for k in range(1, 7):
             out = generate(loaded, s.image, STRIP_QUESTION, heads=heads, target=Panel(k), panels=s.panels,
                            strength=strength, mode=mode, decode_only=decode_only, max_new_tokens=16)
-            hit = _norm(out.text) == _norm(s.captions[k - 1])
+            hit = _norm(out.text) == _norm(captions[k - 1])
             hits.append(hit)
             per_panel[k].append(hit)
     return {"all": bootstrap(hits), "per_panel": {k: bootstrap(v)[0] for k, v in per_panel.items()}}

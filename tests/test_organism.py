@@ -38,7 +38,7 @@ def test_shipped_organism_answers_held_out_panel_questions():
     from datagen import make_strip
     from gaze.generation import generate
     from gaze.prompts import PANEL_QUESTION, panel_question
-    from gaze.train_organism import EVAL_SEED0
+    from gaze.train_organism import EVAL_SEED0, strip_captions
 
     loaded = load("organism", device="cpu")
     hits = 0
@@ -46,5 +46,5 @@ def test_shipped_organism_answers_held_out_panel_questions():
         strip = make_strip(EVAL_SEED0 + 500 + i, panel_size=64)
         k = i % 6 + 1
         out = generate(loaded, strip.image, panel_question(k, PANEL_QUESTION), max_new_tokens=16)
-        hits += out.text.rstrip(".") == strip.captions[k - 1]
+        hits += out.text.rstrip(".") == strip_captions(strip)[k - 1]
     assert hits >= 9, f"{hits}/12 held-out panel questions answered exactly"
