@@ -10,9 +10,9 @@ Raw mass, not renormalised over the image, so a head that ignores the image
 scores ~0 whatever its spatial pattern.
 
 Cost: the R prompts share everything up to the end of the image tokens. We
-prefill that prefix ONCE, copy its KV cache R times and run the R question
-suffixes as one right-padded batch, reading only the last query row of each
-head (`attention.attention_rows`). `strip_matrices(..., share_prefix=False)`
+prefill that prefix ONCE and run each question's suffix on its KV cache
+(cropped back after each, never copied), reading only the last query row of
+each head (`attention.attention_rows`). `strip_matrices(..., share_prefix=False)`
 runs R full prefills instead; both give the same numbers (tested).
 """
 
@@ -137,29 +137,24 @@ def query_rows(
         prefix["position_ids"] = positions[0][..., :p]
     cache = model(**prefix, use_cache=True, logits_to_keep=1).past_key_values
 
-    q = len(enc.inputs)
-    lengths = [int(x["input_ids"].shape[1]) - p for x in enc.inputs]
-    s = max(lengths)
-    pad_id = 0
-    ids = torch.full((q, s), pad_id, dtype=torch.long, device=model.device)
-    mask = torch.zeros((q, p + s), dtype=torch.long, device=model.device)
-    mask[:, :p] = 1
-    pos = None
-    if positions[0] is not None:
-        pos = torch.zeros((positions[0].shape[0], q, s), dtype=positions[0].dtype, device=model.device)
-    for i, (x, n) in enumerate(zip(enc.inputs, lengths)):
-        ids[i, :n] = x["input_ids"][0, p:]
-        mask[i, p : p + n] = 1
-        if pos is not None:
-            pos[:, i, :n] = positions[i][:, 0, p:]
-            pos[:, i, n:] = positions[i][:, 0, -1:]  # padding: any position, it is masked out
-    cache.batch_repeat_interleave(q)
-    rec = RowRecorder(layers, rows=torch.tensor(lengths, device=model.device) - 1, keep_value_norms=value_norms)
-    with active(rec):
-        model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    # Each question's suffix runs on the one prefix cache, which is cropped back after it: the
+    # prefix is neither recomputed nor copied (six copies of a 2B model's cache cost more memory
+    # than the reference's attention matrices).
+    rows, norms = [], []
+    for x, pos in zip(enc.inputs, positions):
+        suffix = x["input_ids"][:, p:]
+        mask = torch.ones((1, x["input_ids"].shape[1]), dtype=torch.long, device=model.device)
+        rec = RowRecorder(layers, keep_value_norms=value_norms)
+        with active(rec):
+            model(input_ids=suffix, attention_mask=mask, position_ids=None if pos is None else pos[..., p:],
+                  past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache.crop(-suffix.shape[1])  # back to the prefix (transformers 5 takes a count to remove)
+        rows.append(rec.stacked()[:, 0, :, :p])  # [L, H, p]
+        if value_norms:
+            norms.append(rec.stacked(values=True)[:, 0, :, :p])
     if value_norms:
-        return rec.stacked()[..., :p], rec.stacked(values=True)[..., :p], enc.layout
-    return rec.stacked()[..., :p], enc.layout  # [L, Q, H, p]
+        return torch.stack(rows, dim=1), torch.stack(norms, dim=1), enc.layout
+    return torch.stack(rows, dim=1), enc.layout  # [L, Q, H, p]
 
 
 VARIANTS: dict[str, str] = {

@@ -11,6 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from dataclasses import dataclass
+
+from gaze.attention import Hook
 from gaze.strips import Strip, stitch_panels
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
@@ -73,3 +76,26 @@ def make_strip(patch: int, seed: int = 0, n: int = 6, cell_tokens: int = 2) -> S
 @pytest.fixture(scope="session")
 def strip_for():
     return make_strip
+
+
+@dataclass
+class PlantedHead(Hook):
+    """Biases one head toward the queried panel: forward 0 is a strip's shared prefix, forward i its
+    i-th question (panel i)."""
+
+    layer: int
+    head: int
+    panel_positions: list  # per panel: sequence positions of its image tokens
+    strength: float = 8.0
+    forward: int = -1
+
+    def on_forward(self, input_ids):
+        self.forward += 1
+
+    def bias(self, layer, query, key):
+        panel = self.forward % (len(self.panel_positions) + 1) - 1
+        if layer != self.layer or panel < 0:
+            return None
+        b = torch.zeros((1, query.shape[1], 1, key.shape[2]), dtype=query.dtype)
+        b[0, self.head, 0, self.panel_positions[panel]] = self.strength
+        return b

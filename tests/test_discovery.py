@@ -1,13 +1,13 @@
 """Discovery: the shared-prefix path equals full prefills and the eager reference; planted heads rank first."""
 
 import json
-from dataclasses import dataclass
-
 import pytest
 import torch
 from PIL import Image
 
-from gaze.attention import Hook, active
+from conftest import PlantedHead
+
+from gaze.attention import active
 from gaze.discovery import DiscoveryError, discover
 from gaze.models import load
 from gaze.ranking import Ranking, RankingError
@@ -15,24 +15,6 @@ from gaze.scoring import gaze_scores, reference_strip_matrices, strip_matrices
 from gaze.strips import StripError, load_strips, save_folder_strip
 
 PLANT = (1, 3)  # (layer, head) made to look at the queried panel
-
-
-@dataclass
-class PlantedHead(Hook):
-    """Biases one head toward the queried panel in the batched suffix pass (row i asks about panel i + 1)."""
-
-    layer: int
-    head: int
-    panel_positions: list  # per panel: sequence positions of its image tokens
-    strength: float = 8.0
-
-    def bias(self, layer, query, key):
-        if layer != self.layer or query.shape[0] != len(self.panel_positions):
-            return None
-        b = torch.zeros((query.shape[0], query.shape[1], 1, key.shape[2]), dtype=query.dtype)
-        for i, pos in enumerate(self.panel_positions):
-            b[i, self.head, 0, pos] = self.strength
-        return b
 
 
 def planted(loaded, strip):

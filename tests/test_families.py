@@ -17,10 +17,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import PlantedHead
 import torch
 from PIL import Image
 
-from gaze.attention import Hook, active
+from gaze.attention import active
 from gaze.discovery import discover
 from gaze.families import FAMILIES, UnsupportedModelError, family_of
 from gaze.generation import generate, prepare_inputs
@@ -245,24 +246,6 @@ def test_llava_centre_crop_leaves_the_sides_out(tiny):
 
 
 # --- discovery, steering, tracking ---------------------------------------------------------------------
-
-
-@dataclass
-class PlantedHead(Hook):
-    """Biases one head toward the queried panel in the batched suffix pass (row i asks about panel i + 1)."""
-
-    layer: int
-    head: int
-    panel_positions: list  # per panel: sequence positions of its image tokens
-    strength: float = 8.0
-
-    def bias(self, layer, query, key):
-        if layer != self.layer or query.shape[0] != len(self.panel_positions):
-            return None
-        b = torch.zeros((query.shape[0], query.shape[1], 1, key.shape[2]), dtype=query.dtype)
-        for i, pos in enumerate(self.panel_positions):
-            b[i, self.head, 0, pos] = self.strength
-        return b
 
 
 def test_discovery_shared_prefix_and_planted_head(tiny, tmp_path):
