@@ -100,19 +100,26 @@ def attention_rows(
 
     query [B, H, q, D], key [B, Hkv, kv, D] (GQA: H a multiple of Hkv);
     attention_mask: None (causal), bool (True = attend) or float additive,
-    shaped [B|1, 1|H, q, kv]; bias [B|1, H, q|1, kv] or None; rows [B] query
-    indices (default: last). Mirrors the mask logic of `sdpa_attention_forward`.
+    shaped [B|1, 1|H, q, kv]; bias [B|1, H|1, q|1, kv] or None; rows [B] query
+    indices (default: last), or [B, R] for R rows per batch element, which
+    gives [B * R, H, kv] (batch-major). Mirrors the mask logic of
+    `sdpa_attention_forward`.
     """
     b, h, q, d = query.shape
     hkv, kv = key.shape[1], key.shape[2]
     if rows is None:
         rows = torch.full((b,), q - 1, dtype=torch.long, device=query.device)
     rows = rows.to(query.device)
-    batch = torch.arange(b, device=query.device)
-    q_sel = query[batch, :, rows].float()  # [B, H, D]
-    k = key.float().expand(b, -1, -1, -1) if key.shape[0] == 1 else key.float()
-    scores = torch.einsum("bgrd,bgkd->bgrk", q_sel.view(b, hkv, h // hkv, d), k)  # [B, Hkv, rep, kv]
-    scores = scores.reshape(b, h, kv) * scaling  # [B, H, kv]
+    if rows.ndim == 1:
+        rows = rows[:, None]
+    n_rows = rows.shape[1]
+    batch = torch.arange(b, device=query.device).repeat_interleave(n_rows)  # [N]
+    rows = rows.flatten()  # [N]
+    n = rows.numel()
+    q_sel = query[batch, :, rows].float()  # [N, H, D]
+    k = key.float()[batch if key.shape[0] > 1 else torch.zeros_like(batch)]  # [N, Hkv, kv, D]
+    scores = torch.einsum("ngrd,ngkd->ngrk", q_sel.view(n, hkv, h // hkv, d), k)  # [N, Hkv, rep, kv]
+    scores = scores.reshape(n, h, kv) * scaling  # [N, H, kv]
     keys = torch.arange(kv, device=query.device)
     if attention_mask is None:
         # SDPA's causal path: lower-right aligned, except the static-cache prefill
@@ -120,7 +127,7 @@ def attention_rows(
         limit = rows[:, None] if (q > 1 and kv > q) else rows[:, None] + (kv - q)
         scores = scores.masked_fill((keys[None, :] > limit)[:, None, :], float("-inf"))
     else:
-        m = attention_mask[batch if attention_mask.shape[0] > 1 else torch.zeros_like(batch), :, rows]  # [B, 1|H, kv]
+        m = attention_mask[batch if attention_mask.shape[0] > 1 else torch.zeros_like(batch), :, rows]  # [N, 1|H, kv]
         if m.dtype == torch.bool:
             scores = scores.masked_fill(~m, float("-inf"))
         else:
@@ -128,7 +135,7 @@ def attention_rows(
     if bias is not None:
         bb = batch if bias.shape[0] > 1 else torch.zeros_like(batch)
         br = rows if bias.shape[2] > 1 else torch.zeros_like(rows)
-        scores = scores + bias[bb, :, br].float()  # [B, H, kv]
+        scores = scores + bias[bb, :, br].float()  # [N, H|1, kv]
     return torch.softmax(scores, dim=-1)
 
 

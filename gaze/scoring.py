@@ -10,9 +10,10 @@ Raw mass, not renormalised over the image, so a head that ignores the image
 scores ~0 whatever its spatial pattern.
 
 Cost: the R prompts share everything up to the end of the image tokens. We
-prefill that prefix ONCE and run each question's suffix on its KV cache
-(cropped back after each, never copied), reading only the last query row of
-each head (`attention.attention_rows`). `strip_matrices(..., share_prefix=False)`
+prefill that prefix ONCE and run the R question suffixes as one sequence on
+its KV cache (a block mask keeps each suffix to the prefix and itself; no
+cache copies, one pass over the weights), reading only the last query row of
+each question for each head (`attention.attention_rows`). `strip_matrices(..., share_prefix=False)`
 runs R full prefills instead; both give the same numbers (tested).
 """
 
@@ -34,7 +35,7 @@ class RowRecorder(Hook):
     """Records the attention rows of chosen query positions, for chosen layers, in one forward."""
 
     layers: set[int] | None = None  # None: every layer
-    rows: torch.Tensor | None = None  # [B] query index per batch row; None: the last query
+    rows: torch.Tensor | None = None  # [B] or [B, R] query indices; None: the last query of each row
     records: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H, kv]
     keep_value_norms: bool = False
     value_norms: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H, kv] ||v_j|| per head
@@ -50,7 +51,7 @@ class RowRecorder(Hook):
         if self.keep_value_norms:
             norms = value.float().norm(dim=-1)  # [B, Hkv, kv]
             norms = norms.repeat_interleave(rows.shape[1] // norms.shape[1], dim=1)  # [B, H, kv]
-            self.value_norms[layer] = norms.expand(rows.shape[0], -1, -1)
+            self.value_norms[layer] = norms.repeat_interleave(rows.shape[0] // norms.shape[0], dim=0)  # [B*R, H, kv]
 
     def stacked(self, values: bool = False) -> torch.Tensor:
         """[L, B, H, kv] in layer order (value norms with `values=True`)."""
@@ -137,24 +138,45 @@ def query_rows(
         prefix["position_ids"] = positions[0][..., :p]
     cache = model(**prefix, use_cache=True, logits_to_keep=1).past_key_values
 
-    # Each question's suffix runs on the one prefix cache, which is cropped back after it: the
-    # prefix is neither recomputed nor copied (six copies of a 2B model's cache cost more memory
-    # than the reference's attention matrices).
-    rows, norms = [], []
-    for x, pos in zip(enc.inputs, positions):
-        suffix = x["input_ids"][:, p:]
-        mask = torch.ones((1, x["input_ids"].shape[1]), dtype=torch.long, device=model.device)
-        rec = RowRecorder(layers, keep_value_norms=value_norms)
-        with active(rec):
-            model(input_ids=suffix, attention_mask=mask, position_ids=None if pos is None else pos[..., p:],
-                  past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache.crop(-suffix.shape[1])  # back to the prefix (transformers 5 takes a count to remove)
-        rows.append(rec.stacked()[:, 0, :, :p])  # [L, H, p]
-        if value_norms:
-            norms.append(rec.stacked(values=True)[:, 0, :, :p])
+    # All question suffixes run as ONE sequence after the prefix cache (one pass over the weights,
+    # no cache copies), each suffix kept to the prefix and itself by `SuffixBlocks`, each with the
+    # positions it has in its own full prompt.
+    lengths = [int(x["input_ids"].shape[1]) - p for x in enc.inputs]
+    ids = torch.cat([x["input_ids"][:, p:] for x in enc.inputs], dim=1)  # [1, sum(lengths)]
+    if positions[0] is not None:
+        pos = torch.cat([ps[..., p:] for ps in positions], dim=-1)  # [3, 1, sum(lengths)]
+    else:
+        pos = torch.cat([torch.arange(p, p + n, device=model.device) for n in lengths])[None]  # [1, sum(lengths)]
+    mask = torch.ones((1, p + ids.shape[1]), dtype=torch.long, device=model.device)
+    ends = torch.tensor(lengths, device=model.device).cumsum(0) - 1
+    rec = RowRecorder(layers, rows=ends[None], keep_value_norms=value_norms)  # [1, Q] rows -> Q records
+    with active(SuffixBlocks(lengths), rec):
+        model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+              logits_to_keep=1)
     if value_norms:
-        return torch.stack(rows, dim=1), torch.stack(norms, dim=1), enc.layout
-    return torch.stack(rows, dim=1), enc.layout  # [L, Q, H, p]
+        return rec.stacked()[..., :p], rec.stacked(values=True)[..., :p], enc.layout
+    return rec.stacked()[..., :p], enc.layout  # [L, Q, H, p]
+
+
+@dataclass
+class SuffixBlocks(Hook):
+    """Several suffixes in one sequence after a shared prefix: each attends to the prefix and to itself."""
+
+    lengths: list[int]
+    _cache: dict = field(default_factory=dict)
+
+    def bias(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
+        q, kv = query.shape[2], key.shape[2]
+        if q != sum(self.lengths):
+            return None
+        k = (q, kv, query.device, query.dtype)
+        if k not in self._cache:
+            seg = torch.repeat_interleave(torch.arange(len(self.lengths)), torch.tensor(self.lengths))  # [q]
+            key_seg = torch.cat([torch.full((kv - q,), -1), seg])  # [kv]: -1 = the shared prefix
+            allowed = (key_seg[None, :] == -1) | (key_seg[None, :] == seg[:, None])  # [q, kv]
+            blocks = torch.zeros((q, kv), dtype=query.dtype).masked_fill(~allowed, float("-inf"))
+            self._cache[k] = blocks[None, None].to(query.device)  # [1, 1, q, kv]
+        return self._cache[k]
 
 
 VARIANTS: dict[str, str] = {

@@ -80,22 +80,46 @@ def strip_for():
 
 @dataclass
 class PlantedHead(Hook):
-    """Biases one head toward the queried panel: forward 0 is a strip's shared prefix, forward i its
-    i-th question (panel i)."""
+    """Makes one head look at the panel named by the latest digit in its context ("the 3rd panel").
+
+    `digit_of(token_id)` gives the digit a token starts with (or None); every query
+    row after a digit k gets +strength on panel k's image tokens in that head.
+    """
 
     layer: int
     head: int
     panel_positions: list  # per panel: sequence positions of its image tokens
+    digit_of: object = None
     strength: float = 8.0
-    forward: int = -1
+    _panel: list = None  # per query row of the current forward: the panel named last (0: none)
 
     def on_forward(self, input_ids):
-        self.forward += 1
+        named, current = [], 0
+        for t in input_ids[0].tolist():
+            d = self.digit_of(t)
+            if d is not None and 1 <= d <= len(self.panel_positions):
+                current = d
+            named.append(current)
+        self._panel = named
 
     def bias(self, layer, query, key):
-        panel = self.forward % (len(self.panel_positions) + 1) - 1
-        if layer != self.layer or panel < 0:
+        if layer != self.layer or not any(self._panel or []):
             return None
-        b = torch.zeros((1, query.shape[1], 1, key.shape[2]), dtype=query.dtype)
-        b[0, self.head, 0, self.panel_positions[panel]] = self.strength
+        b = torch.zeros((1, query.shape[1], query.shape[2], key.shape[2]), dtype=query.dtype)
+        for row, k in enumerate(self._panel[-query.shape[2]:]):
+            if k:
+                b[0, self.head, row, self.panel_positions[k - 1]] = self.strength
         return b
+
+
+def digit_reader(tokenizer):
+    """token id -> the digit its text starts with, or None."""
+    memo = {}
+
+    def digit_of(token_id):
+        if token_id not in memo:
+            text = tokenizer.decode([token_id]).strip()
+            memo[token_id] = int(text[0]) if text[:1].isdigit() else None
+        return memo[token_id]
+
+    return digit_of

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import PlantedHead
+from conftest import PlantedHead, digit_reader
 
 from gaze.attention import active
 from gaze.discovery import DiscoveryError, discover
@@ -24,7 +24,7 @@ def planted(loaded, strip):
     _, layout = prepare_inputs(loaded, strip.image, "x")
     regions = panel_regions(layout, strip.panels)
     positions = [layout.positions[regions.token_indices(k)].tolist() for k in range(strip.n_panels)]
-    return PlantedHead(*PLANT, positions)
+    return PlantedHead(*PLANT, positions, digit_reader(loaded.processor.tokenizer))
 
 
 def test_shared_prefix_equals_full_prefills_and_reference(loaded, tiny_path, strip_for):

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import PlantedHead
+from conftest import PlantedHead, digit_reader
 import torch
 from PIL import Image
 
@@ -263,7 +263,8 @@ def test_discovery_shared_prefix_and_planted_head(tiny, tmp_path):
     strip = strip_of(name, loaded, seed=1)
     _, layout = prepare_inputs(loaded, strip.image, "x")
     regions = panel_regions(layout, strip.panels)
-    plant = PlantedHead(*PLANT, [layout.positions[regions.token_indices(k)].tolist() for k in range(6)])
+    plant = PlantedHead(*PLANT, [layout.positions[regions.token_indices(k)].tolist() for k in range(6)],
+                        digit_reader(loaded.processor.tokenizer))
     with active(plant):
         ranking = discover(loaded, [strip], tmp_path / "run", progress=False)
     assert ranking.top(1) == [PLANT], name
