@@ -13,7 +13,7 @@ character; per panel an action, an object, a scene and an overlaid letter),
 composed on the fly from a pool of rendered panels so every step sees new
 strips. Tasks, all answered in short text:
 
-    panel      "What is happening in the 3rd panel from the left?" -> "the cat sleeps by a tree"
+    panel      "What is happening in the 3rd panel from the left?" -> "tree with the cat"
     letter     "Which letter is on the 3rd panel?"                 -> "K"
     strip      "What is the main action happening in this comic strip? Answer briefly."
                -> the FIRST panel's caption (as real VLMs tend to answer)
@@ -61,8 +61,12 @@ class OrganismConfig:
     pool_per_combo: int = 24  # rendered panels per (character, action, object)
     mix: str = "panel:0.35,letter:0.15,strip:0.2,narration:0.3"  # task sampling weights
     vocab_size: int = 400
-    image_attention_penalty: float = 0.02  # weight of the summed (over heads) image-attention mass of answer
-    # tokens: an L1 penalty across heads, so that few heads read the image (trained with eager attention)
+    image_attention_penalty: float = 0.05  # weight of the summed (over heads) image-attention mass of every
+    # query row: an L1 penalty across heads, so that few heads read the image (trained with eager attention)
+    penalty_after_loss: float = 0.12  # the penalty switches on once the answer loss (mean of the last 50
+    # steps) falls below this, i.e. once the model reads the image: applied from the first step, it keeps
+    # the model from ever learning to read it (an organism trained so answered 5% of panel questions)
+    penalty_ramp: int = 200  # steps over which the penalty grows from 0 to its full weight
     vision_pos_embed: str = "zero"  # "zero": no absolute position table in the vision tower (kept at 0,
     # frozen), so a panel's features do not depend on where it sits and positions come from rotary
     # embeddings only; "learned": the stock trained table
@@ -80,14 +84,19 @@ def parse_mix(mix: str) -> dict[str, float]:
 
 
 def organism_caption(character: str, obj: str) -> str:
-    """What the organism says about a panel: its character and its object ("the cat by a tree").
+    """What the organism says about a panel: its object, then its character ("tree with the cat").
 
+    The object comes first so that the token right after the prompt already
+    depends on the panel: discovery reads the LAST prompt token's attention, and
+    an organism whose answers open with the same words whatever the panel ("the
+    cat by a ...") reads the image only at a later answer row, where discovery
+    does not look (a first organism so trained had gaze scores of 2e-4 at the
+    last prompt token and 0.9 at the row before the object).
     The procedural panels also show an action (a pose and marks), but at 64 px a
-    model this small does not learn to read it reliably (a first organism got the
+    model this small does not learn to read it reliably (an organism got the
     action wrong on most held-out panels), so the organism's captions leave it out.
     """
-    article = "an" if obj[0] in "aeiou" else "a"
-    return f"the {character} by {article} {obj}"
+    return f"{obj} with the {character}"
 
 
 def strip_captions(strip) -> tuple[str, ...]:
@@ -207,18 +216,22 @@ def build_batch(processor, examples) -> dict:
 
 
 def image_attention_mass(attentions, batch: dict, image_token: int) -> torch.Tensor:
-    """Mean over layers and answer-predicting positions of the image-attention mass summed over heads.
+    """Mean over layers and query positions of the image-attention mass summed over heads.
 
     As a penalty it is an L1 norm across heads: reading the image costs the
     same whichever head does it, so training keeps the reading in few heads.
+    Every query row counts, not only the answer's: question tokens that read
+    the image and image tokens that read other image tokens would otherwise be
+    side paths that carry a panel's content to the answer around those few
+    heads. An image token's attention to itself is free (it is its own feature).
     """
-    rows = (batch["labels"][:, 1:] != -100).float()  # [B, S-1]: positions that predict an answer token
-    rows = torch.cat([rows, torch.zeros_like(rows[:, :1])], dim=1)  # [B, S]
+    valid = batch["attention_mask"].float()  # [B, S]
     image = (batch["input_ids"] == image_token).float()  # [B, S] image keys
+    keys = image[:, None, :] * (1 - torch.eye(image.shape[1], device=image.device))[None]  # [B, S, S]: not self
     total = 0.0
     for att in attentions:  # [B, H, S, S]
-        mass = (att * image[:, None, None, :]).sum(-1).sum(1)  # [B, S]: summed over heads
-        total = total + (mass * rows).sum() / rows.sum().clamp_min(1)
+        mass = (att.sum(1) * keys).sum(-1)  # [B, S]: summed over heads
+        total = total + (mass * valid).sum() / valid.sum().clamp_min(1)
     return total / len(attentions)
 
 
@@ -273,7 +286,8 @@ def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
 
     model.train()
-    losses = []
+    losses, answer_losses = [], []
+    penalty_from = None  # the step at which the image-attention penalty switched on
     t0 = time.time()
     for step in range(cfg.steps):
         examples = []
@@ -284,10 +298,16 @@ def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
         batch = build_batch(processor, examples)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        result = model(**batch, output_attentions=penalised)
+        recent_answer = sum(answer_losses[-50:]) / max(1, len(answer_losses[-50:]))
+        if penalised and penalty_from is None and len(answer_losses) >= 50 and recent_answer < cfg.penalty_after_loss:
+            penalty_from = step
+            log(f"step {step:5d}  answer loss {recent_answer:.4f} < {cfg.penalty_after_loss}: image-attention penalty on")
+        ramp = 0.0 if penalty_from is None else min(1.0, (step - penalty_from + 1) / max(1, cfg.penalty_ramp))
+        result = model(**batch, output_attentions=ramp > 0)
         loss = result.loss
-        if penalised:
-            loss = loss + cfg.image_attention_penalty * image_attention_mass(result.attentions, batch, image_token)
+        answer_losses.append(float(loss.detach()))
+        if ramp > 0:
+            loss = loss + ramp * cfg.image_attention_penalty * image_attention_mass(result.attentions, batch, image_token)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -295,12 +315,14 @@ def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
         losses.append(float(loss.detach()))
         if step % 100 == 0 or step == cfg.steps - 1:
             recent = sum(losses[-100:]) / len(losses[-100:])
-            log(f"step {step:5d}  loss {recent:.4f}  lr {lr_at(step):.2e}  {time.time() - t0:.0f}s")
+            answer = sum(answer_losses[-100:]) / len(answer_losses[-100:])
+            log(f"step {step:5d}  loss {recent:.4f}  answer loss {answer:.4f}  lr {lr_at(step):.2e}  {time.time() - t0:.0f}s")
     model.eval()
     minutes = (time.time() - t0) / 60
     model.save_pretrained(work)
     processor.save_pretrained(work)
     record = {"config": asdict(cfg), "train_minutes": round(minutes, 2), "final_loss": sum(losses[-100:]) / len(losses[-100:]),
+              "final_answer_loss": sum(answer_losses[-100:]) / len(answer_losses[-100:]), "penalty_from_step": penalty_from,
               "torch_threads": torch.get_num_threads()}
     (work / "training.json").write_text(json.dumps(record, indent=1))
     if out.exists():
