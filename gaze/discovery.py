@@ -12,6 +12,7 @@ the ranking of a single-process run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -35,9 +36,26 @@ class DiscoveryError(ValueError):
     """A discovery output folder that cannot be used; the message says how to fix it."""
 
 
+def weights_fingerprint(model) -> str:
+    """A short hash of the model's weights (names, shapes, first and last values of every tensor).
+
+    It tells two checkpoints with the same id apart (a retrained model saved to
+    the same folder) at the cost of reading a few values per tensor, not all.
+    """
+    h = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        flat = p.detach().flatten()
+        h.update(f"{name}{tuple(p.shape)}".encode())
+        if flat.numel() and not flat.is_meta:  # offloaded (meta) tensors: name and shape only
+            h.update(torch.cat([flat[:4], flat[-4:]]).float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _manifest(loaded: Loaded, template: str, source: str) -> dict:
-    return {"model_id": loaded.model_id, "n_layers": loaded.n_layers, "n_heads": loaded.n_heads,
-            "template": template, "source": source, "dtype": str(loaded.model.dtype).replace("torch.", "")}
+    # the weights' fingerprint keeps a rerun from resuming on strips scored by other weights of the same id
+    return {"model_id": loaded.model_id, "weights": weights_fingerprint(loaded.model), "n_layers": loaded.n_layers,
+            "n_heads": loaded.n_heads, "template": template, "source": source,
+            "dtype": str(loaded.model.dtype).replace("torch.", "")}
 
 
 def _check_manifest(out: Path, manifest: dict) -> None:

@@ -78,6 +78,21 @@ def test_output_folder_of_another_run_is_refused(loaded_qwen3, strip_for, tmp_pa
                  progress=False)
 
 
+def test_a_retrained_model_of_the_same_id_does_not_resume_old_strips(tmp_path, strip_for):
+    """Same id and shape, other weights (a model retrained into its folder): a clear error, not stale scores."""
+    from gaze.models import load
+    from gaze.tiny import build_tiny_vlm
+
+    strips = [strip_for(32)]
+    build_tiny_vlm("qwen3_vl", tmp_path / "m", seed=1)
+    discover(load(str(tmp_path / "m"), device="cpu"), strips, tmp_path / "run", progress=False)
+    again = discover(load(str(tmp_path / "m"), device="cpu"), strips, tmp_path / "run", progress=False)  # same weights
+    assert again.n_strips == 1
+    build_tiny_vlm("qwen3_vl", tmp_path / "m", seed=2)
+    with pytest.raises(DiscoveryError, match="weights"):
+        discover(load(str(tmp_path / "m"), device="cpu"), strips, tmp_path / "run", progress=False)
+
+
 def test_ranking_round_trip_and_mismatch(loaded_qwen3, tmp_path):
     scores = torch.rand(loaded_qwen3.n_layers, loaded_qwen3.n_heads)
     r = Ranking("m", scores, torch.rand(*scores.shape, 6, 6), 7, "q {ordinal}", meta={"source": "x"})
