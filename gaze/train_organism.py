@@ -1,6 +1,6 @@
 """Train the model organism: a tiny Qwen3-VL that really has gaze heads.
 
-    python -m gaze.train_organism --out gaze/organism          # about 20 min on 2 CPU cores
+    python -m gaze.train_organism --out gaze/organism          # about 33 min on 2 CPU cores
     python -m gaze.train_organism --out /tmp/smoke --steps 5   # a smoke run
 
 The organism is a real `Qwen3VLForConditionalGeneration` (vision tower and
