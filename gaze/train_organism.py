@@ -92,6 +92,7 @@ def organism_caption(character: str, obj: str) -> str:
     cat by a ...") reads the image only at a later answer row, where discovery
     does not look (a first organism so trained had gaze scores of 2e-4 at the
     last prompt token and 0.9 at the row before the object).
+
     The procedural panels also show an action (a pose and marks), but at 64 px a
     model this small does not learn to read it reliably (an organism got the
     action wrong on most held-out panels), so the organism's captions leave it out.
@@ -235,6 +236,12 @@ def image_attention_mass(attentions, batch: dict, image_token: int) -> torch.Ten
     return total / len(attentions)
 
 
+def mean_last(values: list[float], n: int) -> float:
+    """Mean of the last `n` values (0 for none)."""
+    tail = values[-n:]
+    return sum(tail) / max(1, len(tail))
+
+
 def build(cfg: OrganismConfig, out: Path):
     """A fresh organism (random weights) with its tokenizer and processor saved in `out`."""
     from gaze.tiny import build_tiny_vlm, build_tokenizer
@@ -298,10 +305,11 @@ def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
         batch = build_batch(processor, examples)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        recent_answer = sum(answer_losses[-50:]) / max(1, len(answer_losses[-50:]))
-        if penalised and penalty_from is None and len(answer_losses) >= 50 and recent_answer < cfg.penalty_after_loss:
+        if (penalised and penalty_from is None and len(answer_losses) >= 50
+                and mean_last(answer_losses, 50) < cfg.penalty_after_loss):
             penalty_from = step
-            log(f"step {step:5d}  answer loss {recent_answer:.4f} < {cfg.penalty_after_loss}: image-attention penalty on")
+            log(f"step {step:5d}  answer loss {mean_last(answer_losses, 50):.4f} < {cfg.penalty_after_loss}: "
+                "image-attention penalty on")
         ramp = 0.0 if penalty_from is None else min(1.0, (step - penalty_from + 1) / max(1, cfg.penalty_ramp))
         result = model(**batch, output_attentions=ramp > 0)
         loss = result.loss
@@ -314,15 +322,14 @@ def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
         opt.step()
         losses.append(float(loss.detach()))
         if step % 100 == 0 or step == cfg.steps - 1:
-            recent = sum(losses[-100:]) / len(losses[-100:])
-            answer = sum(answer_losses[-100:]) / len(answer_losses[-100:])
-            log(f"step {step:5d}  loss {recent:.4f}  answer loss {answer:.4f}  lr {lr_at(step):.2e}  {time.time() - t0:.0f}s")
+            log(f"step {step:5d}  loss {mean_last(losses, 100):.4f}  answer loss {mean_last(answer_losses, 100):.4f}  "
+                f"lr {lr_at(step):.2e}  {time.time() - t0:.0f}s")
     model.eval()
     minutes = (time.time() - t0) / 60
     model.save_pretrained(work)
     processor.save_pretrained(work)
-    record = {"config": asdict(cfg), "train_minutes": round(minutes, 2), "final_loss": sum(losses[-100:]) / len(losses[-100:]),
-              "final_answer_loss": sum(answer_losses[-100:]) / len(answer_losses[-100:]), "penalty_from_step": penalty_from,
+    record = {"config": asdict(cfg), "train_minutes": round(minutes, 2), "final_loss": mean_last(losses, 100),
+              "final_answer_loss": mean_last(answer_losses, 100), "penalty_from_step": penalty_from,
               "torch_threads": torch.get_num_threads()}
     (work / "training.json").write_text(json.dumps(record, indent=1))
     if out.exists():
