@@ -54,6 +54,16 @@ class AttentionHook(Protocol):
 
     def record(self, layer: int, rows: torch.Tensor, value: torch.Tensor) -> None: ...
 
+    def stops_at(self, layer: int) -> bool: ...
+
+
+class StopForward(Exception):
+    """Raised in the attention of a layer at which a hook `stops_at`: the rest of the forward is not needed.
+
+    By then the layer's keys and values are in the cache and its rows are
+    recorded; its attention output, MLP, the later layers and the logits are skipped.
+    """
+
 
 class Hook:
     """A do-nothing hook to subclass: override what you need."""
@@ -73,6 +83,10 @@ class Hook:
 
     def record(self, layer: int, rows: torch.Tensor, value: torch.Tensor) -> None:
         """rows [B, H, kv] float32 post-softmax; value [B, Hkv, kv, D] (for value-weighted variants)."""
+
+    def stops_at(self, layer: int) -> bool:
+        """True: end the forward (`StopForward`) in this layer's attention, after recording its rows."""
+        return False
 
 
 _ACTIVE: ContextVar[tuple[Hook, ...]] = ContextVar("gaze_attention_hooks", default=())
@@ -162,9 +176,12 @@ def gaze_sdpa_attention(
             bias = b if bias is None else bias + b
     if bias is not None:
         bias = bias.to(query.dtype)
-    out, _ = sdpa_attention_forward(
-        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, position_bias=bias, **kwargs
-    )
+    stop = any(hook.stops_at(layer) for hook in hooks)
+    out = None
+    if not stop:
+        out, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, position_bias=bias, **kwargs
+        )
     wanting = [hook for hook in hooks if hook.wants(layer)]
     if wanting:
         by_rows: dict[int, torch.Tensor] = {}
@@ -174,6 +191,8 @@ def gaze_sdpa_attention(
             if cache_key not in by_rows:
                 by_rows[cache_key] = attention_rows(query, key, attention_mask, bias, scaling, rows)
             hook.record(layer, by_rows[cache_key], value)
+    if stop:
+        raise StopForward(layer)
     return out, None
 
 

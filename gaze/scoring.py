@@ -13,7 +13,9 @@ Cost: the R prompts share everything up to the end of the image tokens. We
 prefill that prefix ONCE and run the R question suffixes as one sequence on
 its KV cache (a block mask keeps each suffix to the prefix and itself; no
 cache copies, one pass over the weights), reading only the last query row of
-each question for each head (`attention.attention_rows`). `strip_matrices(..., share_prefix=False)`
+each question for each head (`attention.attention_rows`). Both passes end in
+the last layer's attention (`StopAfter`): its output, MLP and the logits are
+never computed. `strip_matrices(..., share_prefix=False)`
 runs R full prefills instead; both give the same numbers (tested).
 """
 
@@ -22,8 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
 
-from gaze.attention import Hook, active, prepare
+from gaze.attention import Hook, StopForward, active, prepare
 from gaze.families import Family, family_of
 from gaze.prompts import PANEL_QUESTION, chat_text, panel_question
 from gaze.regions import ImageLayout, RegionMap, panel_regions, region_mass
@@ -57,6 +60,28 @@ class RowRecorder(Hook):
         """[L, B, H, kv] in layer order (value norms with `values=True`)."""
         source = self.value_norms if values else self.records
         return torch.stack([source[k] for k in sorted(source)])
+
+
+@dataclass
+class StopAfter(Hook):
+    """Ends a forward in the attention of `layer` (the last layer whose rows are needed)."""
+
+    layer: int
+
+    def stops_at(self, layer: int) -> bool:
+        return layer == self.layer
+
+
+def _until(hook: StopAfter, run) -> None:
+    """Run `run()` with the forward ended early at `hook.layer`."""
+    try:
+        with active(hook):
+            run()
+    except StopForward as stop:
+        if stop.args[0] != hook.layer:
+            raise
+    else:
+        raise RuntimeError(f"the forward never reached layer {hook.layer}'s attention")
 
 
 def gaze_scores(matrices: torch.Tensor) -> torch.Tensor:
@@ -136,7 +161,12 @@ def query_rows(
     prefix = {k: (v[:, :p] if k in per_token else v) for k, v in first.items()}
     if positions[0] is not None:
         prefix["position_ids"] = positions[0][..., :p]
-    cache = model(**prefix, use_cache=True, logits_to_keep=1).past_key_values
+    # Both passes end in the attention of the last layer read: its keys and values are cached by then,
+    # and nothing after its attention rows (its output and MLP, later layers, logits) is needed.
+    n_layers = int(model.config.get_text_config().num_hidden_layers)
+    stop = StopAfter(max(layers) if layers else n_layers - 1)
+    cache = DynamicCache(config=model.config.get_text_config())
+    _until(stop, lambda: model(**prefix, past_key_values=cache, use_cache=True, logits_to_keep=1))
 
     # All question suffixes run as ONE sequence after the prefix cache (one pass over the weights,
     # no cache copies), each suffix kept to the prefix and itself by `SuffixBlocks`, each with the
@@ -151,8 +181,8 @@ def query_rows(
     ends = torch.tensor(lengths, device=model.device).cumsum(0) - 1
     rec = RowRecorder(layers, rows=ends[None], keep_value_norms=value_norms)  # [1, Q] rows -> Q records
     with active(SuffixBlocks(lengths), rec):
-        model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-              logits_to_keep=1)
+        _until(stop, lambda: model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                                   use_cache=True, logits_to_keep=1))
     if value_norms:
         return rec.stacked()[..., :p], rec.stacked(values=True)[..., :p], enc.layout
     return rec.stacked()[..., :p], enc.layout  # [L, Q, H, p]

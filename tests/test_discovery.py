@@ -41,6 +41,23 @@ def test_shared_prefix_equals_full_prefills_and_reference(loaded, tiny_path, str
     assert float(shared.sum(-1).max()) <= 1 + 1e-5  # raw mass: a row sums to the image share, at most 1
 
 
+def test_shared_prefix_pass_never_runs_the_last_layers_mlp_or_the_logits(loaded, strip_for):
+    strip = strip_for(loaded.family.merged_patch(loaded.processor), seed=2)
+    text = loaded.model.model.language_model
+    calls = {"mlp": 0, "head": 0}
+    hooks = [text.layers[-1].mlp.register_forward_hook(lambda *a: calls.__setitem__("mlp", calls["mlp"] + 1)),
+             loaded.model.lm_head.register_forward_hook(lambda *a: calls.__setitem__("head", calls["head"] + 1))]
+    try:
+        shared = strip_matrices(loaded.model, loaded.processor, strip)
+        assert calls == {"mlp": 0, "head": 0}
+        full = strip_matrices(loaded.model, loaded.processor, strip, share_prefix=False)
+        assert calls["mlp"] == 6 and calls["head"] == 6  # the full prefills do run them
+    finally:
+        for h in hooks:
+            h.remove()
+    assert (shared - full).abs().max() <= 1e-5
+
+
 def test_planted_head_ranks_first(loaded, strip_for, tmp_path):
     patch = loaded.family.merged_patch(loaded.processor)
     strips = [strip_for(patch, seed=s) for s in range(3)]
