@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+TOKEN_PIXELS = 32 * 32  # pixels per merged Qwen3-VL image token (patch 16, merge 2)
 EVAL_SEED0 = 1_000_000  # held-out strips: datagen.make_strip(EVAL_SEED0 + i); training never uses these seeds
 
 
@@ -50,7 +51,12 @@ class OrganismConfig:
     lr: float = 1.5e-3  # peak learning rate (warm-up, then cosine)
     warmup: float = 0.05  # share of steps warming up
     weight_decay: float = 0.01
-    panel_size: int = 64  # pixels; 2x2 merged tokens of 32 px per panel
+    panel_size: int = 64  # pixels, as drawn; with the stock processor 2x2 merged tokens of 32 px per panel
+    max_image_tokens: int = 0  # 0: the processor's stock pixel budget; N: at most N merged tokens (32x32 px
+    # each), e.g. 6 makes a 384x64 strip one token per panel (resized to 192x32). Tried, because with 2x2
+    # tokens the organism finds a panel's object in ONE of its four tokens and a steering bias spread over
+    # the panel mixes that token with the other three; but with one token per panel the panel question was
+    # learned badly (38% held out, penalty "l1"; runs of 2026-12-01 in the organism issue's notes)
     num_layers: int = 4  # language backbone
     num_heads: int = 8
     num_kv_heads: int = 4
@@ -61,8 +67,13 @@ class OrganismConfig:
     pool_per_combo: int = 24  # rendered panels per (character, action, object)
     mix: str = "panel:0.35,letter:0.15,strip:0.2,narration:0.3"  # task sampling weights
     vocab_size: int = 400
-    image_attention_penalty: float = 0.05  # weight of the summed (over heads) image-attention mass of every
-    # query row: an L1 penalty across heads, so that few heads read the image (trained with eager attention)
+    image_attention_penalty: float = 0.05  # weight of the image-attention penalty of every query row
+    # (trained with eager attention), so that few heads read the image
+    penalty_kind: str = "l1"  # "l1": the image mass summed over heads; "group": the sum over heads of each
+    # head's RMS mass over the batch's rows (a group lasso, so that every task and row would use the same
+    # heads). Tried with one token per panel at weight 0.03: far stronger than it looks on heads that read
+    # at few rows; the model learned to read with ~0.02 attention mass (and large values), and saturating
+    # steering then broke every answer
     penalty_after_loss: float = 0.12  # the penalty switches on once the answer loss (mean of the last 50
     # steps) falls below this, i.e. once the model reads the image: applied from the first step, it keeps
     # the model from ever learning to read it (an organism trained so answered 5% of panel questions)
@@ -216,11 +227,14 @@ def build_batch(processor, examples) -> dict:
     }
 
 
-def image_attention_mass(attentions, batch: dict, image_token: int) -> torch.Tensor:
-    """Mean over layers and query positions of the image-attention mass summed over heads.
+def image_attention_mass(attentions, batch: dict, image_token: int, kind: str = "l1") -> torch.Tensor:
+    """The image-attention penalty, averaged over layers.
 
-    As a penalty it is an L1 norm across heads: reading the image costs the
-    same whichever head does it, so training keeps the reading in few heads.
+    "l1": the mean over query positions of the image mass summed over heads:
+    reading the image costs the same whichever head does it, so training keeps
+    the reading in few heads (each row may pick its own). "group": the sum over
+    heads of each head's root-mean-square mass over all the batch's query
+    positions, a group lasso whose marginal cost falls as a head reads more.
     Every query row counts, not only the answer's: question tokens that read
     the image and image tokens that read other image tokens would otherwise be
     side paths that carry a panel's content to the answer around those few
@@ -229,10 +243,18 @@ def image_attention_mass(attentions, batch: dict, image_token: int) -> torch.Ten
     valid = batch["attention_mask"].float()  # [B, S]
     image = (batch["input_ids"] == image_token).float()  # [B, S] image keys
     keys = image[:, None, :] * (1 - torch.eye(image.shape[1], device=image.device))[None]  # [B, S, S]: not self
+    if kind not in ("l1", "group"):
+        raise ValueError(f"penalty kind is 'l1' or 'group', not {kind!r}")
+    n_valid = valid.sum().clamp_min(1)
     total = 0.0
     for att in attentions:  # [B, H, S, S]
-        mass = (att.sum(1) * keys).sum(-1)  # [B, S]: summed over heads
-        total = total + (mass * valid).sum() / valid.sum().clamp_min(1)
+        if kind == "l1":
+            mass = (att.sum(1) * keys).sum(-1)  # [B, S]: summed over heads
+            total = total + (mass * valid).sum() / n_valid
+        else:
+            mass = (att * keys[:, None]).sum(-1)  # [B, H, S]
+            ms = (mass.square() * valid[:, None]).sum((0, 2)) / n_valid  # [H]: mean square per head
+            total = total + (ms + 1e-8).sqrt().sum()
     return total / len(attentions)
 
 
@@ -274,6 +296,8 @@ def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
     elif cfg.vision_pos_embed != "learned":
         raise ValueError(f"--vision-pos-embed is 'zero' or 'learned', not {cfg.vision_pos_embed!r}")
     processor = AutoProcessor.from_pretrained(work)
+    if cfg.max_image_tokens:
+        processor.image_processor.size = {"shortest_edge": TOKEN_PIXELS, "longest_edge": cfg.max_image_tokens * TOKEN_PIXELS}
     t0 = time.time()
     pool = PanelPool(cfg)
     log(f"panel pool: {sum(len(v) for v in pool.items.values())} panels in {time.time() - t0:.1f}s")
@@ -315,7 +339,7 @@ def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
         loss = result.loss
         answer_losses.append(float(loss.detach()))
         if ramp > 0:
-            loss = loss + ramp * cfg.image_attention_penalty * image_attention_mass(result.attentions, batch, image_token)
+            loss = loss + ramp * cfg.image_attention_penalty * image_attention_mass(result.attentions, batch, image_token, cfg.penalty_kind)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

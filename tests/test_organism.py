@@ -48,3 +48,32 @@ def test_shipped_organism_answers_held_out_panel_questions():
         out = generate(loaded, strip.image, panel_question(k, PANEL_QUESTION), max_new_tokens=16)
         hits += out.text.rstrip(".") == strip_captions(strip)[k - 1]
     assert hits >= 9, f"{hits}/12 held-out panel questions answered exactly"
+
+
+def test_image_attention_penalties_match_a_hand_computation():
+    from gaze.train_organism import image_attention_mass
+
+    ids = torch.tensor([[7, 7, 1, 2]])  # two image tokens (id 7), two text tokens
+    batch = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 0]])}  # the last row is padding
+    att = torch.zeros(1, 2, 4, 4)
+    att[0, 0, 2] = torch.tensor([0.5, 0.25, 0.25, 0.0])  # head 0, a text row: 0.75 on the image
+    att[0, 1, 1] = torch.tensor([0.6, 0.4, 0.0, 0.0])  # head 1, image token 1: 0.6 on image token 0, 0.4 on itself (free)
+    att[0, 1, 3] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # padding row: ignored
+    l1 = image_attention_mass([att], batch, 7, "l1")
+    assert torch.isclose(l1, torch.tensor((0.75 + 0.6) / 3))
+    group = image_attention_mass([att], batch, 7, "group")
+    assert torch.isclose(group, torch.tensor((0.75**2 / 3) ** 0.5 + (0.6**2 / 3) ** 0.5), atol=1e-6)
+    with pytest.raises(ValueError, match="penalty kind"):
+        image_attention_mass([att], batch, 7, "l2")
+
+
+def test_a_token_budget_gives_one_token_per_panel(tmp_path):
+    cfg = OrganismConfig(steps=1, batch=2, pool_per_combo=1, num_layers=1, num_heads=2, num_kv_heads=1, hidden_size=32,
+                         head_dim=16, vision_depth=1, vision_hidden=32, max_image_tokens=6)
+    train(cfg, tmp_path / "org", log=lambda s: None)
+    from datagen import make_strip
+    from gaze.generation import prepare_inputs
+
+    loaded = load(str(tmp_path / "org"), device="cpu")
+    enc, layout = prepare_inputs(loaded, make_strip(1, panel_size=64).image, "x")
+    assert enc["image_grid_thw"].tolist() == [[1, 2, 12]] and layout.n_tokens == 6  # 384x64 -> 192x32: 1x6 merged
