@@ -6,7 +6,8 @@ Prints and writes (JSON): per-task accuracy on strips the organism never saw;
 the gaze-score distribution (top heads, their layers, the median); and the
 whole-strip question's redirection when steering the top-K gaze heads to each
 panel, K random heads from the bottom of the score distribution, and all heads,
-with bootstrap 95% CIs. A redirected answer is the TARGET panel's caption,
+with bootstrap 95% CIs; and, as a diagnostic, the top K steered at the first
+answer token only (the rest of the answer unsteered). A redirected answer is the TARGET panel's caption,
 exactly (the organism's caption: character and object, see
 `train_organism.organism_caption`); anything else (another caption, a garbled
 or empty answer) is a miss.
@@ -80,6 +81,38 @@ def redirection(loaded, strips, heads, strength: float = 1e4, mode: str = "boost
     return {"all": bootstrap(hits), "per_panel": {k: bootstrap(v)[0] for k, v in per_panel.items()}}
 
 
+@torch.no_grad()
+def first_token_redirection(loaded, strips, heads, strength: float = 1e4) -> dict:
+    """A diagnostic: steer the prompt and the FIRST answer token only, then let the answer go on unsteered.
+
+    Separates the two ways steering can fail here: naming the wrong object at
+    the first token, and derailing the answer at the later rows (where the
+    steered heads would otherwise be forced onto the image too).
+    """
+    from gaze.generation import prepare_inputs
+    from gaze.steering import steer
+    from gaze.train_organism import strip_captions
+
+    model, tok = loaded.model, loaded.processor.tokenizer
+    hits, per_panel = [], {k: [] for k in range(1, 7)}
+    for s in strips:
+        captions = strip_captions(s)
+        enc, layout = prepare_inputs(loaded, s.image, STRIP_QUESTION)
+        p = int(enc["input_ids"].shape[1])
+        for k in range(1, 7):
+            with steer(model, heads, Panel(k), layout=layout, prompt_len=p, panels=s.panels, strength=strength):
+                first = model(**enc).logits[0, -1].argmax().view(1, 1)
+            more = dict(enc, input_ids=torch.cat([enc["input_ids"], first], 1))
+            more["attention_mask"] = torch.ones_like(more["input_ids"])
+            if "mm_token_type_ids" in enc:
+                more["mm_token_type_ids"] = torch.cat([enc["mm_token_type_ids"], torch.zeros_like(first)], 1)
+            out = model.generate(**more, max_new_tokens=15, do_sample=False, pad_token_id=tok.pad_token_id)
+            hit = _norm(tok.decode(out[0, p:], skip_special_tokens=True)) == _norm(captions[k - 1])
+            hits.append(hit)
+            per_panel[k].append(hit)
+    return {"all": bootstrap(hits), "per_panel": {k: bootstrap(v)[0] for k, v in per_panel.items()}}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="organism")
@@ -118,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         report["steering"][name] = redirection(loaded, strips, heads)
         report["steering"][name]["heads"] = heads
         print(name, json.dumps(report["steering"][name]["all"]), report["steering"][name]["per_panel"], flush=True)
+    name = f"top{args.k}_first_token_only"
+    report["steering"][name] = first_token_redirection(loaded, strips, order[: args.k])
+    report["steering"][name]["heads"] = order[: args.k]
+    print(name, json.dumps(report["steering"][name]["all"]), report["steering"][name]["per_panel"], flush=True)
     report["seconds"] = round(time.time() - t0, 1)
     out.mkdir(parents=True, exist_ok=True)
     (out / "check.json").write_text(json.dumps(report, indent=1))
