@@ -77,3 +77,19 @@ def test_a_token_budget_gives_one_token_per_panel(tmp_path):
     loaded = load(str(tmp_path / "org"), device="cpu")
     enc, layout = prepare_inputs(loaded, make_strip(1, panel_size=64).image, "x")
     assert enc["image_grid_thw"].tolist() == [[1, 2, 12]] and layout.n_tokens == 6  # 384x64 -> 192x32: 1x6 merged
+
+
+@pytest.mark.skipif(not (ORGANISM_DIR / "config.json").exists(), reason="the organism is not trained yet")
+def test_first_token_diagnostic_without_bias_is_the_unsteered_answer():
+    from gaze.generation import generate
+    from gaze.organism_check import first_token_redirection, held_out_strips
+    from gaze.prompts import STRIP_QUESTION
+    from gaze.train_organism import strip_captions
+
+    loaded = load("organism", device="cpu")
+    strips = held_out_strips(2)
+    out = first_token_redirection(loaded, strips, [(2, 6), (3, 1)], strength=0.0)  # B = 0 is exactly no steering
+    plain = [generate(loaded, s.image, STRIP_QUESTION, max_new_tokens=16).text.rstrip(".") for s in strips]
+    for k in range(1, 7):
+        expected = sum(p == strip_captions(s)[k - 1] for p, s in zip(plain, strips)) / len(strips)
+        assert out["per_panel"][k] == expected
