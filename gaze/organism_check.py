@@ -8,7 +8,7 @@ whole-strip question's redirection when steering the top-K gaze heads to each
 panel, K random heads from the bottom of the score distribution, and all heads,
 with bootstrap 95% CIs; and, as a diagnostic, the top K steered at the first
 answer token only (the rest of the answer unsteered). A redirected answer is the TARGET panel's caption,
-exactly (the organism's caption: character and object, see
+exactly (the organism's caption: object, then character or scene, see
 `train_organism.organism_caption`); anything else (another caption, a garbled
 or empty answer) is a miss.
 """
@@ -51,13 +51,21 @@ def _norm(text: str) -> str:
     return text.strip().rstrip(".").strip().lower()
 
 
+def captions_of(loaded, strip) -> tuple[str, ...]:
+    """The strip's captions in the caption style the organism was trained with."""
+    from gaze.models import resolve
+    from gaze.train_organism import caption_style, strip_captions
+
+    return strip_captions(strip, caption_style(resolve(loaded.model_id)))
+
+
 def task_accuracy(loaded, strips, max_new_tokens: int = 80) -> dict:
     hits = {"panel": [], "letter": [], "strip_is_panel1": [], "narration": []}
-    from gaze.train_organism import narration, strip_captions
+    from gaze.train_organism import narration
 
     for i, s in enumerate(strips):
         k = i % 6 + 1
-        captions = strip_captions(s)
+        captions = captions_of(loaded, s)
         hits["panel"].append(_norm(generate(loaded, s.image, panel_question(k, PANEL_QUESTION), max_new_tokens=16).text) == _norm(captions[k - 1]))
         hits["letter"].append(_norm(generate(loaded, s.image, panel_question(k, LETTER_QUESTION), max_new_tokens=4).text) == _norm(s.letters[k - 1]))
         hits["strip_is_panel1"].append(_norm(generate(loaded, s.image, STRIP_QUESTION, max_new_tokens=16).text) == _norm(captions[0]))
@@ -67,11 +75,9 @@ def task_accuracy(loaded, strips, max_new_tokens: int = 80) -> dict:
 
 def redirection(loaded, strips, heads, strength: float = 1e4, mode: str = "boost", decode_only: bool = False) -> dict:
     """Whole-strip question steered to each panel: hit = the target's caption exactly."""
-    from gaze.train_organism import strip_captions
-
     hits, per_panel = [], {k: [] for k in range(1, 7)}
     for s in strips:
-        captions = strip_captions(s)
+        captions = captions_of(loaded, s)
         for k in range(1, 7):
             out = generate(loaded, s.image, STRIP_QUESTION, heads=heads, target=Panel(k), panels=s.panels,
                            strength=strength, mode=mode, decode_only=decode_only, max_new_tokens=16)
@@ -91,12 +97,11 @@ def first_token_redirection(loaded, strips, heads, strength: float = 1e4) -> dic
     """
     from gaze.generation import prepare_inputs
     from gaze.steering import steer
-    from gaze.train_organism import strip_captions
 
     model, tok = loaded.model, loaded.processor.tokenizer
     hits, per_panel = [], {k: [] for k in range(1, 7)}
     for s in strips:
-        captions = strip_captions(s)
+        captions = captions_of(loaded, s)
         enc, layout = prepare_inputs(loaded, s.image, STRIP_QUESTION)
         p = int(enc["input_ids"].shape[1])
         for k in range(1, 7):

@@ -78,6 +78,7 @@ class OrganismConfig:
     # steps) falls below this, i.e. once the model reads the image: applied from the first step, it keeps
     # the model from ever learning to read it (an organism trained so answered 5% of panel questions)
     penalty_ramp: int = 200  # steps over which the penalty grows from 0 to its full weight
+    caption: str = "character"  # caption style (`organism_caption`): "character" or "scene"
     vision_pos_embed: str = "zero"  # "zero": no absolute position table in the vision tower (kept at 0,
     # frozen), so a panel's features do not depend on where it sits and positions come from rotary
     # embeddings only; "learned": the stock trained table
@@ -94,8 +95,14 @@ def parse_mix(mix: str) -> dict[str, float]:
     return out
 
 
-def organism_caption(character: str, obj: str) -> str:
-    """What the organism says about a panel: its object, then its character ("tree with the cat").
+CAPTION_STYLES = ("character", "scene")
+
+
+def organism_caption(character: str, obj: str, scene: str | None = None, style: str = "character") -> str:
+    """What the organism says about a panel: its object first, then its character or its scene.
+
+        "character"   "tree with the cat"   (the strip's recurring character)
+        "scene"       "tree in the park"    (every content word depends on the panel)
 
     The object comes first so that the token right after the prompt already
     depends on the panel: discovery reads the LAST prompt token's attention, and
@@ -108,23 +115,40 @@ def organism_caption(character: str, obj: str) -> str:
     model this small does not learn to read it reliably (an organism got the
     action wrong on most held-out panels), so the organism's captions leave it out.
     """
-    return f"{obj} with the {character}"
+    if style == "character":
+        return f"{obj} with the {character}"
+    if style == "scene":
+        if scene is None:
+            raise ValueError("a scene caption needs the panel's scene")
+        return f"{obj} in the {scene}"
+    raise ValueError(f"unknown caption style {style!r}; use one of {CAPTION_STYLES}")
 
 
-def strip_captions(strip) -> tuple[str, ...]:
+def caption_style(model_dir: str | Path | None = None) -> str:
+    """The caption style an organism was trained with (its training.json; "character" if not recorded)."""
+    from gaze.models import ORGANISM_DIR
+
+    record = Path(model_dir or ORGANISM_DIR) / "training.json"
+    if not record.exists():
+        return "character"
+    return json.loads(record.read_text())["config"].get("caption", "character")
+
+
+def strip_captions(strip, style: str = "character") -> tuple[str, ...]:
     """The organism's captions of a datagen strip (from its story)."""
     story = strip.meta["story"]
-    return tuple(organism_caption(story["character"], o) for o in story["objects"])
+    scenes = story.get("scenes") or [None] * len(story["objects"])
+    return tuple(organism_caption(story["character"], o, sc, style) for o, sc in zip(story["objects"], scenes))
 
 
 def narration(captions) -> str:
     return " ".join(f"{k}: {c}." for k, c in enumerate(captions, start=1))
 
 
-def corpus() -> list[str]:
+def corpus(style: str = "character") -> list[str]:
     """Every text the organism reads or writes, for its tokenizer."""
     from datagen.letters import LETTERS
-    from datagen.story import CHARACTERS, OBJECTS
+    from datagen.story import CHARACTERS, OBJECTS, SCENES
     from gaze.prompts import LETTER_QUESTION, NARRATION_PROMPT, PANEL_QUESTION, STRIP_QUESTION, THIS_PANEL_QUESTION, panel_question
 
     texts = [STRIP_QUESTION, NARRATION_PROMPT, THIS_PANEL_QUESTION]
@@ -132,7 +156,10 @@ def corpus() -> list[str]:
         texts += [panel_question(k, PANEL_QUESTION), panel_question(k, LETTER_QUESTION), f"{k}: "]
     for c in CHARACTERS:
         for o in OBJECTS:
-            texts.append(organism_caption(c, o) + ".")
+            if style == "character":
+                texts.append(organism_caption(c, o) + ".")
+    if style == "scene":
+        texts += [organism_caption("", o, sc, "scene") + "." for o in OBJECTS for sc in SCENES]
     texts += list(LETTERS)
     return texts * 3
 
@@ -152,31 +179,34 @@ class PanelPool:
                 for o in OBJECTS:
                     variants = []
                     for _ in range(cfg.pool_per_combo):
-                        panel = draw_panel(c, a, o, rng.choice(SCENES), cfg.panel_size, rng)
+                        scene = rng.choice(SCENES)
+                        panel = draw_panel(c, a, o, scene, cfg.panel_size, rng)
                         letter = rng.choice(LETTERS)
                         image = panel.image.copy()
                         draw_letter(image, letter, rng, avoid=[ob["box"] for ob in panel.objects])
-                        variants.append((image, letter))
+                        variants.append((image, letter, scene))
                     self.items[(c, a, o)] = variants
         self.characters, self.actions, self.objects = CHARACTERS, ACTIONS, OBJECTS
+        self.style = cfg.caption
 
     def strip(self, rng: random.Random):
-        """A new strip: one character, six distinct actions, objects and letters."""
+        """A new strip: one character, six distinct actions, objects and letters (and scenes, for scene captions)."""
         from gaze.strips import Strip, stitch_panels
 
         c = rng.choice(self.characters)
         actions = rng.sample(self.actions, 6)
         objects = rng.sample(self.objects, 6)
-        images, letters = [], []
+        images, letters, scenes = [], [], []
         for a, o in zip(actions, objects):
-            for _ in range(20):
-                image, letter = rng.choice(self.items[(c, a, o)])
-                if letter not in letters:
+            for _ in range(20 if self.style == "character" else 200):
+                image, letter, scene = rng.choice(self.items[(c, a, o)])
+                if letter not in letters and (self.style == "character" or scene not in scenes):
                     break
             images.append(image)
             letters.append(letter)
+            scenes.append(scene)
         strip_image, boxes = stitch_panels(images)
-        return Strip(strip_image, boxes, captions=tuple(organism_caption(c, o) for o in objects),
+        return Strip(strip_image, boxes, captions=tuple(organism_caption(c, o, sc, self.style) for o, sc in zip(objects, scenes)),
                      letters=tuple(letters))
 
 
@@ -268,7 +298,7 @@ def build(cfg: OrganismConfig, out: Path):
     """A fresh organism (random weights) with its tokenizer and processor saved in `out`."""
     from gaze.tiny import build_tiny_vlm, build_tokenizer
 
-    tokenizer = build_tokenizer(corpus(), vocab_size=cfg.vocab_size)
+    tokenizer = build_tokenizer(corpus(cfg.caption), vocab_size=cfg.vocab_size)
     build_tiny_vlm("qwen3_vl", out, num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                    hidden_size=cfg.hidden_size, head_dim=cfg.head_dim, vision_depth=cfg.vision_depth,
                    vision_hidden=cfg.vision_hidden, tokenizer=tokenizer, seed=cfg.seed)

@@ -38,7 +38,7 @@ def test_shipped_organism_answers_held_out_panel_questions():
     from datagen import make_strip
     from gaze.generation import generate
     from gaze.prompts import PANEL_QUESTION, panel_question
-    from gaze.train_organism import EVAL_SEED0, strip_captions
+    from gaze.train_organism import EVAL_SEED0, caption_style, strip_captions
 
     loaded = load("organism", device="cpu")
     hits = 0
@@ -46,7 +46,7 @@ def test_shipped_organism_answers_held_out_panel_questions():
         strip = make_strip(EVAL_SEED0 + 500 + i, panel_size=64)
         k = i % 6 + 1
         out = generate(loaded, strip.image, panel_question(k, PANEL_QUESTION), max_new_tokens=16)
-        hits += out.text.rstrip(".") == strip_captions(strip)[k - 1]
+        hits += out.text.rstrip(".") == strip_captions(strip, caption_style())[k - 1]
     assert hits >= 9, f"{hits}/12 held-out panel questions answered exactly"
 
 
@@ -84,12 +84,32 @@ def test_first_token_diagnostic_without_bias_is_the_unsteered_answer():
     from gaze.generation import generate
     from gaze.organism_check import first_token_redirection, held_out_strips
     from gaze.prompts import STRIP_QUESTION
-    from gaze.train_organism import strip_captions
+    from gaze.train_organism import caption_style, strip_captions
 
     loaded = load("organism", device="cpu")
     strips = held_out_strips(2)
     out = first_token_redirection(loaded, strips, [(2, 6), (3, 1)], strength=0.0)  # B = 0 is exactly no steering
     plain = [generate(loaded, s.image, STRIP_QUESTION, max_new_tokens=16).text.rstrip(".") for s in strips]
     for k in range(1, 7):
-        expected = sum(p == strip_captions(s)[k - 1] for p, s in zip(plain, strips)) / len(strips)
+        expected = sum(p == strip_captions(s, caption_style())[k - 1] for p, s in zip(plain, strips)) / len(strips)
         assert out["per_panel"][k] == expected
+
+
+def test_scene_captions_follow_each_panels_scene():
+    import random
+
+    from datagen import make_strip
+    from datagen.story import SCENES
+    from gaze.train_organism import PanelPool, corpus, organism_caption, strip_captions
+
+    pool = PanelPool(OrganismConfig(pool_per_combo=3, caption="scene"))
+    strip = pool.strip(random.Random(0))
+    scenes = [c.split(" in the ")[1] for c in strip.captions]
+    assert all(s in SCENES for s in scenes) and len(set(scenes)) == 6  # six distinct scenes, one per panel
+    story = make_strip(7, panel_size=64).meta["story"]
+    assert strip_captions(make_strip(7, panel_size=64), "scene") == tuple(
+        f"{o} in the {s}" for o, s in zip(story["objects"], story["scenes"]))
+    assert organism_caption("cat", "tree") == "tree with the cat"
+    with pytest.raises(ValueError, match="caption style"):
+        organism_caption("cat", "tree", "park", "poem")
+    assert "tree in the park." in corpus("scene") and "tree in the park." not in corpus("character")
