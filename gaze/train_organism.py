@@ -78,7 +78,9 @@ class OrganismConfig:
     # steps) falls below this, i.e. once the model reads the image: applied from the first step, it keeps
     # the model from ever learning to read it (an organism trained so answered 5% of panel questions)
     penalty_ramp: int = 200  # steps over which the penalty grows from 0 to its full weight
-    caption: str = "character"  # caption style (`organism_caption`): "character" or "scene"
+    caption: str = "character"  # caption style (`organism_caption`): "character" or "scene". A run with
+    # "scene" (so that the gaze heads would be needed at every answer row) learned more slowly: answer loss
+    # 0.18 at step 1700, the penalty threshold not reached; it was stopped there (2026-12-01)
     vision_pos_embed: str = "zero"  # "zero": no absolute position table in the vision tower (kept at 0,
     # frozen), so a panel's features do not depend on where it sits and positions come from rotary
     # embeddings only; "learned": the stock trained table
