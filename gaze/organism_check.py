@@ -51,21 +51,29 @@ def _norm(text: str) -> str:
     return text.strip().rstrip(".").strip().lower()
 
 
-def captions_of(loaded, strip) -> tuple[str, ...]:
-    """The strip's captions in the caption style the organism was trained with."""
+def captioner(loaded):
+    """strip -> its captions in the caption style the organism was trained with (read once)."""
     from gaze.models import resolve
     from gaze.train_organism import caption_style, strip_captions
 
-    return strip_captions(strip, caption_style(resolve(loaded.model_id)))
+    style = caption_style(resolve(loaded.model_id))
+    return lambda strip: strip_captions(strip, style)
+
+
+def _rates(pairs: list[tuple[int, bool]]) -> dict:
+    """(target panel, hit) in evaluation order -> {"all": (mean, low, high), "per_panel": {k: mean}}."""
+    per_panel = {k: [h for t, h in pairs if t == k] for k in range(1, 7)}
+    return {"all": bootstrap([h for _, h in pairs]), "per_panel": {k: bootstrap(v)[0] for k, v in per_panel.items()}}
 
 
 def task_accuracy(loaded, strips, max_new_tokens: int = 80) -> dict:
     hits = {"panel": [], "letter": [], "strip_is_panel1": [], "narration": []}
     from gaze.train_organism import narration
 
+    captions_of = captioner(loaded)
     for i, s in enumerate(strips):
         k = i % 6 + 1
-        captions = captions_of(loaded, s)
+        captions = captions_of(s)
         hits["panel"].append(_norm(generate(loaded, s.image, panel_question(k, PANEL_QUESTION), max_new_tokens=16).text) == _norm(captions[k - 1]))
         hits["letter"].append(_norm(generate(loaded, s.image, panel_question(k, LETTER_QUESTION), max_new_tokens=4).text) == _norm(s.letters[k - 1]))
         hits["strip_is_panel1"].append(_norm(generate(loaded, s.image, STRIP_QUESTION, max_new_tokens=16).text) == _norm(captions[0]))
@@ -75,16 +83,14 @@ def task_accuracy(loaded, strips, max_new_tokens: int = 80) -> dict:
 
 def redirection(loaded, strips, heads, strength: float = 1e4, mode: str = "boost", decode_only: bool = False) -> dict:
     """Whole-strip question steered to each panel: hit = the target's caption exactly."""
-    hits, per_panel = [], {k: [] for k in range(1, 7)}
+    pairs, captions_of = [], captioner(loaded)
     for s in strips:
-        captions = captions_of(loaded, s)
+        captions = captions_of(s)
         for k in range(1, 7):
             out = generate(loaded, s.image, STRIP_QUESTION, heads=heads, target=Panel(k), panels=s.panels,
                            strength=strength, mode=mode, decode_only=decode_only, max_new_tokens=16)
-            hit = _norm(out.text) == _norm(captions[k - 1])
-            hits.append(hit)
-            per_panel[k].append(hit)
-    return {"all": bootstrap(hits), "per_panel": {k: bootstrap(v)[0] for k, v in per_panel.items()}}
+            pairs.append((k, _norm(out.text) == _norm(captions[k - 1])))
+    return _rates(pairs)
 
 
 @torch.no_grad()
@@ -99,9 +105,9 @@ def first_token_redirection(loaded, strips, heads, strength: float = 1e4) -> dic
     from gaze.steering import steer
 
     model, tok = loaded.model, loaded.processor.tokenizer
-    hits, per_panel = [], {k: [] for k in range(1, 7)}
+    pairs, captions_of = [], captioner(loaded)
     for s in strips:
-        captions = captions_of(loaded, s)
+        captions = captions_of(s)
         enc, layout = prepare_inputs(loaded, s.image, STRIP_QUESTION)
         p = int(enc["input_ids"].shape[1])
         for k in range(1, 7):
@@ -112,10 +118,8 @@ def first_token_redirection(loaded, strips, heads, strength: float = 1e4) -> dic
             if "mm_token_type_ids" in enc:
                 more["mm_token_type_ids"] = torch.cat([enc["mm_token_type_ids"], torch.zeros_like(first)], 1)
             out = model.generate(**more, max_new_tokens=15, do_sample=False, pad_token_id=tok.pad_token_id)
-            hit = _norm(tok.decode(out[0, p:], skip_special_tokens=True)) == _norm(captions[k - 1])
-            hits.append(hit)
-            per_panel[k].append(hit)
-    return {"all": bootstrap(hits), "per_panel": {k: bootstrap(v)[0] for k, v in per_panel.items()}}
+            pairs.append((k, _norm(tok.decode(out[0, p:], skip_special_tokens=True)) == _norm(captions[k - 1])))
+    return _rates(pairs)
 
 
 def main(argv: list[str] | None = None) -> int:
