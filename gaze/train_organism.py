@@ -98,6 +98,7 @@ def parse_mix(mix: str) -> dict[str, float]:
 
 
 CAPTION_STYLES = ("character", "scene")
+PENALTY_KINDS = ("l1", "group")
 
 
 def organism_caption(character: str, obj: str, scene: str | None = None, style: str = "character") -> str:
@@ -156,12 +157,12 @@ def corpus(style: str = "character") -> list[str]:
     texts = [STRIP_QUESTION, NARRATION_PROMPT, THIS_PANEL_QUESTION]
     for k in range(1, 7):
         texts += [panel_question(k, PANEL_QUESTION), panel_question(k, LETTER_QUESTION), f"{k}: "]
-    for c in CHARACTERS:
-        for o in OBJECTS:
-            if style == "character":
-                texts.append(organism_caption(c, o) + ".")
-    if style == "scene":
+    if style == "character":
+        texts += [organism_caption(c, o) + "." for c in CHARACTERS for o in OBJECTS]
+    elif style == "scene":
         texts += [organism_caption("", o, sc, "scene") + "." for o in OBJECTS for sc in SCENES]
+    else:
+        raise ValueError(f"unknown caption style {style!r}; use one of {CAPTION_STYLES}")
     texts += list(LETTERS)
     return texts * 3
 
@@ -275,7 +276,7 @@ def image_attention_mass(attentions, batch: dict, image_token: int, kind: str = 
     valid = batch["attention_mask"].float()  # [B, S]
     image = (batch["input_ids"] == image_token).float()  # [B, S] image keys
     keys = image[:, None, :] * (1 - torch.eye(image.shape[1], device=image.device))[None]  # [B, S, S]: not self
-    if kind not in ("l1", "group"):
+    if kind not in PENALTY_KINDS:
         raise ValueError(f"penalty kind is 'l1' or 'group', not {kind!r}")
     n_valid = valid.sum().clamp_min(1)
     total = 0.0
@@ -312,6 +313,11 @@ def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
 
     import gaze.tiny  # noqa: F401  (image-only processor registration)
 
+    # settings used only later (the penalty switches on after ~900 steps) are checked before any work
+    if cfg.caption not in CAPTION_STYLES:
+        raise ValueError(f"--caption is one of {CAPTION_STYLES}, not {cfg.caption!r}")
+    if cfg.penalty_kind not in PENALTY_KINDS:
+        raise ValueError(f"--penalty-kind is one of {PENALTY_KINDS}, not {cfg.penalty_kind!r}")
     out = Path(out)
     work = out.with_name(out.name + ".building")
     if work.exists():

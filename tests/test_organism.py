@@ -113,3 +113,10 @@ def test_scene_captions_follow_each_panels_scene():
     with pytest.raises(ValueError, match="caption style"):
         organism_caption("cat", "tree", "park", "poem")
     assert "tree in the park." in corpus("scene") and "tree in the park." not in corpus("character")
+
+
+@pytest.mark.parametrize("bad", [{"caption": "poem"}, {"penalty_kind": "l2"}])
+def test_bad_settings_are_refused_before_any_training(tmp_path, bad):
+    with pytest.raises(ValueError, match="caption|penalty-kind"):
+        train(OrganismConfig(steps=1, **bad), tmp_path / "org", log=lambda s: None)
+    assert not (tmp_path / "org.building").exists()  # nothing was built
