@@ -81,6 +81,13 @@ class OrganismConfig:
     caption: str = "character"  # caption style (`organism_caption`): "character" or "scene". A run with
     # "scene" (so that the gaze heads would be needed at every answer row) learned more slowly: answer loss
     # 0.18 at step 1700, the penalty threshold not reached; it was stopped there (2026-12-01)
+    init: str = ""  # "": fresh random weights; a folder: start from that organism's weights, tokenizer and
+    # processor (a second training stage on top of a first; both stages are seeded)
+    panel_token_dropout: float = 0.0  # share of panels, per example, whose image tokens are cut to ONE random
+    # token of the panel (the others zeroed before the language model, deepstack features too), so that every
+    # token of a panel must carry what the panel shows and a head may read the panel from any of its tokens
+    cast_per_panel: float = 0.0  # share of training strips with a different character in every panel (the
+    # six characters shuffled), so that every content word of a caption depends on its panel
     vision_pos_embed: str = "zero"  # "zero": no absolute position table in the vision tower (kept at 0,
     # frozen), so a panel's features do not depend on where it sits and positions come from rotary
     # embeddings only; "learned": the stock trained table
@@ -191,16 +198,21 @@ class PanelPool:
                     self.items[(c, a, o)] = variants
         self.characters, self.actions, self.objects = CHARACTERS, ACTIONS, OBJECTS
         self.style = cfg.caption
+        self.cast_per_panel = cfg.cast_per_panel
 
     def strip(self, rng: random.Random):
-        """A new strip: one character, six distinct actions, objects and letters (and scenes, for scene captions)."""
+        """A new strip: one character (or, for a `cast_per_panel` share, six: one per panel), six distinct
+        actions, objects and letters (and scenes, for scene captions)."""
         from gaze.strips import Strip, stitch_panels
 
         c = rng.choice(self.characters)
         actions = rng.sample(self.actions, 6)
         objects = rng.sample(self.objects, 6)
+        cast = [c] * 6
+        if self.cast_per_panel > 0 and rng.random() < self.cast_per_panel:  # no draw at 0: the default stream
+            cast = rng.sample(self.characters, 6)
         images, letters, scenes = [], [], []
-        for a, o in zip(actions, objects):
+        for c, a, o in zip(cast, actions, objects):
             for _ in range(20 if self.style == "character" else 200):
                 image, letter, scene = rng.choice(self.items[(c, a, o)])
                 if letter not in letters and (self.style == "character" or scene not in scenes):
@@ -209,7 +221,7 @@ class PanelPool:
             letters.append(letter)
             scenes.append(scene)
         strip_image, boxes = stitch_panels(images)
-        return Strip(strip_image, boxes, captions=tuple(organism_caption(c, o, sc, self.style) for o, sc in zip(objects, scenes)),
+        return Strip(strip_image, boxes, captions=tuple(organism_caption(c, o, sc, self.style) for c, o, sc in zip(cast, objects, scenes)),
                      letters=tuple(letters))
 
 
@@ -258,6 +270,49 @@ def build_batch(processor, examples) -> dict:
         "pixel_values": enc["pixel_values"],
         "image_grid_thw": enc["image_grid_thw"],
     }
+
+
+def panel_token_keep(image_grid_thw: torch.Tensor, share: float, rng: random.Random, panels: int = 6,
+                     merge: int = 2) -> torch.Tensor:
+    """1 or 0 for every merged image token of a batch (the processor's order: image by image, each row by
+    row): for a `share` of each image's panels (side by side, equal widths), ONE random token of the panel
+    is kept and its others are 0; every other panel keeps all its tokens."""
+    keep = []
+    for t, h, w in image_grid_thw.tolist():
+        rows, cols = h // merge, w // merge
+        if cols % panels:
+            raise ValueError(f"{cols} token columns do not split into {panels} panels; use a panel size that is "
+                             f"a multiple of {16 * merge} px")
+        mask = torch.ones(t, rows, cols)
+        per = cols // panels
+        for p in range(panels):
+            if rng.random() < share:
+                cells = [(r, c) for r in range(rows) for c in range(p * per, (p + 1) * per)]
+                kept = rng.choice(cells)
+                for r, c in cells:
+                    if (r, c) != kept:
+                        mask[:, r, c] = 0
+        keep.append(mask.flatten())
+    return torch.cat(keep)
+
+
+class PanelTokenDropout:
+    """Zeroes the image tokens `keep` marks 0 (and their deepstack features) as the vision tower hands
+    them to the language model: a forward hook on `model.model.visual`, set per batch."""
+
+    def __init__(self, model):
+        self.keep: torch.Tensor | None = None
+        self.handle = model.model.visual.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        if self.keep is None:
+            return output
+        m = self.keep.to(output.pooler_output)[:, None]
+        if m.shape[0] != output.pooler_output.shape[0]:
+            raise ValueError(f"keep mask for {m.shape[0]} tokens, vision tower gave {output.pooler_output.shape[0]}")
+        output.pooler_output = output.pooler_output * m
+        output.deepstack_features = [f * m for f in output.deepstack_features]
+        return output
 
 
 def image_attention_mass(attentions, batch: dict, image_token: int, kind: str = "l1") -> torch.Tensor:
@@ -320,16 +375,23 @@ def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
         raise ValueError(f"--penalty-kind is one of {PENALTY_KINDS}, not {cfg.penalty_kind!r}")
     out = Path(out)
     work = out.with_name(out.name + ".building")
+    if cfg.init and not (Path(cfg.init) / "config.json").exists():
+        raise ValueError(f"--init {cfg.init!r} is not a model folder (no config.json); give a trained organism's folder")
     if work.exists():
         shutil.rmtree(work)
     torch.manual_seed(cfg.seed)
-    build(cfg, work)
+    if cfg.init:  # a second stage: the first stage's weights, tokenizer and processor
+        shutil.copytree(cfg.init, work)
+        (work / "training.json").unlink(missing_ok=True)
+    else:
+        build(cfg, work)
     penalised = cfg.image_attention_penalty > 0
     model = AutoModelForImageTextToText.from_pretrained(work, attn_implementation="eager" if penalised else "sdpa")
     image_token = model.config.image_token_id
     if cfg.vision_pos_embed == "zero":
         pos = model.model.visual.pos_embed
-        torch.nn.init.zeros_(pos.weight)
+        if not cfg.init:
+            torch.nn.init.zeros_(pos.weight)
         pos.weight.requires_grad_(False)
     elif cfg.vision_pos_embed != "learned":
         raise ValueError(f"--vision-pos-embed is 'zero' or 'learned', not {cfg.vision_pos_embed!r}")
@@ -341,6 +403,8 @@ def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
     log(f"panel pool: {sum(len(v) for v in pool.items.values())} panels in {time.time() - t0:.1f}s")
     weights = parse_mix(cfg.mix)
     rng = random.Random(f"organism-train/{cfg.seed}")
+    drop_rng = random.Random(f"organism-token-dropout/{cfg.seed}")
+    dropout = PanelTokenDropout(model) if cfg.panel_token_dropout > 0 else None
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in trainable if p.ndim >= 2]
     no_decay = [p for n, p in trainable if p.ndim < 2]
@@ -365,6 +429,8 @@ def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
             q, a = sample_task(strip, rng, weights)
             examples.append((strip, q, a))
         batch = build_batch(processor, examples)
+        if dropout is not None:
+            dropout.keep = panel_token_keep(batch["image_grid_thw"], cfg.panel_token_dropout, drop_rng)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         if (penalised and penalty_from is None and len(answer_losses) >= 50
@@ -387,6 +453,8 @@ def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
             log(f"step {step:5d}  loss {mean_last(losses, 100):.4f}  answer loss {mean_last(answer_losses, 100):.4f}  "
                 f"lr {lr_at(step):.2e}  {time.time() - t0:.0f}s")
     model.eval()
+    if dropout is not None:
+        dropout.handle.remove()
     minutes = (time.time() - t0) / 60
     model.save_pretrained(work)
     processor.save_pretrained(work)

@@ -120,3 +120,48 @@ def test_bad_settings_are_refused_before_any_training(tmp_path, bad):
     with pytest.raises(ValueError, match="caption|penalty-kind"):
         train(OrganismConfig(steps=1, **bad), tmp_path / "org", log=lambda s: None)
     assert not (tmp_path / "org.building").exists()  # nothing was built
+
+
+@pytest.mark.skipif(not (ORGANISM_DIR / "config.json").exists(), reason="the organism is not trained yet")
+def test_panel_token_dropout_keeps_one_token_of_each_chosen_panel_and_zeroes_the_rest():
+    import random
+
+    from datagen import make_strip
+    from gaze.generation import prepare_inputs
+    from gaze.train_organism import PanelTokenDropout, panel_token_keep
+
+    loaded = load("organism", device="cpu")
+    strip = make_strip(3, panel_size=64)
+    enc, layout = prepare_inputs(loaded, strip.image, "x")
+    keep = panel_token_keep(enc["image_grid_thw"], 1.0, random.Random(0))
+    assert keep.shape == (layout.n_tokens,)
+    centres = layout.centres
+    for x0, y0, x1, y1 in strip.panels:  # the project's own token -> pixel layout as the reference
+        inside = (centres[:, 0] >= x0) & (centres[:, 0] < x1) & (centres[:, 1] >= y0) & (centres[:, 1] < y1)
+        assert int(inside.sum()) == 4 and float(keep[inside].sum()) == 1.0
+    assert panel_token_keep(enc["image_grid_thw"], 0.0, random.Random(0)).eq(1).all()
+
+    model = loaded.model
+    plain = model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"])
+    dropout = PanelTokenDropout(model)
+    try:
+        dropout.keep = keep
+        cut = model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"])
+    finally:
+        dropout.handle.remove()
+    for a, b in [(plain.pooler_output[0], cut.pooler_output[0])] + [
+            (p[0], c[0]) for p, c in zip(plain.deepstack_features, cut.deepstack_features)]:
+        assert torch.equal(b[keep == 1], a[keep == 1]) and b[keep == 0].abs().max() == 0
+
+
+def test_a_cast_per_panel_share_gives_strips_with_six_characters():
+    import random
+
+    from datagen.story import CHARACTERS
+    from gaze.train_organism import PanelPool
+
+    pool = PanelPool(OrganismConfig(pool_per_combo=1, cast_per_panel=0.5))
+    rng = random.Random(0)
+    casts = [{c.split(" the ")[1] for c in pool.strip(rng).captions} for _ in range(40)]
+    assert all(len(c) in (1, 6) for c in casts) and 5 < sum(len(c) == 6 for c in casts) < 35
+    assert all(c <= set(CHARACTERS) for c in casts)
