@@ -90,6 +90,8 @@ class OrganismConfig:
     # token of a panel must carry what the panel shows and a head may read the panel from any of its tokens
     cast_per_panel: float = 0.0  # share of training strips with a different character in every panel (the
     # six characters shuffled), so that every content word of a caption depends on its panel
+    panel_flip: float = 0.0  # share of training panels drawn upside down, so that the object is not always in
+    # a panel's lower tokens and a head must find it by what it shows, not by where it sits
     vision_pos_embed: str = "zero"  # "zero": no absolute position table in the vision tower (kept at 0,
     # frozen), so a panel's features do not depend on where it sits and positions come from rotary
     # embeddings only; "learned": the stock trained table
@@ -202,10 +204,13 @@ class PanelPool:
         self.characters, self.actions, self.objects = CHARACTERS, ACTIONS, OBJECTS
         self.style = cfg.caption
         self.cast_per_panel = cfg.cast_per_panel
+        self.panel_flip = cfg.panel_flip
 
     def strip(self, rng: random.Random):
         """A new strip: one character (or, for a `cast_per_panel` share, six: one per panel), six distinct
         actions, objects and letters (and scenes, for scene captions)."""
+        from PIL import Image
+
         from gaze.strips import Strip, stitch_panels
 
         c = rng.choice(self.characters)
@@ -220,6 +225,8 @@ class PanelPool:
                 image, letter, scene = rng.choice(self.items[(c, a, o)])
                 if letter not in letters and (self.style == "character" or scene not in scenes):
                     break
+            if self.panel_flip > 0 and rng.random() < self.panel_flip:  # no draw at 0: the default stream
+                image = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
             images.append(image)
             letters.append(letter)
             scenes.append(scene)
@@ -391,9 +398,12 @@ def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
     if work.exists():
         shutil.rmtree(work)
     torch.manual_seed(cfg.seed)
+    earlier = None  # the training record of the organism this stage starts from
     if cfg.init:  # a second stage: the first stage's weights, tokenizer and processor
         shutil.copytree(cfg.init, work)
-        (work / "training.json").unlink(missing_ok=True)
+        if (work / "training.json").exists():
+            earlier = json.loads((work / "training.json").read_text())
+            (work / "training.json").unlink()
     else:
         build(cfg, work)
     penalised = cfg.image_attention_penalty > 0
@@ -472,6 +482,8 @@ def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
     record = {"config": asdict(cfg), "train_minutes": round(minutes, 2), "final_loss": mean_last(losses, 100),
               "final_answer_loss": mean_last(answer_losses, 100), "penalty_from_step": penalty_from,
               "torch_threads": torch.get_num_threads()}
+    if earlier is not None:
+        record["init_record"] = earlier  # stage by stage, the recipe that made `init`
     (work / "training.json").write_text(json.dumps(record, indent=1))
     if out.exists():
         shutil.rmtree(out)

@@ -168,3 +168,19 @@ def test_a_cast_per_panel_share_gives_strips_with_six_characters():
     casts = [{c.split(" the ")[1] for c in pool.strip(rng).captions} for _ in range(40)]
     assert all(len(c) in (1, 6) for c in casts) and 5 < sum(len(c) == 6 for c in casts) < 35
     assert all(c <= set(CHARACTERS) for c in casts)
+
+
+def test_flipped_panels_are_pool_panels_upside_down():
+    import random
+
+    from PIL import Image
+
+    from gaze.train_organism import PanelPool
+
+    pool = PanelPool(OrganismConfig(pool_per_combo=1, panel_flip=1.0))
+    drawn = {im.tobytes() for variants in pool.items.values() for im, _, _ in variants}
+    strip = pool.strip(random.Random(1))
+    for box in strip.panels:
+        panel = strip.image.crop(box)
+        assert panel.transpose(Image.Transpose.FLIP_TOP_BOTTOM).tobytes() in drawn
+        assert panel.tobytes() not in drawn
