@@ -26,6 +26,25 @@ def test_smoke_training_saves_a_loadable_vlm(tmp_path):
     assert json.loads((tmp_path / "org" / "training.json").read_text())["config"]["seed"] == 0
 
 
+def test_a_second_stage_starts_from_the_first_and_records_it(tmp_path):
+    from safetensors.torch import load_file
+
+    small = dict(batch=4, pool_per_combo=1, num_layers=2, num_heads=4, num_kv_heads=2, hidden_size=64, head_dim=16,
+                 vision_depth=1, vision_hidden=32)
+    first = train(OrganismConfig(steps=2, **small), tmp_path / "one", log=lambda s: None)
+    (tmp_path / "one" / "ranking.json").write_text("{}")  # a ranking of the first stage's weights
+    second = train(OrganismConfig(steps=2, init=str(tmp_path / "one"), panel_token_dropout=0.5, panel_flip=0.5,
+                                  cast_per_panel=0.5, **small), tmp_path / "two", log=lambda s: None)
+    assert second["init_record"] == first
+    assert json.loads((tmp_path / "two" / "training.json").read_text())["init_record"] == first
+    assert not (tmp_path / "two" / "ranking.json").exists()  # not carried over to new weights
+    assert (tmp_path / "two" / "tokenizer.json").read_bytes() == (tmp_path / "one" / "tokenizer.json").read_bytes()
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)  # trained on, same shapes
+    loaded = load(str(tmp_path / "two"), device="cpu")
+    assert torch.count_nonzero(loaded.model.model.visual.pos_embed.weight) == 0  # still no absolute position table
+
+
 def test_task_helpers():
     assert parse_mix("panel:1,strip:2") == {"panel": 1.0, "strip": 2.0}
     with pytest.raises(ValueError, match="unknown tasks"):
