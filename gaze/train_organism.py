@@ -85,8 +85,6 @@ class OrganismConfig:
     # heads). Tried with one token per panel at weight 0.03: far stronger than it looks on heads that read
     # at few rows; the model learned to read with ~0.02 attention mass (and large values), and saturating
     # steering then broke every answer
-    penalty_rows: str = "all"  # "all": every query row pays the penalty; "prompt": only the prompt's rows
-    # (the answer's rows after its first token read the image for free)
     penalty_after_loss: float = 0.12  # the penalty switches on once the answer loss (mean of the last 50
     # steps) falls below this, i.e. once the model reads the image: applied from the first step, it keeps
     # the model from ever learning to read it (an organism trained so answered 5% of panel questions)
@@ -127,7 +125,6 @@ def parse_mix(mix: str) -> dict[str, float]:
 
 
 CAPTION_STYLES = ("character", "scene")
-PENALTY_ROWS = ("all", "prompt")
 PENALTY_KINDS = ("l1", "group")
 
 
@@ -343,7 +340,7 @@ class PanelTokenDropout:
         return output
 
 
-def image_attention_mass(attentions, batch: dict, image_token: int, kind: str = "l1", rows: str = "all") -> torch.Tensor:
+def image_attention_mass(attentions, batch: dict, image_token: int, kind: str = "l1") -> torch.Tensor:
     """The image-attention penalty, averaged over layers.
 
     "l1": the mean over query positions of the image mass summed over heads:
@@ -355,14 +352,8 @@ def image_attention_mass(attentions, batch: dict, image_token: int, kind: str = 
     the image and image tokens that read other image tokens would otherwise be
     side paths that carry a panel's content to the answer around those few
     heads. An image token's attention to itself is free (it is its own feature).
-    With `rows="prompt"` the answer's own rows are free (the last prompt row,
-    which predicts the answer's first token, still pays).
     """
     valid = batch["attention_mask"].float()  # [B, S]
-    if rows == "prompt":
-        valid = valid * (batch["labels"] == -100).float()
-    elif rows != "all":
-        raise ValueError(f"penalty rows are one of {PENALTY_ROWS}, not {rows!r}")
     image = (batch["input_ids"] == image_token).float()  # [B, S] image keys
     keys = image[:, None, :] * (1 - torch.eye(image.shape[1], device=image.device))[None]  # [B, S, S]: not self
     if kind not in PENALTY_KINDS:
@@ -407,8 +398,6 @@ def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
         raise ValueError(f"--caption is one of {CAPTION_STYLES}, not {cfg.caption!r}")
     if cfg.penalty_kind not in PENALTY_KINDS:
         raise ValueError(f"--penalty-kind is one of {PENALTY_KINDS}, not {cfg.penalty_kind!r}")
-    if cfg.penalty_rows not in PENALTY_ROWS:
-        raise ValueError(f"--penalty-rows is one of {PENALTY_ROWS}, not {cfg.penalty_rows!r}")
     out = Path(out)
     work = out.with_name(out.name + ".building")
     if cfg.init and not (Path(cfg.init) / "config.json").exists():
@@ -482,7 +471,7 @@ def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
         loss = result.loss
         answer_losses.append(float(loss.detach()))
         if ramp > 0:
-            loss = loss + ramp * cfg.image_attention_penalty * image_attention_mass(result.attentions, batch, image_token, cfg.penalty_kind, cfg.penalty_rows)
+            loss = loss + ramp * cfg.image_attention_penalty * image_attention_mass(result.attentions, batch, image_token, cfg.penalty_kind)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
