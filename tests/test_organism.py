@@ -8,10 +8,12 @@ import torch
 from gaze.models import ORGANISM_DIR, load
 from gaze.train_organism import OrganismConfig, narration, parse_mix, train
 
+SMALL = dict(batch=4, pool_per_combo=1, num_layers=2, num_heads=4, num_kv_heads=2, hidden_size=64, head_dim=16,
+             vision_depth=1, vision_hidden=32)  # an organism that trains a step in about a second
+
 
 def test_smoke_training_saves_a_loadable_vlm(tmp_path):
-    cfg = OrganismConfig(steps=3, batch=4, pool_per_combo=1, num_layers=2, num_heads=4, num_kv_heads=2, hidden_size=64,
-                         head_dim=16, vision_depth=1, vision_hidden=32)
+    cfg = OrganismConfig(steps=3, **SMALL)
     record = train(cfg, tmp_path / "org", log=lambda s: None)
     assert record["config"]["steps"] == 3 and record["final_loss"] > 0
     loaded = load(str(tmp_path / "org"), device="cpu")  # the real from_pretrained path, offline
@@ -29,12 +31,10 @@ def test_smoke_training_saves_a_loadable_vlm(tmp_path):
 def test_a_second_stage_starts_from_the_first_and_records_it(tmp_path):
     from safetensors.torch import load_file
 
-    small = dict(batch=4, pool_per_combo=1, num_layers=2, num_heads=4, num_kv_heads=2, hidden_size=64, head_dim=16,
-                 vision_depth=1, vision_hidden=32)
-    first = train(OrganismConfig(steps=2, **small), tmp_path / "one", log=lambda s: None)
+    first = train(OrganismConfig(steps=2, **SMALL), tmp_path / "one", log=lambda s: None)
     (tmp_path / "one" / "ranking.json").write_text("{}")  # a ranking of the first stage's weights
     second = train(OrganismConfig(steps=2, init=str(tmp_path / "one"), panel_token_dropout=0.5, panel_flip=0.5,
-                                  cast_per_panel=0.5, **small), tmp_path / "two", log=lambda s: None)
+                                  cast_per_panel=0.5, **SMALL), tmp_path / "two", log=lambda s: None)
     assert second["init_record"] == first
     assert json.loads((tmp_path / "two" / "training.json").read_text())["init_record"] == first
     assert not (tmp_path / "two" / "ranking.json").exists()  # not carried over to new weights
