@@ -871,7 +871,7 @@ def register_processors() -> None:
             AutoProcessor.register(spec.config_class, spec.processor_class, exist_ok=True)
 
 
-def image_processor_for(family: str) -> Qwen2VLImageProcessorPil:
+def image_processor_for(family: str, merge_size: int = MERGE_SIZE, patch_size: int | None = None) -> Qwen2VLImageProcessorPil:
     """The PIL image processor of `family`, sized so that small images are not upscaled.
 
     `size.shortest_edge` is the minimum pixel count (one merged token) and
@@ -879,14 +879,18 @@ def image_processor_for(family: str) -> Qwen2VLImageProcessorPil:
     whose sides are multiples of `family_patch_size(family)` keep their size
     exactly, so panel borders fall on token boundaries: a 384x64 strip gives
     image_grid_thw [[1, 4, 24]] with Qwen3-VL, a 336x56 strip the same with Qwen2-VL.
+    `merge_size` is the side of the square of patches merged into one token
+    (the real models' 2 by default), `patch_size` the patch side in pixels
+    (default: the family's, e.g. 16 for Qwen3-VL).
     """
     spec = _family(family)
     if not isinstance(spec, TinyFamily):
         raise ValueError(f"{family} is not a Qwen-VL family: its image processor is made by `build_tiny_vlm`")
-    token_px = family_patch_size(family)
+    patch_size = patch_size or spec.patch_size
+    token_px = patch_size * merge_size
     return Qwen2VLImageProcessorPil(
-        patch_size=spec.patch_size,
-        merge_size=MERGE_SIZE,
+        patch_size=patch_size,
+        merge_size=merge_size,
         temporal_patch_size=TEMPORAL_PATCH_SIZE,
         size={"shortest_edge": token_px**2, "longest_edge": MAX_IMAGE_TOKENS * token_px**2},
         image_mean=list(spec.image_mean),
@@ -922,6 +926,9 @@ def build_tiny_vlm(
     tokenizer: PreTrainedTokenizerFast | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    merge_size: int = MERGE_SIZE,
+    patch_size: int | None = None,
+    rope_theta: float = ROPE_THETA,
 ) -> Path:
     """Build a randomly initialised tiny VLM of `family` and save it with its processor into `out_dir`.
 
@@ -938,7 +945,11 @@ def build_tiny_vlm(
     `vision_hidden` (16-dim heads) and outputs `hidden_size`-wide tokens. The
     vocabulary is `tokenizer` (default: `build_tokenizer()`). Weights are
     drawn under `torch.manual_seed(seed)` (the caller's RNG state is left
-    untouched), so equal arguments give identical weights.
+    untouched), so equal arguments give identical weights. Qwen-VL families
+    merge `merge_size` x `merge_size` patches into one text token (the real
+    models' 2; the vision config's `spatial_merge_size` and the processor's
+    `merge_size` agree) of `patch_size` pixels (default: the family's), and
+    their language model's rotary base is `rope_theta`.
 
     The folder loads with `AutoModelForImageTextToText.from_pretrained(out_dir)`
     and, after `import gaze.tiny`, `AutoProcessor.from_pretrained(out_dir)`,
@@ -953,7 +964,12 @@ def build_tiny_vlm(
         raise ValueError(
             f"vision_hidden ({vision_hidden}) must be a multiple of the vision head size ({VISION_HEAD_DIM})"
         )
+    if merge_size < 1 or (patch_size is not None and patch_size < 1):
+        raise ValueError(f"merge_size ({merge_size}) and patch_size ({patch_size}) must be at least 1")
     if isinstance(spec, TinyVLM):
+        if merge_size != MERGE_SIZE or patch_size is not None or rope_theta != ROPE_THETA:
+            raise ValueError(f"merge_size, patch_size and rope_theta are Qwen-VL options; {family} keeps its own "
+                             "image geometry and rotary base")
         return _build_other(family, spec, Path(out_dir), num_layers=num_layers, num_heads=num_heads,
                             num_kv_heads=num_kv_heads, hidden_size=hidden_size, head_dim=head_dim,
                             vision_depth=vision_depth, vision_hidden=vision_hidden,
@@ -980,7 +996,7 @@ def build_tiny_vlm(
         max_position_embeddings=4096,
         rope_parameters={
             "rope_type": "default",
-            "rope_theta": ROPE_THETA,
+            "rope_theta": rope_theta,
             "mrope_section": _mrope_section(head_dim, spec.interleaved_mrope),
             **({"mrope_interleaved": True} if spec.interleaved_mrope else {}),
         },
@@ -992,8 +1008,8 @@ def build_tiny_vlm(
     )
     vision_config = dict(
         spec.vision_config(vision_depth, vision_hidden, hidden_size, num_layers),
-        patch_size=spec.patch_size,
-        spatial_merge_size=MERGE_SIZE,
+        patch_size=patch_size or spec.patch_size,
+        spatial_merge_size=merge_size,
         temporal_patch_size=TEMPORAL_PATCH_SIZE,
     )
     config = spec.config_class(
@@ -1017,7 +1033,7 @@ def build_tiny_vlm(
     out = Path(out_dir)
     model.save_pretrained(out)
     processor = spec.processor_class(
-        image_processor=image_processor_for(family),
+        image_processor=image_processor_for(family, merge_size, patch_size),
         tokenizer=tokenizer,
         chat_template=tokenizer.chat_template or CHAT_TEMPLATE,
     )

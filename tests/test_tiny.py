@@ -154,6 +154,41 @@ def test_processor_reloads_with_same_settings(tmp_path):
     assert first.tokenizer.get_vocab() == second.tokenizer.get_vocab()
 
 
+def test_merge_size_makes_one_token_per_panel(tmp_path, tokenizer):
+    """merge_size 4: a 64 px panel is ONE token, at the same resolution (16 px patches, 4x4 merged)."""
+    folder = build_tiny_vlm("qwen3_vl", tmp_path, tokenizer=tokenizer, merge_size=4)
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    assert (processor.image_processor.patch_size, processor.image_processor.merge_size) == (16, 4)
+    assert model.config.vision_config.spatial_merge_size == 4
+    inputs = processor(text=[chat(processor)], images=[strip("qwen3_vl")], return_tensors="pt")
+    assert inputs["image_grid_thw"].tolist() == [[1, 4, 24]]  # the same patches as with merge 2
+    assert int((inputs["input_ids"][0] == model.config.image_token_id).sum()) == 6
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()
+
+
+def test_patch_size_and_rope_theta(tmp_path, tokenizer):
+    """32 px patches, merged 2x2: a 64 px panel is one token; the rotary base is the config's."""
+    folder = build_tiny_vlm("qwen3_vl", tmp_path, tokenizer=tokenizer, patch_size=32, rope_theta=100.0)
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    assert (processor.image_processor.patch_size, model.config.vision_config.patch_size) == (32, 32)
+    assert processor.image_processor.size.shortest_edge == 64 * 64
+    assert model.config.text_config.rope_parameters["rope_theta"] == 100.0
+    inputs = processor(text=[chat(processor)], images=[strip("qwen3_vl")], return_tensors="pt")
+    assert inputs["image_grid_thw"].tolist() == [[1, 2, 12]]
+    assert int((inputs["input_ids"][0] == model.config.image_token_id).sum()) == 6
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()
+
+
+@pytest.mark.parametrize("option", [dict(merge_size=4), dict(patch_size=32), dict(rope_theta=100.0)])
+def test_geometry_options_are_qwen_only(option, tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="Qwen-VL options"):
+        build_tiny_vlm("llava", tmp_path, tokenizer=tokenizer, **option)
+
+
 def test_same_seed_same_weights(tmp_path, tokenizer):
     a = load_file(build_tiny_vlm("qwen3_vl", tmp_path / "a", tokenizer=tokenizer, seed=3) / "model.safetensors")
     b = load_file(build_tiny_vlm("qwen3_vl", tmp_path / "b", tokenizer=tokenizer, seed=3) / "model.safetensors")
@@ -204,11 +239,7 @@ def test_every_family_is_listed():
 
 @pytest.mark.parametrize("family", sorted(OTHER))
 def test_other_family_build_load_run(family, tmp_path, tokenizer):
-    import time
-
-    t = time.perf_counter()
     folder = build_tiny_vlm(family, tmp_path / family, tokenizer=tokenizer)
-    assert time.perf_counter() - t < 2.0
     model = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="sdpa").eval()
     eager = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="eager").eval()
     processor = AutoProcessor.from_pretrained(folder)
