@@ -106,7 +106,8 @@ def cmd_steer(args) -> int:
                   no_repeat_ngram_size=args.no_repeat_ngram_size)
     base = generate(loaded, image, args.prompt, **common)
     steered = generate(loaded, image, args.prompt, heads=heads, target=target, schedule=schedule, panels=panels,
-                       strength=args.strength, mode=args.mode, decode_only=args.decode_only, track=True, **common)
+                       strength=args.strength, mode=args.mode, decode_only=args.decode_only,
+                       prefill_only=args.prefill_only, track=True, **common)
     print(f"unsteered: {base.text}")
     print(f"steered:   {steered.text}" + ("   [degenerate]" if steered.degenerate else ""))
     if args.trajectory_out:
@@ -215,7 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=100, help="number of gaze heads to steer")
     s.add_argument("--strength", type=float, default=1e4)
     s.add_argument("--mode", default="boost", choices=["boost", "suppress", "suppress_text"])
-    s.add_argument("--decode-only", action="store_true", help="do not bias the prompt (prefill)")
+    phase = s.add_mutually_exclusive_group()
+    phase.add_argument("--decode-only", action="store_true", help="do not bias the prompt (prefill)")
+    phase.add_argument("--prefill-only", action="store_true",
+                       help="bias the prompt (prefill) only; the answer goes on unsteered")
     s.add_argument("--prompt", default=STRIP_QUESTION)
     s.add_argument("--max-new-tokens", type=int, default=64)
     s.add_argument("--repetition-penalty", type=float, default=None)

@@ -90,6 +90,7 @@ def generate(
     strength: float = DEFAULT_STRENGTH,
     mode: Mode = "boost",
     decode_only: bool = False,
+    prefill_only: bool = False,
     max_new_tokens: int = 64,
     track: bool | Sequence[Head] = False,
     value_weighted: bool = False,
@@ -125,7 +126,8 @@ def generate(
         if steered:
             steering = stack.enter_context(
                 steer(model, heads, target, layout=layout, prompt_len=prompt_len, panels=panels, schedule=schedule,
-                      strength=strength, mode=mode, decode_only=decode_only, tokenizer=tok)
+                      strength=strength, mode=mode, decode_only=decode_only, tokenizer=tok,
+                      prefill_only=prefill_only)
             )
         if hasattr(streamer, "bind"):
             # a streamer that wants to tint tokens by target or draw heat maps as they come

@@ -14,7 +14,10 @@ Text keys (and generated tokens) are otherwise untouched, other heads are
 untouched, no weight changes. B = `strength` (default 1e4, which saturates
 the softmax; any float works, 0 is exactly no steering). The bias rides on
 the fused SDPA kernel as its float mask (see `attention`); it is applied at
-prefill and every decode step, or at decode steps only (`decode_only`).
+prefill and every decode step (the published default), at decode steps only
+(`decode_only`), or at the prefill only (`prefill_only`: the prompt's rows,
+whose last row picks the answer's first token; the answer then goes on
+unsteered, reading the prompt's cache as the steered pass left it).
 
 A `Schedule` switches the target during generation: every N tokens, at the
 first sentence boundary after N tokens, or at explicit steps; targets may
@@ -199,6 +202,7 @@ class Steering(Hook):
     strength: float = DEFAULT_STRENGTH
     mode: Mode = "boost"
     decode_only: bool = False
+    prefill_only: bool = False
     is_boundary: Callable[[int], bool] | None = None  # token id -> ends a sentence
     # state, per generation:
     step: int = -1  # forwards seen - 1: 0 is the prefill
@@ -236,6 +240,8 @@ class Steering(Hook):
         if heads is None or self.strength == 0:
             return None
         if self.decode_only and query.shape[2] > 1:
+            return None
+        if self.prefill_only and self.step > 0:
             return None
         kv = key.shape[2]
         cached = self._cache.get((layer, kv, query.device, query.dtype))
@@ -276,6 +282,7 @@ def steer(
     mode: Mode = "boost",
     decode_only: bool = False,
     tokenizer=None,
+    prefill_only: bool = False,
 ) -> Iterator[Steering]:
     """Steer `heads` of `model` to `target` (or along `schedule`) inside the block.
 
@@ -288,6 +295,8 @@ def steer(
         raise ValueError("steer needs exactly one of `target` or `schedule`")
     if mode not in MODES:
         raise ValueError(f"unknown steering mode {mode!r}; use one of {MODES}")
+    if decode_only and prefill_only:
+        raise ValueError("decode_only and prefill_only exclude each other: give at most one")
     schedule = schedule or Schedule.static(target)
     cfg = model.config.get_text_config()
     heads = check_heads(heads, cfg.num_hidden_layers, cfg.num_attention_heads)
@@ -308,6 +317,7 @@ def steer(
         strength=float(strength),
         mode=mode,
         decode_only=decode_only,
+        prefill_only=prefill_only,
         is_boundary=sentence_boundary_fn(tokenizer) if tokenizer is not None else None,
     )
     with active(hook):

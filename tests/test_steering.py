@@ -253,3 +253,28 @@ def test_cli_steer_prints_both_answers_and_saves_trajectory(qwen3_path, strip_fo
     rc = main(["steer", "--model", str(qwen3_path), "--ranking", str(tmp_path / "rank"), "--image",
                str(tmp_path / "strip.png"), "--target", "9"])
     assert rc == 2 and "out of range" in capsys.readouterr().err
+
+
+def test_prefill_only_steers_the_prompt_and_leaves_the_answer_rows_alone(loaded, setup):
+    strip, inputs, layout = setup
+    heads = [(loaded.n_layers - 1, h) for h in range(loaded.n_heads)]
+    n = inputs["input_ids"].shape[1]
+    with steer(loaded.model, heads, Panel(4), layout=layout, prompt_len=n, panels=strip.panels, prefill_only=True) as hook:
+        q, k = torch.zeros(1, loaded.n_heads, n, 8), torch.zeros(1, 2, n, 8)
+        hook.on_forward(inputs["input_ids"])  # the prefill
+        assert hook.bias(loaded.n_layers - 1, q, k) is not None
+        hook.on_forward(torch.tensor([[5]]))  # a decode step
+        assert hook.bias(loaded.n_layers - 1, q[:, :, -1:], torch.zeros(1, 2, n + 1, 8)) is None
+    kw = dict(heads=heads, target=4, panels=strip.panels, track=True)
+    full = generate(loaded, strip.image, QUESTION, max_new_tokens=6, **kw)
+    pre = generate(loaded, strip.image, QUESTION, max_new_tokens=6, prefill_only=True, **kw)
+    assert pre.token_ids[0] == full.token_ids[0]  # the first answer token is picked by the steered prefill
+    regions = panel_regions(pre.layout, strip.panels)
+    mass = pre.trajectory(regions)  # [tokens, 6]
+    assert mass[0, 3] > 0.99 and mass[0].sum() - mass[0, 3] < 1e-3  # the prefill's last row: on panel 4 alone
+    if len(pre.token_ids) > 1:
+        assert float(mass[1:, 3].max()) < 0.99  # the answer's rows: unbiased
+    with pytest.raises(ValueError, match="exclude each other"):
+        with steer(loaded.model, heads, Panel(1), layout=layout, prompt_len=n, panels=strip.panels, decode_only=True,
+                   prefill_only=True):
+            pass
