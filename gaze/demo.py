@@ -5,7 +5,8 @@
 
 Draws a few six-panel strips with datagen's procedural renderer, ranks every
 head by gaze score (or uses the organism's shipped ranking), asks the
-whole-strip question without steering and steered to each panel, then runs
+whole-strip question without steering and steered to each panel (at every
+row, the published default, and at the prompt's rows only), then runs
 a narration on a schedule and prints which panel the gaze heads looked at,
 token by token.
 """
@@ -53,10 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  panel {k}: {c}")
     base = generate(loaded, strip.image, STRIP_QUESTION, max_new_tokens=24)
     print(f"\nQ: {STRIP_QUESTION}\nunsteered:          {base.text}")
-    for k in range(1, strip.n_panels + 1):
-        out = generate(loaded, strip.image, STRIP_QUESTION, heads=heads, target=Panel(k), panels=strip.panels,
-                       max_new_tokens=24)
-        print(f"steered to panel {k}: {out.text}" + ("  [degenerate]" if out.degenerate else ""))
+    for prefill_only in (False, True):
+        print("steered at every row (the published default):" if not prefill_only else
+              "steered at the prompt's rows only (the answer then runs unsteered):")
+        for k in range(1, strip.n_panels + 1):
+            out = generate(loaded, strip.image, STRIP_QUESTION, heads=heads, target=Panel(k), panels=strip.panels,
+                           max_new_tokens=24, prefill_only=prefill_only)
+            print(f"  to panel {k}: {out.text}" + ("  [degenerate]" if out.degenerate else ""))
 
     order = (3, 5, 1, 6, 2, 4)
     schedule = Schedule(tuple(Panel(k) for k in order), every=8)

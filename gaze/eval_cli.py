@@ -83,6 +83,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--narration-tokens", type=int, default=d.narration_tokens, help="static narration answers")
     p.add_argument("--strength", type=float, default=d.strength, help="steering bias B")
     p.add_argument("--mode", default=d.mode, choices=["boost", "suppress", "suppress_text"])
+    p.add_argument("--prefill-only", action="store_true",
+                   help="static targets bias the prompt's rows only (schedules always steer every row)")
     p.add_argument("--random-percentile", type=float, default=d.random_percentile,
                    help="random heads come from this bottom share of gaze scores")
     p.add_argument("--prior-strips", type=int, default=d.prior_strips, help="strips for the image/localization heads")
@@ -114,7 +116,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         seed=args.seed, judge=args.judge,
         judge_model=args.judge_model, judge_endpoint=args.judge_endpoint, max_new_tokens=args.max_new_tokens,
         narration_tokens=args.narration_tokens, strength=args.strength, mode=args.mode,
-        random_percentile=args.random_percentile, prior_strips=args.prior_strips, scenes=args.scenes,
+        prefill_only=args.prefill_only, random_percentile=args.random_percentile, prior_strips=args.prior_strips, scenes=args.scenes,
         n_scenes=args.n_scenes, n_objects=args.n_objects, scene_size=tuple(args.scene_size),
         panel_size=args.panel_size, questions=tuple(args.question), discovery_strips=args.discovery_strips,
         n_discovery=args.n_discovery, n_boot=args.n_boot, device=args.device, dtype=args.dtype,

@@ -105,6 +105,7 @@ class EvalConfig:
     narration_tokens: int = 64  # static narration answers
     strength: float = 1e4  # steering bias B
     mode: str = "boost"  # boost | suppress | suppress_text
+    prefill_only: bool = False  # static targets bias the prompt's rows only (schedules always steer every row)
     random_percentile: float = 5.0  # random heads come from this bottom share of gaze scores (widened to 2K heads)
     prior_strips: int = 8  # strips for the image / localization head criteria
     scenes: str = "procedural"  # region protocol: procedural[:SEED0] (datagen scenes), strip-objects, or a folder
@@ -460,7 +461,8 @@ class Context:
         t0 = time.perf_counter()
         g = generate(self.loaded, strip.image, question, heads=list(heads), target=target,
                      schedule=schedule, panels=strip.panels, strength=self.cfg.strength,
-                     mode=self.cfg.mode, max_new_tokens=max_new_tokens, track=list(track) or False)
+                     mode=self.cfg.mode, max_new_tokens=max_new_tokens, track=list(track) or False,
+                     prefill_only=self.cfg.prefill_only and schedule is None)
         if not track:
             self.cache[key] = (g, time.perf_counter() - t0)
         return g, time.perf_counter() - t0
@@ -662,7 +664,7 @@ def _manifest(cfg: EvalConfig, loaded, ranking: Ranking, k: int) -> dict:
     """What fixes the records' content: a rerun with other values must not mix into the same file."""
     digest = hashlib.sha1(np.asarray(ranking.scores, dtype=np.float32).tobytes()).hexdigest()[:12]
     keep = ("strips", "every", "at_sentence", "seed", "judge", "judge_model", "max_new_tokens", "narration_tokens",
-            "strength", "mode", "random_percentile", "prior_strips", "scenes", "n_objects", "scene_size", "panel_size")
+            "strength", "mode", "prefill_only", "random_percentile", "prior_strips", "scenes", "n_objects", "scene_size", "panel_size")
     m = {name: getattr(cfg, name) for name in keep}
     m["scene_size"] = list(cfg.scene_size)
     m.update(model_id=loaded.model_id, ranking_digest=digest, top_k=k,
@@ -673,7 +675,7 @@ def _manifest(cfg: EvalConfig, loaded, ranking: Ranking, k: int) -> dict:
 def _check_manifest(out: Path, manifest: dict) -> None:
     path = out / MANIFEST
     if path.exists():
-        old = json.loads(path.read_text())
+        old = {"prefill_only": False, **json.loads(path.read_text())}  # runs from before the setting steered every row
         diff = {key: (old.get(key), v) for key, v in manifest.items() if old.get(key) != v}
         if diff:
             raise EvalError(f"{out} holds an evaluation with other settings {diff} (old, new): use another --out, "
@@ -814,7 +816,7 @@ def run_eval(cfg: EvalConfig, *, loaded=None, ranking: Ranking | None = None, li
         "model_id": loaded.model_id, "n_layers": loaded.n_layers, "n_heads": loaded.n_heads, "n_total_heads": n_total,
         "top_k": k, "strips": cfg.strips, "n_strips": len(strips), "scenes": cfg.scenes, "judge": cfg.judge,
         "seed": cfg.seed, "every": cfg.every, "at_sentence": cfg.at_sentence, "strength": cfg.strength, "mode": cfg.mode,
-        "random_percentile": cfg.random_percentile, "random_pool": len(random_pool(ranking, k, cfg.random_percentile)),
+        "prefill_only": cfg.prefill_only, "random_percentile": cfg.random_percentile, "random_pool": len(random_pool(ranking, k, cfg.random_percentile)),
         "questions": {p: cfg.question(p) for p in cfg.protocols}, "protocols": list(cfg.protocols),
         "conditions": list(kinds), "heads": {c: [list(h) for h in hs] for c, hs in sets.items() if c != "all"},
         "chance": 1 / strips[0].n_panels, "ranking_strips": ranking.n_strips,

@@ -6,8 +6,10 @@ Prints and writes (JSON): per-task accuracy on strips the organism never saw;
 the gaze-score distribution (top heads, their layers, the median); and the
 whole-strip question's redirection when steering the top-K gaze heads to each
 panel, K random heads from the bottom of the score distribution, and all heads,
-with bootstrap 95% CIs; and, as a diagnostic, the top K steered at the first
-answer token only (the rest of the answer unsteered). A redirected answer is the TARGET panel's caption,
+with bootstrap 95% CIs, each steered at every row (the published default)
+and at the prompt's rows only (the prefill: `steer(..., prefill_only=True)`,
+the answer going on unsteered from the steered cache); and, as a diagnostic, the top K steered at the first
+answer token only (the rest of the answer unsteered, from an unsteered prompt). A redirected answer is the TARGET panel's caption,
 exactly (the organism's caption: object, then character or scene, see
 `train_organism.organism_caption`); anything else (another caption, a garbled
 or empty answer) is a miss.
@@ -81,14 +83,16 @@ def task_accuracy(loaded, strips, max_new_tokens: int = 80) -> dict:
     return {k: bootstrap(v) for k, v in hits.items()}
 
 
-def redirection(loaded, strips, heads, strength: float = 1e4, mode: str = "boost", decode_only: bool = False) -> dict:
+def redirection(loaded, strips, heads, strength: float = 1e4, mode: str = "boost", decode_only: bool = False,
+                prefill_only: bool = False) -> dict:
     """Whole-strip question steered to each panel: hit = the target's caption exactly."""
     pairs, captions_of = [], captioner(loaded)
     for s in strips:
         captions = captions_of(s)
         for k in range(1, 7):
             out = generate(loaded, s.image, STRIP_QUESTION, heads=heads, target=Panel(k), panels=s.panels,
-                           strength=strength, mode=mode, decode_only=decode_only, max_new_tokens=16)
+                           strength=strength, mode=mode, decode_only=decode_only, prefill_only=prefill_only,
+                           max_new_tokens=16)
             pairs.append((k, _norm(out.text) == _norm(captions[k - 1])))
     return _rates(pairs)
 
@@ -131,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=4, help="K for the random and headline conditions")
     p.add_argument("--out", default="runs/organism-check")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--phases", default="all,prefill",
+                   help="when the bias applies: 'all' (prompt and answer rows, the published default) and/or "
+                        "'prefill' (the prompt's rows only); each runs every condition")
+    p.add_argument("--strength", type=float, default=1e4, help="steering bias B (default 1e4: saturating, as published)")
     args = p.parse_args(argv)
     t0 = time.time()
     loaded = load(args.model, device="cpu")
@@ -142,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     scores = ranking.scores.flatten()
     report = {
         "model": args.model,
+        "strength": args.strength,
         "heads": n_heads,
         "top_heads": [(l, h, round(float(ranking.scores[l, h]), 4)) for l, h in ranking.top(8)],
         "median_score": float(scores.median()),
@@ -156,12 +165,18 @@ def main(argv: list[str] | None = None) -> int:
     conditions["all"] = order
     report["baseline_panel1"] = report["tasks"]["strip_is_panel1"]
     report["steering"] = {}
-    for name, heads in conditions.items():
-        report["steering"][name] = redirection(loaded, strips, heads)
-        report["steering"][name]["heads"] = heads
-        print(name, json.dumps(report["steering"][name]["all"]), report["steering"][name]["per_panel"], flush=True)
+    phases = [x.strip() for x in args.phases.split(",") if x.strip()]
+    for phase in phases:
+        if phase not in ("all", "prefill"):
+            raise SystemExit(f"--phases lists 'all' and/or 'prefill', not {phase!r}")
+        for name, heads in conditions.items():
+            name = name if phase == "all" else f"{name}_prefill_only"
+            report["steering"][name] = redirection(loaded, strips, heads, strength=args.strength,
+                                                   prefill_only=phase == "prefill")
+            report["steering"][name]["heads"] = heads
+            print(name, json.dumps(report["steering"][name]["all"]), report["steering"][name]["per_panel"], flush=True)
     name = f"top{args.k}_first_token_only"
-    report["steering"][name] = first_token_redirection(loaded, strips, order[: args.k])
+    report["steering"][name] = first_token_redirection(loaded, strips, order[: args.k], strength=args.strength)
     report["steering"][name]["heads"] = order[: args.k]
     print(name, json.dumps(report["steering"][name]["all"]), report["steering"][name]["per_panel"], flush=True)
     report["seconds"] = round(time.time() - t0, 1)

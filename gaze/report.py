@@ -395,7 +395,10 @@ def write_report(out: str | Path, *, title: str | None = None) -> Path:
         f"Model `{model}` ({meta.get('n_layers')} layers x {meta.get('n_heads')} heads = {meta.get('n_total_heads')} "
         f"heads); ranking from {meta.get('ranking_strips')} strips; {meta.get('n_strips')} evaluation strips "
         f"(`{meta.get('strips')}`), K = {meta.get('top_k')} heads, steering {meta.get('mode')} with B = "
-        f"{meta.get('strength'):g}, seed {meta.get('seed')}, judge `{meta.get('judge')}`. "
+        f"{meta.get('strength'):g}"
+        + (" at the prompt's rows only (static targets; schedules steer every row)" if meta.get("prefill_only") else
+           " at every row (prompt and answer)")
+        + f", seed {meta.get('seed')}, judge `{meta.get('judge')}`. "
         f"Chance is {pct(chance)} (one panel of {round(1 / chance)}).",
         "",
     ]
