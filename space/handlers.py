@@ -53,6 +53,8 @@ class Controls:
     strength: float = 1e4  # bias B added before the softmax
     mode: str = "boost"  # gaze.steering.MODES
     max_new_tokens: int = 64
+    prefill_only: bool = False  # a panel or box biases the prompt's rows only, the answer then runs unsteered
+    # (a schedule, which switches targets while the answer is written, always steers every row)
 
 
 def check_controls(ready: Ready, c: Controls) -> Controls:
@@ -70,7 +72,7 @@ def check_controls(ready: Ready, c: Controls) -> Controls:
         raise InputError(f"unknown mode {c.mode!r}; choose one of {', '.join(MODES)}")
     if not 1 <= n <= MAX_NEW_TOKENS:
         raise InputError(f"max new tokens = {n}: choose 1 to {MAX_NEW_TOKENS}")
-    return Controls(k, strength, c.mode, n)
+    return Controls(k, strength, c.mode, n, bool(c.prefill_only))
 
 
 def check_question(question: str) -> str:
@@ -144,6 +146,8 @@ class LiveStreamer(BaseStreamer):
         for token_id in value.reshape(-1).tolist():
             t = self._n
             target = self.steering.applied[t] if self.steering is not None else None
+            if target is not None and self.steering.prefill_only and t > 0:
+                target = None  # steered at the prompt only: this token was produced unsteered
             attention = None
             if self.tracker is not None and t < len(self.tracker.steps):
                 attention = self.tracker.steps[t].float().mean(0)  # [T]
@@ -229,6 +233,7 @@ def answer(ready: Ready, scene: Scene, question: str, target: Target | Schedule 
     controls = check_controls(ready, controls)
     heads = ready.ranking.top(controls.k)
     schedule = None if target is None else target if isinstance(target, Schedule) else Schedule.static(target)
+    prefill_only = controls.prefill_only and schedule is not None and len(schedule.targets) == 1  # schedules: every row
     box = next((t.box for t in (schedule.targets if schedule else ()) if isinstance(t, Box)), None)
     labels_of = [target_label(t) for t in schedule.targets] if schedule else []
     what = describe(schedule)
@@ -241,6 +246,7 @@ def answer(ready: Ready, scene: Scene, question: str, target: Target | Schedule 
             outcome["result"] = generate(
                 ready.loaded, scene.image, question, heads=heads if schedule else (), schedule=schedule,
                 panels=scene.panels, strength=controls.strength, mode=controls.mode,
+                prefill_only=prefill_only,
                 max_new_tokens=controls.max_new_tokens, track=heads, streamer=streamer, stop=stop)
         except BaseException as e:  # noqa: BLE001 - handed to the consuming thread, which raises it
             outcome["error"] = e
@@ -303,7 +309,7 @@ def answer(ready: Ready, scene: Scene, question: str, target: Target | Schedule 
         if stop.is_set() and n < controls.max_new_tokens:
             status += " (stopped)"
         if out.degenerate and n:
-            status += " (the answer repeats itself: try fewer heads or a lower strength)"
+            status += " (the answer repeats itself: try steering the prompt only, fewer heads or a lower strength)"
         gaze = heatmap_image(scene.image, layout, att[-1].float(), scene.scale, scene.panels, box) if n else None
         yield Frame(answer_html(pieces, colours, labels), gaze, status + ". Click a word to see where it looked.",
                     traj_image, record, done=True)

@@ -40,6 +40,8 @@ class Settings:
     cache_dir: Path = DEFAULT_CACHE  # [GAZE_CACHE] where discovered rankings are kept
     discovery_strips: int = 8  # [GAZE_DISCOVERY_STRIPS] strips to rank heads on when no ranking exists
     default_k: int | None = None  # [GAZE_TOP_K] the K slider's start; default: see `default_k`
+    prefill_only: bool = False  # [GAZE_PREFILL_ONLY=1] "steer the prompt only" ticked at start (the published
+    # default, unticked, biases the answer's rows too; the bundled organism redirects far better ticked: README)
     preload: bool = False  # [GAZE_PRELOAD=1] load at start-up instead of on first use (ZeroGPU wants this)
     concurrency: int = 2  # [GAZE_CONCURRENCY] answers generated at once (each in its own thread)
     queue_size: int = 64  # [GAZE_QUEUE_SIZE] visitors waiting at most; more get "queue full"
@@ -55,6 +57,7 @@ class Settings:
             cache_dir=Path(env["GAZE_CACHE"]) if env.get("GAZE_CACHE") else DEFAULT_CACHE,
             discovery_strips=int(env.get("GAZE_DISCOVERY_STRIPS", cls.discovery_strips)),
             default_k=int(env["GAZE_TOP_K"]) if env.get("GAZE_TOP_K") else None,
+            prefill_only=env.get("GAZE_PREFILL_ONLY", "") == "1",
             preload=env.get("GAZE_PRELOAD", "") == "1",
             concurrency=int(env.get("GAZE_CONCURRENCY", cls.concurrency)),
             queue_size=int(env.get("GAZE_QUEUE_SIZE", cls.queue_size)),

@@ -6,8 +6,8 @@
 Every widget a test (or a visitor's script) needs has an `elem_id`:
 strip, panel-1..panel-6, baseline, stop, question, preset, answer, status,
 gaze-map, gaze-label, trajectory, schedule, every, run-schedule, top-k,
-strength, mode, max-tokens, example, upload, upload-as, n-panels, box-size,
-box, steer-box, model-info.
+strength, mode, max-tokens, prefill-only, example, upload, upload-as, n-panels,
+box-size, box, steer-box, model-info.
 """
 
 from __future__ import annotations
@@ -145,6 +145,10 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
                     mode = gr.Radio(list(MODES), value="boost", label="Mode", elem_id="mode")
                     max_tokens = gr.Slider(1, h.MAX_NEW_TOKENS, value=64, step=1, label="Max new tokens",
                                            elem_id="max-tokens")
+                    prefill = gr.Checkbox(bool(settings.prefill_only),
+                                          label="Steer the prompt only: a panel or box biases the prompt's rows, the "
+                                                "answer then runs unsteered (schedules steer every row)",
+                                          elem_id="prefill-only")
                 with gr.Accordion("Image: examples, upload, boxes", open=True):
                     example = gr.Dropdown(example_names(), value=first.name, label="Example", elem_id="example")
                     upload = gr.Image(None, type="pil", sources=["upload", "clipboard"], label="Or upload an image",
@@ -160,13 +164,13 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
                                          scale=3)
                         steer_box = gr.Button("Steer to box", elem_id="steer-box", scale=1)
 
-        controls = [top_k, strength, mode, max_tokens]
+        controls = [top_k, strength, mode, max_tokens, prefill]
         inputs = [scene_state, question, *controls]
         stream_outputs = [strip, scene_state, answer, gaze, gaze_label, status, trajectory, record_state]
         common = dict(outputs=stream_outputs, concurrency_id="generate", show_progress="minimal",
                       show_progress_on=[status])
 
-        def stream(scene: Scene, target, question_text: str, k, strength_, mode_, n_tokens, request):
+        def stream(scene: Scene, target, question_text: str, k, strength_, mode_, n_tokens, prefill_, request):
             """Run one answer and map its frames onto the page (the first frame also redraws the image)."""
             ready = holder.get()
             session = getattr(request, "session_hash", None) or "anonymous"
@@ -174,8 +178,8 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
             first_target = target.targets[0] if isinstance(target, h.Schedule) else target
             highlight = getattr(first_target, "k", None)
             try:
-                frames = h.answer(ready, scene, question_text, target, h.Controls(k, strength_, mode_, n_tokens),
-                                  stop_event)
+                frames = h.answer(ready, scene, question_text, target,
+                                  h.Controls(k, strength_, mode_, n_tokens, prefill_), stop_event)
                 for i, f in enumerate(frames):
                     start, end = i == 0, f.done
                     yield (h.scene_view(scene, highlight) if start else gr.skip(),
@@ -192,10 +196,10 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
         def panel_handler(k: int):
             @on_gpu
             @readable
-            def on_panel(scene, question_text, k_heads, strength_, mode_, n_tokens, request: gr.Request):
+            def on_panel(scene, question_text, k_heads, strength_, mode_, n_tokens, prefill_, request: gr.Request):
                 target = h.panel_target(k, scene)
                 yield from stream(scene.with_mark(None), target, question_text, k_heads, strength_, mode_, n_tokens,
-                                  request)
+                                  prefill_, request)
             on_panel.__name__ = f"panel_{k}"
             return on_panel
 
@@ -204,36 +208,36 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
 
         @on_gpu
         @readable
-        def unsteered(scene, question_text, k_heads, strength_, mode_, n_tokens, request: gr.Request):
-            yield from stream(scene, None, question_text, k_heads, strength_, mode_, n_tokens, request)
+        def unsteered(scene, question_text, k_heads, strength_, mode_, n_tokens, prefill_, request: gr.Request):
+            yield from stream(scene, None, question_text, k_heads, strength_, mode_, n_tokens, prefill_, request)
 
         baseline.click(unsteered, inputs=inputs, api_name="unsteered", **common)
 
         @on_gpu
         @readable
-        def on_schedule(scene, question_text, k_heads, strength_, mode_, n_tokens, text, interval,
+        def on_schedule(scene, question_text, k_heads, strength_, mode_, n_tokens, prefill_, text, interval,
                         request: gr.Request):
             target = h.schedule_target(text, interval, scene)
-            yield from stream(scene, target, question_text, k_heads, strength_, mode_, n_tokens, request)
+            yield from stream(scene, target, question_text, k_heads, strength_, mode_, n_tokens, prefill_, request)
 
         run_schedule.click(on_schedule, inputs=inputs + [schedule, every], api_name="schedule", **common)
 
         @on_gpu
         @readable
-        def on_box(scene, question_text, k_heads, strength_, mode_, n_tokens, text, request: gr.Request):
+        def on_box(scene, question_text, k_heads, strength_, mode_, n_tokens, prefill_, text, request: gr.Request):
             b = parse_box(text, scene.image.size)
             yield from stream(scene.with_mark(b), Box(tuple(float(v) for v in b)), question_text, k_heads,
-                              strength_, mode_, n_tokens, request)
+                              strength_, mode_, n_tokens, prefill_, request)
 
         steer_box.click(on_box, inputs=inputs + [box], api_name="box", **common)
 
         @on_gpu
         @readable
-        def on_point(scene, question_text, k_heads, strength_, mode_, n_tokens, size, evt: gr.SelectData,
+        def on_point(scene, question_text, k_heads, strength_, mode_, n_tokens, prefill_, size, evt: gr.SelectData,
                      request: gr.Request):
             x, y = evt.index  # pixels of the displayed (upscaled) image
             scene, target = point_target(scene, x / scene.scale, y / scene.scale, int(size))
-            yield from stream(scene, target, question_text, k_heads, strength_, mode_, n_tokens, request)
+            yield from stream(scene, target, question_text, k_heads, strength_, mode_, n_tokens, prefill_, request)
 
         strip.select(on_point, inputs=inputs + [box_size], api_name="point", **common)
 
