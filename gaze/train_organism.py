@@ -1,18 +1,17 @@
 """Train the model organism: a tiny Qwen3-VL that really has gaze heads.
 
-The shipped organism (`gaze/organism/`) is two seeded stages, on 2 CPU cores:
+The shipped organism (`gaze/organism/`) is one seeded run of the defaults, on 2 CPU cores:
 
-    python -m gaze.train_organism --out runs/organism-stage1                  # stage 1: about 33 min
-    python -m gaze.train_organism --init runs/organism-stage1 --out gaze/organism \
-        --steps 1200 --lr 1e-3 --panel-token-dropout 0.5 --panel-flip 0.5 --cast-per-panel 0.5 \
-        --penalty-after-loss 99 --penalty-ramp 50                              # stage 2: about 15 min
+    python -m gaze.train_organism --out gaze/organism     # about 28 min
     python -m gaze.train_organism --out /tmp/smoke --steps 5                  # a smoke run
 
-Stage 1 learns the tasks; stage 2 goes on from its weights with strips that
-make a panel's reading depend on what the panel shows, not where it sits
-(upside-down panels, a different character in each panel, panels cut to one
-token; see `OrganismConfig`). Both records are in the organism's training.json
-(stage 1 under "init_record").
+Each 64 px panel is ONE image token (32 px patches, merged 2x2), so a head
+that reads a panel has no choice of token within it (with 2x2 tokens per
+panel, a head steered from the whole-strip question kept within-panel logits
+formed for panel 1 and read the wrong tokens of the target). Half the
+training strips have a different character in every panel. Earlier recipes
+and what they showed are in `reports/organism-attempts/README.md`; `--init`
+runs a further stage on top of a trained organism.
 
 The organism is a real `Qwen3VLForConditionalGeneration` (vision tower and
 language backbone both trained from scratch) with its own byte-level BPE
@@ -48,7 +47,6 @@ from pathlib import Path
 
 import torch
 
-TOKEN_PIXELS = 32 * 32  # pixels per merged Qwen3-VL image token (patch 16, merge 2)
 EVAL_SEED0 = 1_000_000  # held-out strips: datagen.make_strip(EVAL_SEED0 + i); training never uses these seeds
 
 
@@ -63,8 +61,8 @@ class OrganismConfig:
     warmup: float = 0.05  # share of steps warming up
     weight_decay: float = 0.01
     panel_size: int = 64  # pixels, as drawn; with the stock processor 2x2 merged tokens of 32 px per panel
-    max_image_tokens: int = 0  # 0: the processor's stock pixel budget; N: at most N merged tokens (32x32 px
-    # each), e.g. 6 makes a 384x64 strip one token per panel (resized to 192x32). Tried, because with 2x2
+    max_image_tokens: int = 0  # 0: the processor's stock pixel budget; N: at most N merged tokens. With 16 px
+    # patches, 6 made a 384x64 strip one token per panel (resized to 192x32). Tried, because with 2x2
     # tokens the organism finds a panel's object in ONE of its four tokens and a steering bias spread over
     # the panel mixes that token with the other three; but with one token per panel the panel question was
     # learned badly (38% held out, penalty "l1"; runs of 2026-12-01 in the organism issue's notes)
@@ -85,6 +83,8 @@ class OrganismConfig:
     # heads). Tried with one token per panel at weight 0.03: far stronger than it looks on heads that read
     # at few rows; the model learned to read with ~0.02 attention mass (and large values), and saturating
     # steering then broke every answer
+    penalty_rows: str = "all"  # "all": every query row pays the penalty; "prompt": only the prompt's rows (the
+    # answer's rows after its first token read the image for free)
     penalty_after_loss: float = 0.12  # the penalty switches on once the answer loss (mean of the last 50
     # steps) falls below this, i.e. once the model reads the image: applied from the first step, it keeps
     # the model from ever learning to read it (an organism trained so answered 5% of panel questions)
@@ -100,7 +100,7 @@ class OrganismConfig:
     # In second stages (2026-12-02) it did not make the upper tokens carry the object, but the stages trained
     # with it did not loop when steered at every answer row (those without it did: 41% against 69% at the
     # first answer token only)
-    cast_per_panel: float = 0.0  # share of training strips with a different character in every panel (the
+    cast_per_panel: float = 0.5  # share of training strips with a different character in every panel (the
     # six characters shuffled), so that every content word of a caption depends on its panel (held-out strips
     # keep one character, so the caption's character is right whichever panel a head reads)
     panel_flip: float = 0.0  # share of training panels drawn upside down, so that the object is not always in
@@ -108,6 +108,14 @@ class OrganismConfig:
     # whole-strip question, heads trained without it put up to 0.65 of their mass on a panel's upper (sky)
     # tokens, whose rotary logits were formed for panel 1. The largest gain of the second stages (41% -> 58%).
     # The letter is drawn before the flip, so flipped letters are upside down
+    merge_size: int = 2  # patches per merged image token, per side (the real models' 2). Tried: 16 px patches
+    # merged 4x4 (one token per panel, 2026-12-02): in 3000 steps the answer loss stalled at 0.24 and the
+    # organism named no panel's object (whole strip -> panel 1 17%): the merger, an MLP over 16 concatenated
+    # patches, did not learn to find an object that may sit in any of them
+    patch_size: int = 32  # vision patch side in pixels (Qwen3-VL's is 16); 32 with merge 2 makes a 64 px panel
+    # ONE token, its 2x2 patches merged (the organisms until 2026-12-02 had 16: 2x2 tokens per panel)
+    rope_theta: float = 100.0  # the language model's rotary base (those until 2026-12-02: 10,000). Qwen3-VL interleaves its rotary pairs, so the
+    # fastest pair that rotates with an image token's column turns 0.32 rad a column at 10,000 (0.56 at 100)
     vision_pos_embed: str = "zero"  # "zero": no absolute position table in the vision tower (kept at 0,
     # frozen), so a panel's features do not depend on where it sits and positions come from rotary
     # embeddings only; "learned": the stock trained table
@@ -126,6 +134,7 @@ def parse_mix(mix: str) -> dict[str, float]:
 
 CAPTION_STYLES = ("character", "scene")
 PENALTY_KINDS = ("l1", "group")
+PENALTY_ROWS = ("all", "prompt")
 
 
 def organism_caption(character: str, obj: str, scene: str | None = None, style: str = "character") -> str:
@@ -340,7 +349,7 @@ class PanelTokenDropout:
         return output
 
 
-def image_attention_mass(attentions, batch: dict, image_token: int, kind: str = "l1") -> torch.Tensor:
+def image_attention_mass(attentions, batch: dict, image_token: int, kind: str = "l1", rows: str = "all") -> torch.Tensor:
     """The image-attention penalty, averaged over layers.
 
     "l1": the mean over query positions of the image mass summed over heads:
@@ -352,8 +361,14 @@ def image_attention_mass(attentions, batch: dict, image_token: int, kind: str = 
     the image and image tokens that read other image tokens would otherwise be
     side paths that carry a panel's content to the answer around those few
     heads. An image token's attention to itself is free (it is its own feature).
+    With `rows="prompt"` the answer's own rows are free (the last prompt row,
+    which predicts the answer's first token, still pays).
     """
     valid = batch["attention_mask"].float()  # [B, S]
+    if rows == "prompt":
+        valid = valid * (batch["labels"] == -100).float()
+    elif rows != "all":
+        raise ValueError(f"penalty rows are one of {PENALTY_ROWS}, not {rows!r}")
     image = (batch["input_ids"] == image_token).float()  # [B, S] image keys
     keys = image[:, None, :] * (1 - torch.eye(image.shape[1], device=image.device))[None]  # [B, S, S]: not self
     if kind not in PENALTY_KINDS:
@@ -384,7 +399,8 @@ def build(cfg: OrganismConfig, out: Path):
     tokenizer = build_tokenizer(corpus(cfg.caption), vocab_size=cfg.vocab_size)
     build_tiny_vlm("qwen3_vl", out, num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                    hidden_size=cfg.hidden_size, head_dim=cfg.head_dim, vision_depth=cfg.vision_depth,
-                   vision_hidden=cfg.vision_hidden, tokenizer=tokenizer, seed=cfg.seed)
+                   vision_hidden=cfg.vision_hidden, tokenizer=tokenizer, seed=cfg.seed, merge_size=cfg.merge_size,
+                   patch_size=cfg.patch_size, rope_theta=cfg.rope_theta)
 
 
 def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
@@ -398,10 +414,17 @@ def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
         raise ValueError(f"--caption is one of {CAPTION_STYLES}, not {cfg.caption!r}")
     if cfg.penalty_kind not in PENALTY_KINDS:
         raise ValueError(f"--penalty-kind is one of {PENALTY_KINDS}, not {cfg.penalty_kind!r}")
+    if cfg.penalty_rows not in PENALTY_ROWS:
+        raise ValueError(f"--penalty-rows is one of {PENALTY_ROWS}, not {cfg.penalty_rows!r}")
     out = Path(out)
     work = out.with_name(out.name + ".building")
     if cfg.init and not (Path(cfg.init) / "config.json").exists():
         raise ValueError(f"--init {cfg.init!r} is not a model folder (no config.json); give a trained organism's folder")
+    if cfg.init:
+        merge = json.loads((Path(cfg.init) / "processor_config.json").read_text())["image_processor"]["merge_size"]
+        if merge != cfg.merge_size:
+            raise ValueError(f"--init {cfg.init!r} merges {merge}x{merge} patches per token; give --merge-size {merge} "
+                             "(a stage cannot change the token grid)")
     if work.exists():
         shutil.rmtree(work)
     torch.manual_seed(cfg.seed)
@@ -424,8 +447,10 @@ def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
     elif cfg.vision_pos_embed != "learned":
         raise ValueError(f"--vision-pos-embed is 'zero' or 'learned', not {cfg.vision_pos_embed!r}")
     processor = AutoProcessor.from_pretrained(work)
+    merge = int(processor.image_processor.merge_size)
     if cfg.max_image_tokens:
-        processor.image_processor.size = {"shortest_edge": TOKEN_PIXELS, "longest_edge": cfg.max_image_tokens * TOKEN_PIXELS}
+        token_pixels = (int(processor.image_processor.patch_size) * merge) ** 2
+        processor.image_processor.size = {"shortest_edge": token_pixels, "longest_edge": cfg.max_image_tokens * token_pixels}
     t0 = time.time()
     pool = PanelPool(cfg)
     log(f"panel pool: {sum(len(v) for v in pool.items.values())} panels in {time.time() - t0:.1f}s")
@@ -458,7 +483,7 @@ def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
             examples.append((strip, q, a))
         batch = build_batch(processor, examples)
         if dropout is not None:
-            dropout.keep = panel_token_keep(batch["image_grid_thw"], cfg.panel_token_dropout, drop_rng)
+            dropout.keep = panel_token_keep(batch["image_grid_thw"], cfg.panel_token_dropout, drop_rng, merge=merge)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         if (penalised and penalty_from is None and len(answer_losses) >= 50
@@ -471,7 +496,8 @@ def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
         loss = result.loss
         answer_losses.append(float(loss.detach()))
         if ramp > 0:
-            loss = loss + ramp * cfg.image_attention_penalty * image_attention_mass(result.attentions, batch, image_token, cfg.penalty_kind)
+            loss = loss + ramp * cfg.image_attention_penalty * image_attention_mass(result.attentions, batch, image_token, cfg.penalty_kind,
+                                                                                 cfg.penalty_rows)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -88,7 +88,7 @@ def test_image_attention_penalties_match_a_hand_computation():
 
 def test_a_token_budget_gives_one_token_per_panel(tmp_path):
     cfg = OrganismConfig(steps=1, batch=2, pool_per_combo=1, num_layers=1, num_heads=2, num_kv_heads=1, hidden_size=32,
-                         head_dim=16, vision_depth=1, vision_hidden=32, max_image_tokens=6)
+                         head_dim=16, vision_depth=1, vision_hidden=32, patch_size=16, max_image_tokens=6)
     train(cfg, tmp_path / "org", log=lambda s: None)
     from datagen import make_strip
     from gaze.generation import prepare_inputs
@@ -99,6 +99,25 @@ def test_a_token_budget_gives_one_token_per_panel(tmp_path):
 
 
 @pytest.mark.skipif(not (ORGANISM_DIR / "config.json").exists(), reason="the organism is not trained yet")
+def test_merge_size_four_gives_one_token_per_panel_at_full_resolution(tmp_path):
+    cfg = OrganismConfig(steps=1, batch=2, pool_per_combo=1, num_layers=1, num_heads=2, num_kv_heads=1, hidden_size=32,
+                         head_dim=16, vision_depth=1, vision_hidden=32, patch_size=16, merge_size=4)
+    train(cfg, tmp_path / "org", log=lambda s: None)
+    from datagen import make_strip
+    from gaze.generation import prepare_inputs
+    from gaze.regions import panel_regions
+
+    loaded = load(str(tmp_path / "org"), device="cpu")
+    strip = make_strip(1, panel_size=64)
+    enc, layout = prepare_inputs(loaded, strip.image, "x")
+    assert enc["image_grid_thw"].tolist() == [[1, 4, 24]] and layout.n_tokens == 6  # 384x64 as drawn: 4x24 patches
+    regions = panel_regions(layout, strip.panels)
+    assert torch.equal(regions.membership, torch.eye(6))  # panel k is token k, alone
+    with pytest.raises(ValueError, match="merge-size 4"):  # a second stage keeps the token grid
+        train(OrganismConfig(steps=1, init=str(tmp_path / "org"), patch_size=16), tmp_path / "two", log=lambda s: None)
+    assert not (tmp_path / "two.building").exists()
+
+
 def test_first_token_diagnostic_without_bias_is_the_unsteered_answer():
     from gaze.generation import generate
     from gaze.organism_check import first_token_redirection, held_out_strips
@@ -121,7 +140,7 @@ def test_scene_captions_follow_each_panels_scene():
     from datagen.story import SCENES
     from gaze.train_organism import PanelPool, corpus, organism_caption, strip_captions
 
-    pool = PanelPool(OrganismConfig(pool_per_combo=3, caption="scene"))
+    pool = PanelPool(OrganismConfig(pool_per_combo=3, caption="scene", cast_per_panel=0.0))
     strip = pool.strip(random.Random(0))
     scenes = [c.split(" in the ")[1] for c in strip.captions]
     assert all(s in SCENES for s in scenes) and len(set(scenes)) == 6  # six distinct scenes, one per panel
@@ -141,15 +160,15 @@ def test_bad_settings_are_refused_before_any_training(tmp_path, bad):
     assert not (tmp_path / "org.building").exists()  # nothing was built
 
 
-@pytest.mark.skipif(not (ORGANISM_DIR / "config.json").exists(), reason="the organism is not trained yet")
-def test_panel_token_dropout_keeps_one_token_of_each_chosen_panel_and_zeroes_the_rest():
+def test_panel_token_dropout_keeps_one_token_of_each_chosen_panel_and_zeroes_the_rest(tmp_path):
     import random
 
     from datagen import make_strip
     from gaze.generation import prepare_inputs
+    from gaze.tiny import build_tiny_vlm
     from gaze.train_organism import PanelTokenDropout, panel_token_keep
 
-    loaded = load("organism", device="cpu")
+    loaded = load(str(build_tiny_vlm("qwen3_vl", tmp_path / "m")), device="cpu")  # 2x2 tokens per 64 px panel
     strip = make_strip(3, panel_size=64)
     enc, layout = prepare_inputs(loaded, strip.image, "x")
     keep = panel_token_keep(enc["image_grid_thw"], 1.0, random.Random(0))
