@@ -112,6 +112,10 @@ class OrganismConfig:
     # merged 4x4 (one token per panel, 2026-12-02): in 3000 steps the answer loss stalled at 0.24 and the
     # organism named no panel's object (whole strip -> panel 1 17%): the merger, an MLP over 16 concatenated
     # patches, did not learn to find an object that may sit in any of them
+    fresh_letters: float = 0.0  # share of training panels whose letter is drawn anew, per strip (the pool's panels
+    # otherwise keep the letter they were rendered with, so a model can memorise it: held-out letters 0-2%).
+    # Tried as a second stage on the shipped organism (900 steps, 12 min, letter share 0.3): held-out letters
+    # still 2% (2026-12-02)
     patch_size: int = 32  # vision patch side in pixels (Qwen3-VL's is 16); 32 with merge 2 makes a 64 px panel
     # ONE token, its 2x2 patches merged (the organisms until 2026-12-02 had 16: 2x2 tokens per panel)
     rope_theta: float = 100.0  # the language model's rotary base (those until 2026-12-02: 10,000). Qwen3-VL interleaves its rotary pairs, so the
@@ -212,6 +216,8 @@ class PanelPool:
         from datagen.story import ACTIONS, CHARACTERS, OBJECTS, SCENES
 
         rng = random.Random(f"organism-pool/{cfg.seed}")
+        self.clean: dict[int, tuple] = {}
+        self.fresh_letters = cfg.fresh_letters
         self.items: dict[tuple[str, str, str], list[tuple]] = {}
         for c in CHARACTERS:
             for a in ACTIONS:
@@ -224,6 +230,8 @@ class PanelPool:
                         image = panel.image.copy()
                         draw_letter(image, letter, rng, avoid=[ob["box"] for ob in panel.objects])
                         variants.append((image, letter, scene))
+                        if cfg.fresh_letters > 0:  # the panel without its letter, and where its objects are
+                            self.clean[id(image)] = (panel.image, [ob["box"] for ob in panel.objects])
                     self.items[(c, a, o)] = variants
         self.characters, self.actions, self.objects = CHARACTERS, ACTIONS, OBJECTS
         self.style = cfg.caption
@@ -249,6 +257,13 @@ class PanelPool:
                 image, letter, scene = rng.choice(self.items[(c, a, o)])
                 if letter not in letters and (self.style == "character" or scene not in scenes):
                     break
+            if self.fresh_letters > 0 and rng.random() < self.fresh_letters:  # a new letter, where this draw puts it
+                from datagen.letters import LETTERS, draw_letter
+
+                clean, boxes = self.clean[id(image)]
+                letter = rng.choice([x for x in LETTERS if x not in letters])
+                image = clean.copy()
+                draw_letter(image, letter, rng, avoid=boxes)
             if self.panel_flip > 0 and rng.random() < self.panel_flip:  # no draw at 0: the default stream
                 image = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
             images.append(image)

@@ -219,3 +219,26 @@ def test_flipped_panels_are_pool_panels_upside_down():
         panel = strip.image.crop(box)
         assert panel.transpose(Image.Transpose.FLIP_TOP_BOTTOM).tobytes() in drawn
         assert panel.tobytes() not in drawn
+
+
+def test_fresh_letters_are_drawn_on_the_clean_pool_panels():
+    import random
+
+    from PIL import ImageChops
+
+    from datagen.letters import LETTERS
+    from gaze.train_organism import PanelPool
+
+    pool = PanelPool(OrganismConfig(pool_per_combo=1, fresh_letters=1.0))
+    drawn = {im.tobytes() for variants in pool.items.values() for im, _, _ in variants}
+    clean = [c for c, _ in pool.clean.values()]
+    strip = pool.strip(random.Random(1))
+    assert len(set(strip.letters)) == 6 and set(strip.letters) <= set(LETTERS)
+    for box in strip.panels:
+        panel = strip.image.crop(box)
+        assert panel.tobytes() not in drawn  # not the pool's own lettered panel
+        # a clean pool panel under it: they differ only inside one letter-sized box
+        diffs = [ImageChops.difference(panel.convert("RGB"), c.convert("RGB")).getbbox() for c in clean]
+        sizes = [(b[2] - b[0]) * (b[3] - b[1]) for b in diffs if b is not None]
+        assert min(sizes) < 0.5 * panel.width * panel.height
+    assert not PanelPool(OrganismConfig(pool_per_combo=1)).clean  # off by default: nothing kept
