@@ -664,7 +664,8 @@ def _manifest(cfg: EvalConfig, loaded, ranking: Ranking, k: int) -> dict:
     """What fixes the records' content: a rerun with other values must not mix into the same file."""
     digest = hashlib.sha1(np.asarray(ranking.scores, dtype=np.float32).tobytes()).hexdigest()[:12]
     keep = ("strips", "every", "at_sentence", "seed", "judge", "judge_model", "max_new_tokens", "narration_tokens",
-            "strength", "mode", "prefill_only", "random_percentile", "prior_strips", "scenes", "n_objects", "scene_size", "panel_size")
+            "strength", "mode", "prefill_only", "random_percentile", "prior_strips", "scenes", "n_objects", "scene_size",
+            "panel_size")
     m = {name: getattr(cfg, name) for name in keep}
     m["scene_size"] = list(cfg.scene_size)
     m.update(model_id=loaded.model_id, ranking_digest=digest, top_k=k,
@@ -816,7 +817,8 @@ def run_eval(cfg: EvalConfig, *, loaded=None, ranking: Ranking | None = None, li
         "model_id": loaded.model_id, "n_layers": loaded.n_layers, "n_heads": loaded.n_heads, "n_total_heads": n_total,
         "top_k": k, "strips": cfg.strips, "n_strips": len(strips), "scenes": cfg.scenes, "judge": cfg.judge,
         "seed": cfg.seed, "every": cfg.every, "at_sentence": cfg.at_sentence, "strength": cfg.strength, "mode": cfg.mode,
-        "prefill_only": cfg.prefill_only, "random_percentile": cfg.random_percentile, "random_pool": len(random_pool(ranking, k, cfg.random_percentile)),
+        "prefill_only": cfg.prefill_only, "random_percentile": cfg.random_percentile,
+        "random_pool": len(random_pool(ranking, k, cfg.random_percentile)),
         "questions": {p: cfg.question(p) for p in cfg.protocols}, "protocols": list(cfg.protocols),
         "conditions": list(kinds), "heads": {c: [list(h) for h in hs] for c, hs in sets.items() if c != "all"},
         "chance": 1 / strips[0].n_panels, "ranking_strips": ranking.n_strips,

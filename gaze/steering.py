@@ -298,6 +298,8 @@ def steer(
     if decode_only and prefill_only:
         raise ValueError("decode_only and prefill_only exclude each other: give at most one")
     schedule = schedule or Schedule.static(target)
+    if prefill_only and len(schedule.targets) > 1:
+        raise ValueError("a schedule switches targets while the answer is written: steer it without prefill_only")
     cfg = model.config.get_text_config()
     heads = check_heads(heads, cfg.num_hidden_layers, cfg.num_attention_heads)
     by_layer: dict[int, list[int]] = {}

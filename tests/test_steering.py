@@ -274,6 +274,10 @@ def test_prefill_only_steers_the_prompt_and_leaves_the_answer_rows_alone(loaded,
     assert mass[0, 3] > 0.99 and mass[0].sum() - mass[0, 3] < 1e-3  # the prefill's last row: on panel 4 alone
     if len(pre.token_ids) > 1:
         assert float(mass[1:, 3].max()) < 0.99  # the answer's rows: unbiased
+    with pytest.raises(ValueError, match="schedule switches targets"):
+        with steer(loaded.model, heads, schedule=Schedule((Panel(1), Panel(2)), every=2), layout=layout, prompt_len=n,
+                   panels=strip.panels, prefill_only=True):
+            pass
     with pytest.raises(ValueError, match="exclude each other"):
         with steer(loaded.model, heads, Panel(1), layout=layout, prompt_len=n, panels=strip.panels, decode_only=True,
                    prefill_only=True):
