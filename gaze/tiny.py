@@ -871,7 +871,8 @@ def register_processors() -> None:
             AutoProcessor.register(spec.config_class, spec.processor_class, exist_ok=True)
 
 
-def image_processor_for(family: str, merge_size: int = MERGE_SIZE, patch_size: int | None = None) -> Qwen2VLImageProcessorPil:
+def image_processor_for(family: str, merge_size: int = MERGE_SIZE,
+                        patch_size: int | None = None) -> Qwen2VLImageProcessorPil:
     """The PIL image processor of `family`, sized so that small images are not upscaled.
 
     `size.shortest_edge` is the minimum pixel count (one merged token) and

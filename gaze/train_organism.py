@@ -118,8 +118,9 @@ class OrganismConfig:
     # still 2% (2026-12-02)
     patch_size: int = 32  # vision patch side in pixels (Qwen3-VL's is 16); 32 with merge 2 makes a 64 px panel
     # ONE token, its 2x2 patches merged (the organisms until 2026-12-02 had 16: 2x2 tokens per panel)
-    rope_theta: float = 100.0  # the language model's rotary base (those until 2026-12-02: 10,000). Qwen3-VL interleaves its rotary pairs, so the
-    # fastest pair that rotates with an image token's column turns 0.32 rad a column at 10,000 (0.56 at 100)
+    rope_theta: float = 100.0  # the language model's rotary base (those until 2026-12-02: 10,000). Qwen3-VL
+    # interleaves its rotary pairs, so the fastest pair that rotates with an image token's column turns 0.32 rad
+    # a column at 10,000 (0.56 at 100)
     vision_pos_embed: str = "zero"  # "zero": no absolute position table in the vision tower (kept at 0,
     # frozen), so a panel's features do not depend on where it sits and positions come from rotary
     # embeddings only; "learned": the stock trained table
@@ -331,7 +332,7 @@ def panel_token_keep(image_grid_thw: torch.Tensor, share: float, rng: random.Ran
         rows, cols = h // merge, w // merge
         if cols % panels:
             raise ValueError(f"{cols} token columns do not split into {panels} panels; use a panel size that is "
-                             f"a multiple of {16 * merge} px")
+                             f"a multiple of the merged token (patch size x {merge} px)")
         mask = torch.ones(t, rows, cols)
         per = cols // panels
         for p in range(panels):
