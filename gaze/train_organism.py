@@ -121,6 +121,13 @@ class OrganismConfig:
     rope_theta: float = 100.0  # the language model's rotary base (those until 2026-12-02: 10,000). Qwen3-VL
     # interleaves its rotary pairs, so the fastest pair that rotates with an image token's column turns 0.32 rad
     # a column at 10,000 (0.56 at 100)
+    gaze_augment: float = 0.0  # share of training examples in which 1..`gaze_augment_heads` random heads (of any
+    # layer) are forced, with steering's saturating bias, onto the panel being described at every answer row
+    # (a narration's rows onto the panel of the caption being written): a label-consistent attention
+    # augmentation, so that a head reading the described panel at a row that does not need it (after the
+    # object: "with the") is harmless. Without it the organism's gaze heads read the image only at the row
+    # that picks the object, and steered at every row they write the object again ("tree withtree with...")
+    gaze_augment_heads: int = 4
     vision_pos_embed: str = "zero"  # "zero": no absolute position table in the vision tower (kept at 0,
     # frozen), so a panel's features do not depend on where it sits and positions come from rotary
     # embeddings only; "learned": the stock trained table
@@ -275,29 +282,108 @@ class PanelPool:
                      letters=tuple(letters))
 
 
-def sample_task(strip, rng: random.Random, weights: dict[str, float]) -> tuple[str, str]:
-    """(question, answer) for one strip."""
+def draw_task(strip, rng: random.Random, weights: dict[str, float]) -> tuple[str, str, int]:
+    """(question, answer, the panel the answer describes: 1..6, or 0 for a narration, which describes each)."""
     from gaze.prompts import LETTER_QUESTION, NARRATION_PROMPT, PANEL_QUESTION, STRIP_QUESTION, panel_question
 
     task = rng.choices(list(weights), weights=list(weights.values()))[0]
     k = rng.randint(1, 6)
     if task == "panel":
-        return panel_question(k, PANEL_QUESTION), strip.captions[k - 1]
+        return panel_question(k, PANEL_QUESTION), strip.captions[k - 1], k
     if task == "letter":
-        return panel_question(k, LETTER_QUESTION), strip.letters[k - 1]
+        return panel_question(k, LETTER_QUESTION), strip.letters[k - 1], k
     if task == "strip":
-        return STRIP_QUESTION, strip.captions[0]
-    return NARRATION_PROMPT, narration(strip.captions)
+        return STRIP_QUESTION, strip.captions[0], 1
+    return NARRATION_PROMPT, narration(strip.captions), 0
 
 
-def build_batch(processor, examples) -> dict:
-    """Prompt (with image) + answer + <|im_end|>, right-padded; loss on the answer only."""
+def sample_task(strip, rng: random.Random, weights: dict[str, float]) -> tuple[str, str]:
+    """(question, answer) for one strip."""
+    return draw_task(strip, rng, weights)[:2]
+
+
+def answer_panels(tokenizer, answer: str, panel: int) -> list[int]:
+    """The panel (1..6) each token of `answer + "<|im_end|>"` describes: `panel` for all of them, or for a
+    narration (`panel` 0: "1: ... 2: ...") the panel of the caption the token belongs to (its "k: " too)."""
+    enc = tokenizer(answer + "<|im_end|>", add_special_tokens=False, return_offsets_mapping=True)
+    if panel:
+        return [panel] * len(enc["input_ids"])
+    starts = [answer.find(f"{k}: ") for k in range(1, 7)]
+    if any(s < 0 for s in starts) or starts != sorted(starts):
+        raise ValueError(f"not a six-panel narration: {answer!r}")
+    return [max(1, sum(1 for s in starts if s <= start)) for start, _ in enc["offset_mapping"]]
+
+
+def image_token_panels(input_ids: torch.Tensor, image_grid_thw: torch.Tensor, image_token: int, merge: int,
+                       panels: int = 6) -> torch.Tensor:
+    """[B, S]: the panel (1..6) of each image token (side-by-side panels of equal width), 0 elsewhere."""
+    out = torch.zeros_like(input_ids)
+    for b, (t, h, w) in enumerate(image_grid_thw.tolist()):
+        cols = w // merge
+        if cols % panels:
+            raise ValueError(f"{cols} token columns do not split into {panels} panels")
+        n = t * (h // merge) * cols
+        where = (input_ids[b] == image_token).nonzero().flatten()
+        if len(where) != n:
+            raise ValueError(f"example {b} has {len(where)} image tokens, its grid {n}; one image per example")
+        out[b, where] = torch.arange(n) % cols // (cols // panels) + 1
+    return out
+
+
+def gaze_augment_bias(batch: dict, row_panels: torch.Tensor, key_panels: torch.Tensor, chosen: torch.Tensor,
+                      strength: float = 1e4) -> list[torch.Tensor | None]:
+    """Per layer, the additive bias [B, H, S, S] that forces the `chosen` heads ([L, B, H] bool) of each
+    example onto the described panel's image tokens at the rows that predict an answer token.
+
+    `row_panels` [B, S]: the panel the token AT each position describes (0: not an answer token); the row
+    before it predicts it, so it is that row that reads the panel."""
+    rows = torch.zeros_like(row_panels)
+    rows[:, :-1] = row_panels[:, 1:]
+    pattern = (rows[:, :, None] == key_panels[:, None, :]) & (rows[:, :, None] > 0)  # [B, S(rows), S(keys)]
+    pattern = pattern & batch["attention_mask"].bool()[:, None, :]
+    out = []
+    for sel in chosen:
+        if not sel.any():
+            out.append(None)
+            continue
+        out.append(strength * (sel[:, :, None, None] & pattern[:, None]).float())
+    return out
+
+
+_TRAIN_BIAS: dict[int, torch.Tensor | None] = {}  # layer -> the bias the next forward adds (gaze augmentation)
+TRAIN_ATTENTION = "organism_eager"
+
+
+def organism_eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Eager attention (its post-softmax weights feed the image-attention penalty) plus `_TRAIN_BIAS`."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import eager_attention_forward
+
+    bias = _TRAIN_BIAS.get(getattr(module, "layer_idx", -1))
+    if bias is not None:
+        bias = bias.to(query.dtype)[:, :, -query.shape[2]:, :key.shape[2]]
+        attention_mask = bias if attention_mask is None else attention_mask + bias
+    return eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def register_train_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(TRAIN_ATTENTION, organism_eager_attention)
+    AttentionMaskInterface.register(TRAIN_ATTENTION, eager_mask)
+
+
+def build_batch(processor, examples, panels: list[int] | None = None) -> dict:
+    """Prompt (with image) + answer + <|im_end|>, right-padded; loss on the answer only.
+
+    With `panels` (per example, `draw_task`'s third value) the batch also holds "answer_panels" [B, S]: the
+    panel each answer token describes (0 elsewhere); pop it before the forward."""
     from gaze.prompts import chat_text
 
     tok = processor.tokenizer
     enc = processor(text=[chat_text(processor, q) for _, q, _ in examples], images=[s.image for s, _, _ in examples],
                     return_tensors="pt", padding=True)
-    rows, labels, types = [], [], []
+    rows, labels, types, described = [], [], [], []
     for i, (_, _, answer) in enumerate(examples):
         n = int(enc["attention_mask"][i].sum())
         prompt = enc["input_ids"][i, :n]
@@ -305,6 +391,11 @@ def build_batch(processor, examples) -> dict:
         rows.append(torch.cat([prompt, ans]))
         labels.append(torch.cat([torch.full_like(prompt, -100), ans]))
         types.append(torch.cat([enc["mm_token_type_ids"][i, :n], torch.zeros_like(ans)]))
+        if panels is not None:
+            per = torch.tensor(answer_panels(tok, answer, panels[i]))
+            if len(per) != len(ans):
+                raise ValueError(f"answer {answer!r}: {len(ans)} tokens but {len(per)} panel labels")
+            described.append(torch.cat([torch.zeros_like(prompt), per]))
     width = max(len(r) for r in rows)
     pad = tok.pad_token_id
 
@@ -312,7 +403,7 @@ def build_batch(processor, examples) -> dict:
         return torch.stack([torch.cat([x, torch.full((width - len(x),), fill, dtype=x.dtype)]) for x in xs])
 
     ids = stack(rows, pad)
-    return {
+    batch = {
         "input_ids": ids,
         "attention_mask": stack([torch.ones_like(r) for r in rows], 0),
         "labels": stack(labels, -100),
@@ -320,6 +411,9 @@ def build_batch(processor, examples) -> dict:
         "pixel_values": enc["pixel_values"],
         "image_grid_thw": enc["image_grid_thw"],
     }
+    if panels is not None:
+        batch["answer_panels"] = stack(described, 0)
+    return batch
 
 
 def panel_token_keep(image_grid_thw: torch.Tensor, share: float, rng: random.Random, panels: int = 6,
@@ -453,7 +547,13 @@ def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
     else:
         build(cfg, work)
     penalised = cfg.image_attention_penalty > 0
+    if not 0 <= cfg.gaze_augment <= 1 or cfg.gaze_augment_heads < 1:
+        raise ValueError("--gaze-augment is a share in [0, 1] and --gaze-augment-heads at least 1")
     model = AutoModelForImageTextToText.from_pretrained(work, attn_implementation="eager" if penalised else "sdpa")
+    if cfg.gaze_augment > 0:
+        register_train_attention()
+        model.set_attn_implementation({"text_config": TRAIN_ATTENTION})
+    n_layers, n_heads = model.config.text_config.num_hidden_layers, model.config.text_config.num_attention_heads
     image_token = model.config.image_token_id
     if cfg.vision_pos_embed == "zero":
         pos = model.model.visual.pos_embed
@@ -473,6 +573,7 @@ def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
     weights = parse_mix(cfg.mix)
     rng = random.Random(f"organism-train/{cfg.seed}")
     drop_rng = random.Random(f"organism-token-dropout/{cfg.seed}")
+    aug_rng = random.Random(f"organism-gaze-augment/{cfg.seed}")
     dropout = PanelTokenDropout(model) if cfg.panel_token_dropout > 0 else None
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in trainable if p.ndim >= 2]
@@ -492,12 +593,23 @@ def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
     penalty_from = None  # the step at which the image-attention penalty switched on
     t0 = time.time()
     for step in range(cfg.steps):
-        examples = []
+        examples, panels = [], []
         for _ in range(cfg.batch):
             strip = pool.strip(rng)
-            q, a = sample_task(strip, rng, weights)
+            q, a, k = draw_task(strip, rng, weights)
             examples.append((strip, q, a))
-        batch = build_batch(processor, examples)
+            panels.append(k)
+        batch = build_batch(processor, examples, panels if cfg.gaze_augment > 0 else None)
+        if cfg.gaze_augment > 0:
+            chosen = torch.zeros(n_layers, len(examples), n_heads, dtype=torch.bool)
+            for b in range(len(examples)):
+                if aug_rng.random() < cfg.gaze_augment:
+                    for h in aug_rng.sample(range(n_layers * n_heads), aug_rng.randint(1, cfg.gaze_augment_heads)):
+                        chosen[h // n_heads, b, h % n_heads] = True
+            key_panels = image_token_panels(batch["input_ids"], batch["image_grid_thw"], image_token, merge)
+            biases = gaze_augment_bias(batch, batch.pop("answer_panels"), key_panels, chosen)
+            _TRAIN_BIAS.clear()
+            _TRAIN_BIAS.update(enumerate(biases))
         if dropout is not None:
             dropout.keep = panel_token_keep(batch["image_grid_thw"], cfg.panel_token_dropout, drop_rng, merge=merge)
         for g in opt.param_groups:
@@ -523,6 +635,9 @@ def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
             log(f"step {step:5d}  loss {mean_last(losses, 100):.4f}  answer loss {mean_last(answer_losses, 100):.4f}  "
                 f"lr {lr_at(step):.2e}  {time.time() - t0:.0f}s")
     model.eval()
+    _TRAIN_BIAS.clear()
+    if cfg.gaze_augment > 0:
+        model.set_attn_implementation({"text_config": "eager" if penalised else "sdpa"})
     if dropout is not None:
         dropout.handle.remove()
     minutes = (time.time() - t0) / 60

@@ -242,3 +242,86 @@ def test_fresh_letters_are_drawn_on_the_clean_pool_panels():
         sizes = [(b[2] - b[0]) * (b[3] - b[1]) for b in diffs if b is not None]
         assert min(sizes) < 0.5 * panel.width * panel.height
     assert not PanelPool(OrganismConfig(pool_per_combo=1)).clean  # off by default: nothing kept
+
+
+def test_answer_panels_split_a_narration_caption_by_caption():
+    from gaze.tiny import build_tokenizer
+    from gaze.train_organism import answer_panels, corpus
+
+    tok = build_tokenizer(corpus(), vocab_size=400)
+    captions = ["tree with the cat", "ball with the cat", "kite with the cat", "cake with the cat", "boat with the cat",
+                "lamp with the cat"]
+    text = narration(captions)
+    ids = tok(text + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    panels = answer_panels(tok, text, 0)
+    assert len(panels) == len(ids) and panels[-1] == 6  # <|im_end|> ends the last caption
+    for k, caption in enumerate(captions, start=1):
+        part = tok.decode([i for i, p in zip(ids, panels) if p == k], skip_special_tokens=True)
+        assert part.strip() == f"{k}: {caption}."
+    assert answer_panels(tok, "K", 3) == [3] * len(tok("K<|im_end|>", add_special_tokens=False)["input_ids"])
+    with pytest.raises(ValueError, match="six-panel narration"):
+        answer_panels(tok, "1: tree.", 0)
+
+
+def test_gaze_augmentation_forces_the_chosen_heads_onto_the_described_panel(tmp_path):
+    import random
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import gaze.tiny  # noqa: F401
+    from gaze.train_organism import (_TRAIN_BIAS, TRAIN_ATTENTION, PanelPool, build, build_batch, draw_task,
+                                     gaze_augment_bias, image_token_panels, register_train_attention)
+
+    cfg = OrganismConfig(**SMALL)
+    build(cfg, tmp_path / "m")
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "m", attn_implementation="eager").eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "m")
+    pool, rng = PanelPool(cfg), random.Random(0)
+    examples, panels = [], []
+    for weights in ({"panel": 1.0}, {"narration": 1.0}):
+        strip = pool.strip(rng)
+        q, a, k = draw_task(strip, rng, weights)
+        examples.append((strip, q, a))
+        panels.append(k)
+    batch = build_batch(processor, examples, panels)
+    described = batch.pop("answer_panels")
+    image_token = model.config.image_token_id
+    keys = image_token_panels(batch["input_ids"], batch["image_grid_thw"], image_token, merge=2)
+    assert [sorted(set(keys[b].tolist()) - {0}) for b in range(2)] == [list(range(1, 7))] * 2
+    assert keys.gt(0).eq(batch["input_ids"] == image_token).all()
+    with torch.no_grad():
+        plain = model(**batch, output_attentions=True)
+    chosen = torch.zeros(2, 2, 4, dtype=torch.bool)
+    chosen[1, 0, 2] = chosen[1, 1, 0] = True  # layer 1: head 2 of the panel question, head 0 of the narration
+    register_train_attention()
+    model.set_attn_implementation({"text_config": TRAIN_ATTENTION})
+    try:
+        with torch.no_grad():
+            same = model(**batch, output_attentions=True)  # no bias set: plain eager
+            _TRAIN_BIAS.update(enumerate(gaze_augment_bias(batch, described, keys, chosen)))
+            forced = model(**batch, output_attentions=True)
+    finally:
+        _TRAIN_BIAS.clear()
+    assert torch.equal(same.logits, plain.logits)
+    assert torch.equal(forced.attentions[0], plain.attentions[0])  # nothing chosen in layer 0
+    rows = torch.zeros_like(described)
+    rows[:, :-1] = described[:, 1:]  # the row before an answer token predicts it
+    for b, h in ((0, 2), (1, 0)):
+        att = forced.attentions[1][b, h]
+        for r in rows[b].nonzero().flatten().tolist():
+            on = keys[b] == rows[b, r]
+            assert float(att[r, on].sum()) > 0.999  # the described panel's tokens
+        assert torch.allclose(att[rows[b] == 0], plain.attentions[1][b, h][rows[b] == 0])  # other rows untouched
+        other = 2 if h == 0 else 0
+        assert torch.allclose(forced.attentions[1][b, other], plain.attentions[1][b, other])  # other heads untouched
+    assert panels == [panels[0], 0] and set(rows[1].tolist()) == set(range(7))  # the narration reads each panel
+
+
+def test_training_with_gaze_augmentation_saves_a_plain_model(tmp_path):
+    train(OrganismConfig(steps=2, gaze_augment=1.0, **SMALL), tmp_path / "org", log=lambda s: None)
+    config = json.loads((tmp_path / "org" / "config.json").read_text())
+    assert "organism_eager" not in json.dumps(config)
+    loaded = load(str(tmp_path / "org"), device="cpu")
+    assert loaded.model.config.model_type == "qwen3_vl"
+    with pytest.raises(ValueError, match="gaze-augment"):
+        train(OrganismConfig(steps=1, gaze_augment=1.5, **SMALL), tmp_path / "bad", log=lambda s: None)
