@@ -1,9 +1,17 @@
 """Train the model organism: a tiny Qwen3-VL that really has gaze heads.
 
-The shipped organism (`gaze/organism/`) is one seeded run of the defaults, on 2 CPU cores:
+The shipped organism (`gaze/organism/`) is two seeded stages, on 2 CPU cores (38 min in all):
 
-    python -m gaze.train_organism --out gaze/organism     # about 28 min
+    python -m gaze.train_organism --out runs/stage1                          # the defaults, about 28 min
+    python -m gaze.train_organism --init runs/stage1 --out gaze/organism --steps 900 --lr 1e-3 \
+        --penalty-after-loss 99 --gaze-augment 0.5 --gaze-augment-heads 8   # about 11 min
     python -m gaze.train_organism --out /tmp/smoke --steps 5                  # a smoke run
+
+The second stage forces, in half of its examples, 1-8 random heads onto the
+panel being described at every answer row (`gaze_augment`): after stage 1 the
+gaze heads read the image only at the row that picks the object, and steered
+at every row they wrote the object again and again; after stage 2 a head
+reading the described panel at a row that does not need it changes nothing.
 
 Each 64 px panel is ONE image token (32 px patches, merged 2x2), so a head
 that reads a panel has no choice of token within it (with 2x2 tokens per

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from gaze.models import ORGANISM_DIR
+from gaze.prompts import NARRATION_PROMPT
 
 pytestmark = pytest.mark.browser
 
@@ -151,8 +152,8 @@ def test_the_space_in_a_browser(page, tmp_path):
     if ORGANISM:
         # ---- ORGANISM ONLY: the steered answer describes the clicked panel ----------------------
         # the organism names a panel by its character and object ("the cat by a tree"): the object is unique
-        obj = captions(EXAMPLE)[PANEL - 1].split()[-1]
-        assert obj in answer_text(pg).split(), (answer_text(pg), captions(EXAMPLE))
+        words = captions(EXAMPLE)[PANEL - 1].split()  # "the frog jumps by a ball"
+        assert answer_text(pg).strip().rstrip(".") == f"{words[-1]} with the {words[1]}", answer_text(pg)
 
     # 2. clicking a word shows its recorded heat map and region, without generating again
     status = pg.locator("#status").inner_text()
@@ -165,7 +166,11 @@ def test_the_space_in_a_browser(page, tmp_path):
     # (the map itself may equal the last token's: biased at every row, the organism's steered heads put all
     # their mass on the panel's one token at every step)
 
-    # 3. a schedule: spans tinted with the scheduled panels' colours, in order
+    # 3. a schedule, on the narration prompt (a long answer): spans tinted with the scheduled panels' colours,
+    # in order
+    question = pg.locator("#question textarea")
+    asked = question.input_value()
+    question.fill(NARRATION_PROMPT)
     pg.fill("#schedule input, #schedule textarea", "4,1,6")
     pg.fill("#every input", "3")
     pg.fill(number, "9")
@@ -179,6 +184,7 @@ def test_the_space_in_a_browser(page, tmp_path):
     pg.locator("#answer .tok").nth(4).click()  # a word of the second span: its own heat map
     pg.wait_for_selector("#gaze-label:has-text('token 5'):has-text('steered to panel 1')")
     pg.screenshot(path=str(tmp_path / "space-schedule.png"), full_page=True)
+    question.fill(asked)
 
     # 4. a bad schedule: a readable error in the page, no stack trace
     pg.fill("#schedule input, #schedule textarea", "4,2,x")
