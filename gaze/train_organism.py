@@ -326,15 +326,11 @@ def image_token_panels(input_ids: torch.Tensor, image_grid_thw: torch.Tensor, im
                        panels: int = 6) -> torch.Tensor:
     """[B, S]: the panel (1..6) of each image token (side-by-side panels of equal width), 0 elsewhere."""
     out = torch.zeros_like(input_ids)
-    for b, (t, h, w) in enumerate(image_grid_thw.tolist()):
-        cols = w // merge
-        if cols % panels:
-            raise ValueError(f"{cols} token columns do not split into {panels} panels")
-        n = t * (h // merge) * cols
+    for b, of_panel in enumerate(grid_panels(image_grid_thw, merge, panels)):
         where = (input_ids[b] == image_token).nonzero().flatten()
-        if len(where) != n:
-            raise ValueError(f"example {b} has {len(where)} image tokens, its grid {n}; one image per example")
-        out[b, where] = torch.arange(n) % cols // (cols // panels) + 1
+        if len(where) != len(of_panel):
+            raise ValueError(f"example {b} has {len(where)} image tokens, its grid {len(of_panel)}; one image per example")
+        out[b, where] = of_panel.to(out)
     return out
 
 
@@ -424,27 +420,33 @@ def build_batch(processor, examples, panels: list[int] | None = None) -> dict:
     return batch
 
 
+def grid_panels(image_grid_thw: torch.Tensor, merge: int, panels: int = 6) -> list[torch.Tensor]:
+    """Per image, the panel (1..`panels`) of each merged image token, in the processor's order (row by row),
+    for side-by-side panels of equal widths."""
+    out = []
+    for t, h, w in image_grid_thw.tolist():
+        rows, cols = h // merge, w // merge
+        if cols % panels:
+            raise ValueError(f"{cols} token columns do not split into {panels} panels; use a panel size that is "
+                             f"a multiple of the merged token (patch size x {merge} px)")
+        out.append((torch.arange(t * rows * cols) % cols // (cols // panels) + 1))
+    return out
+
+
 def panel_token_keep(image_grid_thw: torch.Tensor, share: float, rng: random.Random, panels: int = 6,
                      merge: int = 2) -> torch.Tensor:
     """1 or 0 for every merged image token of a batch (the processor's order: image by image, each row by
     row): for a `share` of each image's panels (side by side, equal widths), ONE random token of the panel
     is kept and its others are 0; every other panel keeps all its tokens."""
     keep = []
-    for t, h, w in image_grid_thw.tolist():
-        rows, cols = h // merge, w // merge
-        if cols % panels:
-            raise ValueError(f"{cols} token columns do not split into {panels} panels; use a panel size that is "
-                             f"a multiple of the merged token (patch size x {merge} px)")
-        mask = torch.ones(t, rows, cols)
-        per = cols // panels
-        for p in range(panels):
+    for of_panel in grid_panels(image_grid_thw, merge, panels):
+        mask = torch.ones(len(of_panel))
+        for p in range(1, panels + 1):
             if rng.random() < share:
-                cells = [(r, c) for r in range(rows) for c in range(p * per, (p + 1) * per)]
+                cells = (of_panel == p).nonzero().flatten().tolist()
                 kept = rng.choice(cells)
-                for r, c in cells:
-                    if (r, c) != kept:
-                        mask[:, r, c] = 0
-        keep.append(mask.flatten())
+                mask[[c for c in cells if c != kept]] = 0
+        keep.append(mask)
     return torch.cat(keep)
 
 

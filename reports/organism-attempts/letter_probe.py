@@ -2,7 +2,8 @@
 vision tower's merged panel tokens and reports held-out accuracy (datagen.make_strip seeds 1,000,000+).
 
     python reports/organism-attempts/letter_probe.py frozen MODEL STEPS            # MODEL's tower, frozen
-    python reports/organism-attempts/letter_probe.py fresh  -     STEPS HIDDEN DEPTH  # a new tower, trained with the heads
+    python reports/organism-attempts/letter_probe.py fresh  -     STEPS HIDDEN DEPTH [PATCH MERGE]  # a new tower,
+                                                                          # trained with the heads (default 32 px, 2x2)
 
 Training strips come from the organism's panel pool with every letter drawn anew (`fresh_letters=1.0`),
 so a letter cannot be memorised from the panel it sits on.
@@ -25,8 +26,10 @@ from gaze.train_organism import OrganismConfig, PanelPool, build
 
 mode, model_dir, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 hidden, depth = (int(sys.argv[4]), int(sys.argv[5])) if mode == "fresh" else (96, 2)
+patch, merge = (int(sys.argv[6]), int(sys.argv[7])) if len(sys.argv) > 7 else (32, 2)
 torch.manual_seed(0)
-cfg = OrganismConfig(vision_hidden=hidden, vision_depth=depth, fresh_letters=1.0, pool_per_combo=4)
+cfg = OrganismConfig(vision_hidden=hidden, vision_depth=depth, patch_size=patch, merge_size=merge, fresh_letters=1.0,
+                     pool_per_combo=4)
 if mode == "fresh":
     model_dir = tempfile.mkdtemp()
     build(cfg, Path(model_dir))
@@ -48,7 +51,11 @@ opt = torch.optim.AdamW(params, lr=2e-3 if mode == "fresh" else 1e-2)
 
 def tokens(images):
     enc = proc.image_processor(images=images, return_tensors="pt")
-    return vis(enc["pixel_values"], grid_thw=enc["image_grid_thw"]).pooler_output  # [6 per strip, H]
+    out = vis(enc["pixel_values"], grid_thw=enc["image_grid_thw"]).pooler_output  # merged tokens, image by image
+    t, h, w = enc["image_grid_thw"][0].tolist()
+    rows, cols = h // merge, w // merge  # each image's tokens row by row; a panel is cols / 6 columns
+    out = out.view(len(images), rows, 6, cols // 6, -1)
+    return out.mean((1, 3)).flatten(0, 1)  # [6 per strip, H]: a panel's tokens averaged (one token: itself)
 
 
 held = [make_strip(1_000_000 + i) for i in range(100)]
