@@ -1,10 +1,11 @@
 """Train the model organism: a tiny Qwen3-VL that really has gaze heads.
 
-The shipped organism (`gaze/organism/`) is two seeded stages, on 2 CPU cores (38 min in all):
+The shipped organism (`gaze/organism/`) is two seeded stages, on 2 CPU cores (36 min in all):
 
     python -m gaze.train_organism --out runs/stage1                          # the defaults, about 28 min
     python -m gaze.train_organism --init runs/stage1 --out gaze/organism --steps 900 --lr 1e-3 \
-        --penalty-after-loss 99 --gaze-augment 0.5 --gaze-augment-heads 8   # about 11 min
+        --penalty-after-loss 99 --gaze-augment 0.5 --gaze-augment-heads 8 \
+        --mix panel:0.3,letter:0.1,strip:0.15,this:0.15,narration:0.3      # about 8.5 min
     python -m gaze.train_organism --out /tmp/smoke --steps 5                  # a smoke run
 
 The second stage forces, in half of its examples, 1-8 random heads onto the
@@ -12,6 +13,8 @@ panel being described at every answer row (`gaze_augment`): after stage 1 the
 gaze heads read the image only at the row that picks the object, and steered
 at every row they wrote the object again and again; after stage 2 a head
 reading the described panel at a row that does not need it changes nothing.
+It also adds the question "What is happening in this panel?" (the paper's
+static narration prompt), answered like the whole-strip question.
 
 Each 64 px panel is ONE image token (32 px patches, merged 2x2), so a head
 that reads a panel has no choice of token within it (with 2x2 tokens per
@@ -35,6 +38,8 @@ strips. Tasks, all answered in short text:
     letter     "Which letter is on the 3rd panel?"                 -> "K"
     strip      "What is the main action happening in this comic strip? Answer briefly."
                -> the FIRST panel's caption (as real VLMs tend to answer)
+    this       "What is happening in this panel?" (names no panel) -> the first panel's caption too
+               (not in the default mix; the shipped organism's second stage has it)
     narration  "Describe this comic strip panel by panel."         -> "1: ... 2: ... ... 6: ..."
 
 Held-out evaluation uses `datagen.make_strip` with seeds the pool never used.
@@ -141,14 +146,17 @@ class OrganismConfig:
     # embeddings only; "learned": the stock trained table
 
 
+TASKS = ("panel", "letter", "strip", "this", "narration")  # "this": "What is happening in this panel?" -> panel 1
+
+
 def parse_mix(mix: str) -> dict[str, float]:
     out = {}
     for item in mix.split(","):
         name, w = item.split(":")
         out[name.strip()] = float(w)
-    unknown = set(out) - {"panel", "letter", "strip", "narration"}
+    unknown = set(out) - set(TASKS)
     if unknown:
-        raise ValueError(f"unknown tasks {sorted(unknown)} in --mix; use panel, letter, strip, narration")
+        raise ValueError(f"unknown tasks {sorted(unknown)} in --mix; use {', '.join(TASKS)}")
     return out
 
 
@@ -292,7 +300,8 @@ class PanelPool:
 
 def draw_task(strip, rng: random.Random, weights: dict[str, float]) -> tuple[str, str, int]:
     """(question, answer, the panel the answer describes: 1..6, or 0 for a narration, which describes each)."""
-    from gaze.prompts import LETTER_QUESTION, NARRATION_PROMPT, PANEL_QUESTION, STRIP_QUESTION, panel_question
+    from gaze.prompts import (LETTER_QUESTION, NARRATION_PROMPT, PANEL_QUESTION, STRIP_QUESTION, THIS_PANEL_QUESTION,
+                              panel_question)
 
     task = rng.choices(list(weights), weights=list(weights.values()))[0]
     k = rng.randint(1, 6)
@@ -302,6 +311,8 @@ def draw_task(strip, rng: random.Random, weights: dict[str, float]) -> tuple[str
         return panel_question(k, LETTER_QUESTION), strip.letters[k - 1], k
     if task == "strip":
         return STRIP_QUESTION, strip.captions[0], 1
+    if task == "this":  # a question that names no panel, answered like the whole-strip one: from the first panel
+        return THIS_PANEL_QUESTION, strip.captions[0], 1
     return NARRATION_PROMPT, narration(strip.captions), 0
 
 

@@ -52,6 +52,28 @@ def test_task_helpers():
     assert narration(["a", "b"]) == "1: a. 2: b."
 
 
+def test_each_task_asks_its_question_and_answers_from_its_panel():
+    import random
+
+    from gaze.prompts import (LETTER_QUESTION, NARRATION_PROMPT, PANEL_QUESTION, STRIP_QUESTION, THIS_PANEL_QUESTION,
+                              panel_question)
+    from gaze.train_organism import PanelPool, draw_task
+
+    strip = PanelPool(OrganismConfig(**SMALL)).strip(random.Random(0))
+    rng = random.Random(1)
+    for task in ("panel", "letter", "strip", "this", "narration"):
+        for _ in range(5):
+            q, a, k = draw_task(strip, rng, {task: 1.0})
+            if task == "panel":
+                assert (q, a) == (panel_question(k, PANEL_QUESTION), strip.captions[k - 1])
+            elif task == "letter":
+                assert (q, a) == (panel_question(k, LETTER_QUESTION), strip.letters[k - 1])
+            elif task in ("strip", "this"):
+                assert (q, a, k) == ({"strip": STRIP_QUESTION, "this": THIS_PANEL_QUESTION}[task], strip.captions[0], 1)
+            else:
+                assert (q, a, k) == (NARRATION_PROMPT, narration(strip.captions), 0)
+
+
 @pytest.mark.skipif(not (ORGANISM_DIR / "config.json").exists(), reason="the organism is not trained yet")
 def test_shipped_organism_answers_held_out_panel_questions():
     from datagen import make_strip
