@@ -316,11 +316,6 @@ def draw_task(strip, rng: random.Random, weights: dict[str, float]) -> tuple[str
     return NARRATION_PROMPT, narration(strip.captions), 0
 
 
-def sample_task(strip, rng: random.Random, weights: dict[str, float]) -> tuple[str, str]:
-    """(question, answer) for one strip."""
-    return draw_task(strip, rng, weights)[:2]
-
-
 def answer_panels(tokenizer, answer: str, panel: int) -> list[int]:
     """The panel (1..6) each token of `answer + "<|im_end|>"` describes: `panel` for all of them, or for a
     narration (`panel` 0: "1: ... 2: ...") the panel of the caption the token belongs to (its "k: " too)."""
