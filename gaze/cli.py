@@ -5,7 +5,8 @@
     gaze steer ... --schedule 2,4,3,5,1,6 --every 8 --trajectory-out traj.json
     gaze doctor --model organism --image strip.png --panels 6 --out doctor.png
 
-Errors a user can fix (bad input) print one line and exit with status 2.
+Errors a user can fix (bad input: a `gaze.errors.GazeError`) print one line and
+exit with status 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,10 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from gaze.families import UnsupportedModelError
-from gaze.ranking import RankingError
-from gaze.regions import RegionError
-from gaze.strips import StripError
+from gaze.errors import GazeError
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -76,7 +74,7 @@ def _parse_box(text: str) -> tuple[float, float, float, float]:
     except ValueError:
         values = ()
     if len(values) != 4:
-        raise RegionError(f"bad box {text!r}: give x0,y0,x1,y1 in pixels")
+        raise GazeError(f"bad box {text!r}: give x0,y0,x1,y1 in pixels")
     return values  # type: ignore[return-value]
 
 
@@ -90,7 +88,11 @@ def cmd_steer(args) -> int:
     ranking = Ranking.from_pretrained(args.ranking).check(loaded.model, None)
     image = open_image(args.image)
     panels = equal_panels(image.size, args.panels)
-    heads = ranking.top(args.top_k)
+    k = args.top_k if args.top_k is not None else ranking.default_k
+    if args.top_k is None:
+        print(f"steering the top {k} gaze heads of {ranking.shape[0] * ranking.shape[1]} (the paper's share, "
+              "100 of 1,152; --top-k to choose)")
+    heads = ranking.top(k)
     if args.schedule:
         schedule = parse_schedule(args.schedule, every=args.every, at_sentence=args.at_sentence, n_panels=args.panels)
         target = None
@@ -101,13 +103,12 @@ def cmd_steer(args) -> int:
         elif args.target is not None:
             target = Panel(args.target)
         else:
-            raise ValueError("give --target K, --box x0,y0,x1,y1 or --schedule 4,2,1,...")
+            raise GazeError("give --target K, --box x0,y0,x1,y1 or --schedule 4,2,1,...")
     common = dict(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
                   no_repeat_ngram_size=args.no_repeat_ngram_size)
     base = generate(loaded, image, args.prompt, **common)
     steered = generate(loaded, image, args.prompt, heads=heads, target=target, schedule=schedule, panels=panels,
-                       strength=args.strength, mode=args.mode, decode_only=args.decode_only,
-                       prefill_only=args.prefill_only, track=True, **common)
+                       strength=args.strength, mode=args.mode, phase=args.phase, track=True, **common)
     print(f"unsteered: {base.text}")
     print(f"steered:   {steered.text}" + ("   [degenerate]" if steered.degenerate else ""))
     if args.trajectory_out:
@@ -122,7 +123,7 @@ def cmd_steer(args) -> int:
         out.write_text(json.dumps(payload, indent=1))
         from gaze.plots import plot_trajectory
 
-        png = plot_trajectory(traj, out.with_suffix(".png"), title=f"top-{args.top_k} gaze heads", targets=steered.targets,
+        png = plot_trajectory(traj, out.with_suffix(".png"), title=f"top-{k} gaze heads", targets=steered.targets,
                               schedule=schedule)
         print(f"trajectory saved to {out} and {png}")
     return 0
@@ -213,13 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--schedule", default=None, help="panels in order, e.g. 2,4,3,5,1,6")
     s.add_argument("--every", type=int, default=50, help="tokens per schedule entry")
     s.add_argument("--at-sentence", action="store_true", help="switch at the next sentence end after --every tokens")
-    s.add_argument("--top-k", type=int, default=100, help="number of gaze heads to steer")
+    s.add_argument("--top-k", type=int, default=None,
+                   help="number of gaze heads to steer (default: the paper's share of the model's heads, "
+                        "ceil(heads x 100 / 1152), at least 1)")
     s.add_argument("--strength", type=float, default=1e4)
     s.add_argument("--mode", default="boost", choices=["boost", "suppress", "suppress_text"])
-    phase = s.add_mutually_exclusive_group()
-    phase.add_argument("--decode-only", action="store_true", help="do not bias the prompt (prefill)")
-    phase.add_argument("--prefill-only", action="store_true",
-                       help="bias the prompt (prefill) only; the answer goes on unsteered")
+    s.add_argument("--phase", default="all", choices=["all", "prefill", "decode"],
+                   help="when to bias: every row (default), the prompt's rows only (the answer then goes on "
+                        "unsteered), or the answer's rows only")
     s.add_argument("--prompt", default=STRIP_QUESTION)
     s.add_argument("--max-new-tokens", type=int, default=64)
     s.add_argument("--repetition-penalty", type=float, default=None)
@@ -259,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (StripError, RegionError, RankingError, UnsupportedModelError, FileNotFoundError, ValueError) as e:
+    except GazeError as e:
         print(f"gaze {args.command}: error: {e}", file=sys.stderr)
         return 2
 

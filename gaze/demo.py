@@ -54,12 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  panel {k}: {c}")
     base = generate(loaded, strip.image, STRIP_QUESTION, max_new_tokens=24)
     print(f"\nQ: {STRIP_QUESTION}\nunsteered:          {base.text}")
-    for prefill_only in (False, True):
-        print("steered at every row (the published default):" if not prefill_only else
+    for phase in ("all", "prefill"):
+        print("steered at every row (the published default):" if phase == "all" else
               "steered at the prompt's rows only (the answer then runs unsteered):")
         for k in range(1, strip.n_panels + 1):
             out = generate(loaded, strip.image, STRIP_QUESTION, heads=heads, target=Panel(k), panels=strip.panels,
-                           max_new_tokens=24, prefill_only=prefill_only)
+                           max_new_tokens=24, phase=phase)
             print(f"  to panel {k}: {out.text}" + ("  [degenerate]" if out.degenerate else ""))
 
     order = (3, 5, 1, 6, 2, 4)

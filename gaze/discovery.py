@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from gaze.errors import GazeError
 from gaze.models import Loaded
 from gaze.prompts import PANEL_QUESTION
 from gaze.ranking import Ranking
@@ -32,7 +33,7 @@ from gaze.strips import Strip
 MANIFEST = "manifest.json"
 
 
-class DiscoveryError(ValueError):
+class DiscoveryError(GazeError):
     """A discovery output folder that cannot be used; the message says how to fix it."""
 
 

@@ -83,8 +83,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--narration-tokens", type=int, default=d.narration_tokens, help="static narration answers")
     p.add_argument("--strength", type=float, default=d.strength, help="steering bias B")
     p.add_argument("--mode", default=d.mode, choices=["boost", "suppress", "suppress_text"])
-    p.add_argument("--prefill-only", action="store_true",
-                   help="static targets bias the prompt's rows only (schedules always steer every row)")
+    p.add_argument("--phase", default=d.phase, choices=["all", "prefill", "decode"],
+                   help="when to bias: all rows (default), the prompt's rows only (static targets; schedules steer "
+                        "every row), or decode steps only")
     p.add_argument("--random-percentile", type=float, default=d.random_percentile,
                    help="random heads come from this bottom share of gaze scores")
     p.add_argument("--prior-strips", type=int, default=d.prior_strips, help="strips for the image/localization heads")
@@ -116,7 +117,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         seed=args.seed, judge=args.judge,
         judge_model=args.judge_model, judge_endpoint=args.judge_endpoint, max_new_tokens=args.max_new_tokens,
         narration_tokens=args.narration_tokens, strength=args.strength, mode=args.mode,
-        prefill_only=args.prefill_only, random_percentile=args.random_percentile, prior_strips=args.prior_strips, scenes=args.scenes,
+        phase=args.phase, random_percentile=args.random_percentile, prior_strips=args.prior_strips, scenes=args.scenes,
         n_scenes=args.n_scenes, n_objects=args.n_objects, scene_size=tuple(args.scene_size),
         panel_size=args.panel_size, questions=tuple(args.question), discovery_strips=args.discovery_strips,
         n_discovery=args.n_discovery, n_boot=args.n_boot, device=args.device, dtype=args.dtype,
@@ -171,10 +172,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gaze.families import UnsupportedModelError
-    from gaze.ranking import RankingError
-    from gaze.regions import RegionError
-    from gaze.strips import StripError
+    from gaze.errors import GazeError
 
     parser = argparse.ArgumentParser(prog="gaze")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -182,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
     try:
         return args.func(args)
-    except (StripError, RegionError, RankingError, UnsupportedModelError, FileNotFoundError, ValueError) as e:
+    except GazeError as e:
         print(f"gaze eval: error: {e}", file=sys.stderr)
         return 2
 

@@ -47,9 +47,10 @@ from typing import Container, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from gaze.errors import GazeError
 from gaze.judges import CaptionJudge, CandidateJudge, Judge, make_judge
 from gaze.prompts import NARRATION_PROMPT, STRIP_QUESTION, THIS_PANEL_QUESTION
-from gaze.ranking import Head, Ranking
+from gaze.ranking import Head, Ranking, default_top_k
 from gaze.regions import RegionError, box_membership
 from gaze.steering import Box, Panel, Schedule
 from gaze.strips import Strip, StripError, load_strips
@@ -57,7 +58,6 @@ from gaze.strips import Strip, StripError, load_strips
 PROTOCOLS = ("vqa", "narration", "dynamic", "region", "sweep")
 CONDITIONS = ("gaze", "random", "all", "image", "localization", "none")
 PROTOCOL_ORDER = ("vqa", "sweep", "narration", "dynamic", "region")  # run order: the sweep reuses vqa answers
-PAPER_HEAD_SHARE = 100 / 1152  # the paper steers K=100 of Qwen3-VL-8B's 1,152 heads
 SPLIT_SEEDS = {"eval": 1_000_000, "discovery": 2_000_000}  # procedural:SPLIT -> datagen seeds SEED0 + i
 # eval seeds are the organism's held-out range (gaze.train_organism.EVAL_SEED0); training draws its own pool
 SIZE_CLASSES = (("small", 2), ("medium", 8), ("large", math.inf))  # object size by image tokens covered (<=)
@@ -77,7 +77,7 @@ TRAJECTORIES = "trajectories.json"
 PRIOR = "prior_heads.json"
 
 
-class EvalError(ValueError):
+class EvalError(GazeError):
     """An evaluation that cannot run as asked; the message says how to fix it."""
 
 
@@ -105,7 +105,7 @@ class EvalConfig:
     narration_tokens: int = 64  # static narration answers
     strength: float = 1e4  # steering bias B
     mode: str = "boost"  # boost | suppress | suppress_text
-    prefill_only: bool = False  # static targets bias the prompt's rows only (schedules always steer every row)
+    phase: str = "all"  # all | prefill (static targets bias the prompt's rows only; schedules always steer every row) | decode
     random_percentile: float = 5.0  # random heads come from this bottom share of gaze scores (widened to 2K heads)
     prior_strips: int = 8  # strips for the image / localization head criteria
     scenes: str = "procedural"  # region protocol: procedural[:SEED0] (datagen scenes), strip-objects, or a folder
@@ -204,9 +204,9 @@ def size_class(n_tokens: int) -> str:
 
 
 def resolve_top_k(top_k: int | None, n_total: int) -> int:
-    """K: as given (capped at all heads), or the paper's share of heads (100 of 1,152), at least 1."""
+    """K: as given (capped at all heads), or the paper's share of heads (`gaze.ranking.default_top_k`)."""
     if top_k is None:
-        return max(1, round(n_total * PAPER_HEAD_SHARE))
+        return default_top_k(n_total)
     return min(top_k, n_total)
 
 
@@ -462,7 +462,7 @@ class Context:
         g = generate(self.loaded, strip.image, question, heads=list(heads), target=target,
                      schedule=schedule, panels=strip.panels, strength=self.cfg.strength,
                      mode=self.cfg.mode, max_new_tokens=max_new_tokens, track=list(track) or False,
-                     prefill_only=self.cfg.prefill_only and schedule is None)
+                     phase="all" if schedule is not None and self.cfg.phase == "prefill" else self.cfg.phase)
         if not track:
             self.cache[key] = (g, time.perf_counter() - t0)
         return g, time.perf_counter() - t0
@@ -664,7 +664,7 @@ def _manifest(cfg: EvalConfig, loaded, ranking: Ranking, k: int) -> dict:
     """What fixes the records' content: a rerun with other values must not mix into the same file."""
     digest = hashlib.sha1(np.asarray(ranking.scores, dtype=np.float32).tobytes()).hexdigest()[:12]
     keep = ("strips", "every", "at_sentence", "seed", "judge", "judge_model", "max_new_tokens", "narration_tokens",
-            "strength", "mode", "prefill_only", "random_percentile", "prior_strips", "scenes", "n_objects", "scene_size",
+            "strength", "mode", "phase", "random_percentile", "prior_strips", "scenes", "n_objects", "scene_size",
             "panel_size")
     m = {name: getattr(cfg, name) for name in keep}
     m["scene_size"] = list(cfg.scene_size)
@@ -676,7 +676,9 @@ def _manifest(cfg: EvalConfig, loaded, ranking: Ranking, k: int) -> dict:
 def _check_manifest(out: Path, manifest: dict) -> None:
     path = out / MANIFEST
     if path.exists():
-        old = {"prefill_only": False, **json.loads(path.read_text())}  # runs from before the setting steered every row
+        old = json.loads(path.read_text())
+        if "phase" not in old:  # runs from before `phase`: a `prefill_only` flag, or (older) every row
+            old["phase"] = "prefill" if old.pop("prefill_only", False) else "all"
         diff = {key: (old.get(key), v) for key, v in manifest.items() if old.get(key) != v}
         if diff:
             raise EvalError(f"{out} holds an evaluation with other settings {diff} (old, new): use another --out, "
@@ -817,7 +819,7 @@ def run_eval(cfg: EvalConfig, *, loaded=None, ranking: Ranking | None = None, li
         "model_id": loaded.model_id, "n_layers": loaded.n_layers, "n_heads": loaded.n_heads, "n_total_heads": n_total,
         "top_k": k, "strips": cfg.strips, "n_strips": len(strips), "scenes": cfg.scenes, "judge": cfg.judge,
         "seed": cfg.seed, "every": cfg.every, "at_sentence": cfg.at_sentence, "strength": cfg.strength, "mode": cfg.mode,
-        "prefill_only": cfg.prefill_only, "random_percentile": cfg.random_percentile,
+        "phase": cfg.phase, "random_percentile": cfg.random_percentile,
         "random_pool": len(random_pool(ranking, k, cfg.random_percentile)),
         "questions": {p: cfg.question(p) for p in cfg.protocols}, "protocols": list(cfg.protocols),
         "conditions": list(kinds), "heads": {c: [list(h) for h in hs] for c, hs in sets.items() if c != "all"},

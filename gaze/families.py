@@ -46,14 +46,15 @@ from types import SimpleNamespace
 
 import torch
 
+from gaze.errors import GazeError
 from gaze.regions import ImageLayout, find_image_span, grid_layout
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(GazeError):
     """The model is not a supported VLM; the message lists what is supported."""
 
 
-class LayoutError(ValueError):
+class LayoutError(GazeError):
     """The prompt's image tokens do not match what the family's processor geometry predicts."""
 
 
@@ -230,7 +231,7 @@ class QwenVL(Family):
         merge = int(ip.merge_size)
         grid = (h // merge, w // merge)
         if end - start != t * grid[0] * grid[1]:
-            raise ValueError(f"{end - start} image tokens for an image grid of {t}x{grid[0]}x{grid[1]}: one image per prompt")
+            raise LayoutError(f"{end - start} image tokens for an image grid of {t}x{grid[0]}x{grid[1]}: one image per prompt")
         processed = (w * int(ip.patch_size), h * int(ip.patch_size))
         return grid_layout(start, grid, processed, image_size)
 

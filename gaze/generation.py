@@ -15,17 +15,19 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 from gaze.attention import active
+from gaze.errors import GazeError
 from gaze.models import Loaded
-from gaze.prompts import chat_text
+from gaze.prompts import Inputs, chat_text
 from gaze.ranking import Head
 from gaze.regions import ImageLayout, RegionMap, equal_panel_regions, panel_regions
-from gaze.steering import DEFAULT_STRENGTH, Mode, Schedule, steer
+from gaze.steering import DEFAULT_STRENGTH, Mode, Phase, Schedule, Steering, steer
 from gaze.tracking import Tracker
 
 DEGENERATE_REPETITION = 0.5  # above this share of repeated 3-grams an answer is degenerate
@@ -47,6 +49,44 @@ class _StopOnEvent(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token as it comes out of a running `generate` (see its `on_token`)."""
+
+    index: int  # position in the answer, 0-based
+    token_id: int
+    target: int | None  # index into the schedule's targets of what steered it; None: produced unsteered
+    attention: torch.Tensor | None  # [T] float32: the tracked heads' mean attention over the image tokens, or None
+    layout: ImageLayout  # the prompt's image tokens: where each entry of `attention` lies in the image
+
+
+class _TokenStreamer(BaseStreamer):
+    """Calls `on_token` with each new token, its target and its attention, as `model.generate` produces it."""
+
+    def __init__(self, on_token: Callable[[TokenEvent], None], layout: ImageLayout, steering: Steering | None,
+                 tracker: Tracker | None, inner=None):
+        self.on_token, self.layout, self.steering, self.tracker, self.inner = on_token, layout, steering, tracker, inner
+        self._n = -1  # tokens seen; -1 until the prompt went by
+
+    def put(self, value):
+        if self.inner is not None:
+            self.inner.put(value)
+        if self._n < 0:  # `generate` hands the prompt over first
+            self._n = 0
+            return
+        for token_id in value.reshape(-1).tolist():
+            t = self._n
+            target = self.steering.target_at(t) if self.steering is not None else None
+            attention = self.tracker.at(t) if self.tracker is not None else None
+            self.on_token(TokenEvent(t, int(token_id), target, None if attention is None else attention.mean(0),
+                                     self.layout))
+            self._n += 1
+
+    def end(self):
+        if self.inner is not None:
+            self.inner.end()
+
+
 @dataclass
 class Generation:
     """A generated answer, what steered it, and where the tracked heads looked."""
@@ -63,18 +103,18 @@ class Generation:
     def trajectory(self, regions: RegionMap, normalise: bool = False) -> torch.Tensor:
         """[tokens, R] tracked heads' mass per region when producing each token."""
         if self.tracker is None:
-            raise ValueError("generate(..., track=True) records the trajectory")
+            raise GazeError("generate(..., track=True) records the trajectory")
         return self.tracker.trajectory(regions, normalise)[: len(self.token_ids)]
 
 
-def prepare_inputs(loaded: Loaded, image, question: str) -> tuple[dict, ImageLayout]:
-    """Processor inputs for one image + question on the model's device, and the image layout."""
+def prepare_inputs(loaded: Loaded, image, question: str) -> tuple[Inputs, ImageLayout]:
+    """Processor inputs for one image + question on the model's device (carrying their image layout), and the layout."""
     model = loaded.model
     enc = dict(loaded.processor(text=[chat_text(loaded.processor, question)], images=[image], return_tensors="pt"))
     enc = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in enc.items()}
     enc = {k: v.to(model.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in enc.items()}
     layout = loaded.family.layout(model, loaded.processor, enc, 0, image.size)
-    return enc, layout
+    return Inputs(enc, layout), layout
 
 
 @torch.no_grad()
@@ -89,29 +129,31 @@ def generate(
     panels: Sequence | None = None,
     strength: float = DEFAULT_STRENGTH,
     mode: Mode = "boost",
-    decode_only: bool = False,
-    prefill_only: bool = False,
+    phase: Phase = "all",
     max_new_tokens: int = 64,
     track: bool | Sequence[Head] = False,
     value_weighted: bool = False,
     repetition_penalty: float | None = None,
     no_repeat_ngram_size: int | None = None,
     streamer=None,
+    on_token: Callable[[TokenEvent], None] | None = None,
     stop: threading.Event | None = None,
 ) -> Generation:
-    """Greedy generation, optionally steered (`heads` + `target`/`schedule`) and tracked.
+    """Greedy generation, optionally steered (`heads` + `target`/`schedule`, at `phase`) and tracked.
 
     `track=True` tracks the steered heads (or pass a list of heads to track).
-    A `streamer` with a `bind(steering=, tracker=, layout=)` method is handed
-    the live hooks first: `steering.applied[-1]` is the target of the token
-    being streamed, `tracker.steps[-1]` its attention over the image.
+    `on_token(event)` is called for each generated token while the answer is
+    written (from the generating thread), with the schedule target that
+    steered it and the tracked heads' attention over the image at that step:
+    what a live view needs (`TokenEvent`). `streamer` is any transformers
+    streamer, passed through; `stop` ends the generation at its next token.
     """
     model, tok = loaded.model, loaded.processor.tokenizer
     inputs, layout = prepare_inputs(loaded, image, question)
     prompt_len = int(inputs["input_ids"].shape[1])
     tracked = list(heads) if track is True else list(track or [])
     tracker = Tracker(tracked, layout, value_weighted=value_weighted) if tracked else None
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer, pad_token_id=tok.pad_token_id)
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
     if repetition_penalty is not None:
         kwargs["repetition_penalty"] = repetition_penalty
     if no_repeat_ngram_size:
@@ -125,13 +167,13 @@ def generate(
             stack.enter_context(active(tracker))
         if steered:
             steering = stack.enter_context(
-                steer(model, heads, target, layout=layout, prompt_len=prompt_len, panels=panels, schedule=schedule,
-                      strength=strength, mode=mode, decode_only=decode_only, tokenizer=tok,
-                      prefill_only=prefill_only)
+                steer(model, heads, target, inputs=inputs, panels=panels, schedule=schedule, strength=strength,
+                      mode=mode, phase=phase, tokenizer=tok)
             )
-        if hasattr(streamer, "bind"):
-            # a streamer that wants to tint tokens by target or draw heat maps as they come
-            streamer.bind(steering=steering, tracker=tracker, layout=layout)
+        if on_token is not None:
+            kwargs["streamer"] = _TokenStreamer(on_token, layout, steering, tracker, inner=streamer)
+        elif streamer is not None:
+            kwargs["streamer"] = streamer
         out = model.generate(**inputs, **kwargs)
     ids = out[0, prompt_len:].tolist()
     specials = set(tok.all_special_ids)

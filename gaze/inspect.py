@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from gaze.doctor import region_colour
+from gaze.errors import GazeError
 from gaze.generation import Generation
 from gaze.regions import RegionMap
 
@@ -67,7 +68,7 @@ class Inspection:
         """[rows, cols] map of one token over the image-token grid."""
         grid = self.generation.layout.grid
         if grid is None:
-            raise ValueError("this image's tokens do not form one grid: use token_maps() with the layout's cells")
+            raise GazeError("this image's tokens do not form one grid: use token_maps() with the layout's cells")
         return self.token_maps(normalise)[token].reshape(grid)
 
     def image_share(self) -> torch.Tensor:

@@ -33,12 +33,13 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
+from gaze.errors import GazeError
 from gaze.strips import Strip
 
 DEGENERATE_REPETITION = 0.5  # share of repeated word 3-grams above which an answer is a loop (as gaze.generation)
 
 
-class JudgeError(ValueError):
+class JudgeError(GazeError):
     """A judge that cannot run on this input or machine; the message says how to fix it."""
 
 

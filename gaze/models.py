@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from gaze.attention import prepare
+from gaze.errors import GazeError, ModelNotFoundError
 from gaze.families import Family, UnsupportedModelError, family_of
 
 ORGANISM_DIR = Path(__file__).parent / "organism"
@@ -48,7 +49,7 @@ def resolve(name_or_path: str) -> str:
     if name_or_path in SHORT_NAMES:
         folder = SHORT_NAMES[name_or_path]
         if not (folder / "config.json").exists():
-            raise FileNotFoundError(
+            raise ModelNotFoundError(
                 f"the model organism is not at {folder}: train it with `python -m gaze.train_organism` "
                 "or pass --model with a hub id or folder"
             )
@@ -60,7 +61,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+        raise GazeError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -107,11 +108,11 @@ def load(
     path = resolve(name_or_path)
     local = Path(path).exists()
     if not local and os.environ.get("HF_HUB_OFFLINE") == "1" and "/" not in path:
-        raise FileNotFoundError(f"{path!r} is neither a folder nor a short name ({', '.join(SHORT_NAMES)})")
+        raise ModelNotFoundError(f"{path!r} is neither a folder nor a short name ({', '.join(SHORT_NAMES)})")
     try:
         config = AutoConfig.from_pretrained(path, revision=revision)
     except OSError as e:
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"cannot load a model config from {path!r}: give a local folder, a hub id reachable from this machine, "
             f"or a short name ({', '.join(SHORT_NAMES)}). ({str(e).splitlines()[0]})"
         ) from None

@@ -91,7 +91,7 @@ def redirection(loaded, strips, heads, strength: float = 1e4, mode: str = "boost
         captions = captions_of(s)
         for k in range(1, 7):
             out = generate(loaded, s.image, STRIP_QUESTION, heads=heads, target=Panel(k), panels=s.panels,
-                           strength=strength, mode=mode, decode_only=decode_only, prefill_only=prefill_only,
+                           strength=strength, mode=mode, phase="prefill" if prefill_only else "decode" if decode_only else "all",
                            max_new_tokens=16)
             pairs.append((k, _norm(out.text) == _norm(captions[k - 1])))
     return _rates(pairs)

@@ -1,4 +1,9 @@
-"""The paper's prompts, and turning (image, question) into model inputs."""
+"""The paper's prompts, and turning (image, question) into model inputs.
+
+`Inputs` is what the model is called with (`model(**inputs)`,
+`model.generate(**inputs)`) and, beside it, the image layout of that prompt,
+so that `steer` and `Tracker` read geometry from the inputs they are given.
+"""
 
 from __future__ import annotations
 
@@ -35,11 +40,17 @@ def chat_text(processor, question: str) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def encode(processor, image, questions: list[str], device=None) -> dict:
-    """Processor inputs for one image and several questions (batched, right-padded)."""
-    texts = [chat_text(processor, q) for q in questions]
-    inputs = processor(text=texts, images=[image] * len(texts), return_tensors="pt", padding=True)
-    inputs = dict(inputs)
-    if device is not None:
-        inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in inputs.items()}
-    return inputs
+class Inputs(dict):
+    """Processor outputs for one image and one prompt (batch of 1), and the prompt's image layout.
+
+    A plain dict to the model; `layout` (a `gaze.regions.ImageLayout`) says
+    which sequence positions are image tokens and which pixels each covers.
+    """
+
+    def __init__(self, data: dict, layout):
+        super().__init__(data)
+        self.layout = layout
+
+    @property
+    def prompt_len(self) -> int:
+        return int(self["input_ids"].shape[1])

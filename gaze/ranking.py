@@ -9,19 +9,29 @@ model (different shape, or a different model id when both are known).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from gaze.errors import GazeError
 
 Head = tuple[int, int]  # (layer, head) in the language backbone
 
 RANKING_FILE = "ranking.json"
 SCORES_FILE = "scores.safetensors"
 CONFIG_FILE = "config.json"
+PAPER_SHARE = (100, 1152)  # the paper steers K = 100 of Qwen3-VL-8B's 1,152 heads
 
 
-class RankingError(ValueError):
+def default_top_k(n_heads: int) -> int:
+    """The paper's share of heads, rounded up, at least 1: ceil(n_heads * 100 / 1152) (3 of the organism's 32)."""
+    k, total = PAPER_SHARE
+    return max(1, math.ceil(n_heads * k / total))
+
+
+class RankingError(GazeError):
     """A missing, broken or mismatched ranking; the message says how to fix it."""
 
 
@@ -47,6 +57,11 @@ class Ranking:
         n_heads = self.scores.shape[1]
         idx = sorted(range(flat.numel()), key=lambda i: (-float(flat[i]), i))
         return [(i // n_heads, i % n_heads) for i in idx]
+
+    @property
+    def default_k(self) -> int:
+        """How many heads to steer when K is not given (`default_top_k` of this model's head count)."""
+        return default_top_k(self.scores.numel())
 
     def top(self, k: int) -> list[Head]:
         if k < 0:

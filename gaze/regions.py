@@ -22,10 +22,12 @@ from typing import Sequence
 
 import torch
 
+from gaze.errors import GazeError
+
 Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) pixels of the original image, x1/y1 exclusive
 
 
-class RegionError(ValueError):
+class RegionError(GazeError):
     """A region that cannot be mapped onto image tokens; the message says how to fix it."""
 
 

@@ -43,6 +43,12 @@ COLOURS = {"gaze": "#1f77b4", "random": "#7f7f7f", "all": "#d62728", "image": "#
            "none": "#bcbd22"}
 
 
+PHASE_WORDS = {  # how a run's steering phase reads in the report (older runs recorded `prefill_only`)
+    "all": " at every row (prompt and answer)",
+    "prefill": " at the prompt's rows only (static targets; schedules steer every row)",
+    "decode": " at the answer's rows only (the prompt read unsteered)",
+}
+
 def _plt():
     import matplotlib
 
@@ -396,8 +402,7 @@ def write_report(out: str | Path, *, title: str | None = None) -> Path:
         f"heads); ranking from {meta.get('ranking_strips')} strips; {meta.get('n_strips')} evaluation strips "
         f"(`{meta.get('strips')}`), K = {meta.get('top_k')} heads, steering {meta.get('mode')} with B = "
         f"{meta.get('strength'):g}"
-        + (" at the prompt's rows only (static targets; schedules steer every row)" if meta.get("prefill_only") else
-           " at every row (prompt and answer)")
+        + PHASE_WORDS[meta.get("phase", "prefill" if meta.get("prefill_only") else "all")]
         + f", seed {meta.get('seed')}, judge `{meta.get('judge')}`. "
         f"Chance is {pct(chance)} (one panel of {round(1 / chance)}).",
         "",

@@ -27,6 +27,7 @@ import torch
 from transformers import DynamicCache
 
 from gaze.attention import Hook, StopForward, active, prepare
+from gaze.errors import GazeError
 from gaze.families import Family, family_of
 from gaze.prompts import PANEL_QUESTION, chat_text, panel_question
 from gaze.regions import ImageLayout, RegionMap, panel_regions, region_mass
@@ -120,7 +121,7 @@ def encode_queries(model, processor, image, questions: list[str], family: Family
     same = torch.stack([i[:n] for i in ids]).eq(ids[0][:n]).all(0)
     prefix_len = int(same.long().cumprod(0).sum())
     if prefix_len <= int(layout.positions[-1]):
-        raise ValueError("the questions do not share the image prefix: put the image before the question")
+        raise GazeError("the questions do not share the image prefix: put the image before the question")
     # Every prompt needs at least one own token after the shared prefix.
     prefix_len = min(prefix_len, n - 1)
     return EncodedQueries(inputs, layout, prefix_len)

@@ -24,12 +24,14 @@ from typing import Iterator, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
+from gaze.errors import GazeError
+
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1) in pixels, x1/y1 exclusive
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-class StripError(ValueError):
+class StripError(GazeError):
     """Bad strip input; the message says how to fix it."""
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gaze.attention import Hook
+from gaze.errors import GazeError
 from gaze.ranking import Head
 from gaze.regions import ImageLayout, RegionMap
 
@@ -79,6 +80,12 @@ class Tracker(Hook):
         self.image_total.append(image.sum(-1).to("cpu", torch.float32))
         self._pending = {}
 
+    def at(self, step: int) -> torch.Tensor | None:
+        """[heads, T] float32 attention over the image tokens at forward `step` (0 = the prompt's last token),
+        or None while that step is not complete; safe to call from another thread during generation."""
+        steps = self.steps
+        return steps[step].float() if 0 <= step < len(steps) else None
+
     def attention(self) -> torch.Tensor:
         """[steps, heads, T] float32 over image tokens (step 0 = last prompt token)."""
         self._flush()
@@ -102,7 +109,7 @@ class Tracker(Hook):
     def heatmap(self, step: int, normalise: bool = False) -> torch.Tensor:
         """[rows, cols] mean attention over the token grid at one step (layout must be a grid)."""
         if self.layout.grid is None:
-            raise ValueError("this image's tokens do not form one grid: use `attention()` and the layout's cells")
+            raise GazeError("this image's tokens do not form one grid: use `attention()` and the layout's cells")
         grid = self.attention()[step].mean(0).reshape(self.layout.grid)  # [rows, cols]
         if normalise:
             grid = grid / grid.sum().clamp_min(1e-12)

@@ -5,9 +5,9 @@
     schedule = schedule_target("4,2,1,6,5,3", 8, scene)                     # gaze.steering.parse_schedule
     image, label = word_view(frame.record, 5)                               # the recorded attention, no model call
 
-`answer` runs `generate` in a worker thread with a streamer bound to its live
-hooks: every token arrives with the schedule target that produced it and the
-tracked heads' attention over the image at that step, so the text is tinted
+`answer` runs `generate` in a worker thread with an `on_token` callback: every
+token arrives (a `gaze.generation.TokenEvent`) with the schedule target that
+produced it and the tracked heads' attention over the image at that step, so the text is tinted
 and the heat map moves while the model writes. The per-token attention (mean
 of the tracked heads, float16) is kept in the final `Record`, which is what a
 click on a word reads. Bad input raises `InputError` (a ValueError) with a
@@ -25,11 +25,9 @@ from typing import Iterator
 
 import torch
 from PIL import Image
-from transformers.generation.streamers import BaseStreamer
-
-from gaze.generation import generate
+from gaze.generation import TokenEvent, generate
 from gaze.regions import ImageLayout, RegionError, RegionMap, box_regions, panel_regions
-from gaze.steering import MODES, Box, Panel, Schedule, Target, parse_schedule
+from gaze.steering import MODES, PHASES, Box, Panel, Schedule, Target, parse_schedule
 from gaze.strips import equal_panels
 from space.render import (BOX_COLOUR, answer_html, heatmap_image, panel_colour, scene_image,
                           trajectory_image)
@@ -53,8 +51,9 @@ class Controls:
     strength: float = 1e4  # bias B added before the softmax
     mode: str = "boost"  # gaze.steering.MODES
     max_new_tokens: int = 64
-    prefill_only: bool = False  # a panel or box biases the prompt's rows only, the answer then runs unsteered
-    # (a schedule, which switches targets while the answer is written, always steers every row)
+    phase: str | bool = "all"  # gaze.steering.PHASES; "prefill" (or True, the page's "steer the prompt only"
+    # box): a panel or box biases the prompt's rows only, the answer then runs unsteered (a schedule, which
+    # switches targets while the answer is written, always steers every row)
 
 
 def check_controls(ready: Ready, c: Controls) -> Controls:
@@ -72,7 +71,11 @@ def check_controls(ready: Ready, c: Controls) -> Controls:
         raise InputError(f"unknown mode {c.mode!r}; choose one of {', '.join(MODES)}")
     if not 1 <= n <= MAX_NEW_TOKENS:
         raise InputError(f"max new tokens = {n}: choose 1 to {MAX_NEW_TOKENS}")
-    return Controls(k, strength, c.mode, n, bool(c.prefill_only))
+    phase = {True: "prefill", False: "all", None: "all"}.get(c.phase, c.phase) if isinstance(c.phase, (bool, type(None))) \
+        else c.phase
+    if phase not in PHASES:
+        raise InputError(f"unknown phase {c.phase!r}; choose one of {', '.join(PHASES)}")
+    return Controls(k, strength, c.mode, n, phase)
 
 
 def check_question(question: str) -> str:
@@ -111,51 +114,7 @@ def panel_target(k: int, scene: Scene) -> Panel:
 # ---------------------------------------------------------------- streaming
 
 
-@dataclass
-class Token:
-    id: int
-    target: int | None  # index into the schedule's targets (None: unsteered)
-    attention: torch.Tensor | None  # [T] float32, mean of the tracked heads over the image tokens
-
-
 _DONE = object()
-
-
-class LiveStreamer(BaseStreamer):
-    """Hands each generated token, with its steering target and attention, to the consuming thread.
-
-    `generate` calls `bind` with its live hooks before the first forward; the
-    model calls `put` with the prompt first (skipped), then each new token.
-    At token t, `steering.applied[t]` is the target that produced it and
-    `tracker.steps[t]` the tracked heads' attention when producing it.
-    """
-
-    def __init__(self):
-        self.queue: queue.Queue = queue.Queue()
-        self.steering = self.tracker = None
-        self.layout: ImageLayout | None = None
-        self._n = -1  # tokens seen; -1 until the prompt went by
-
-    def bind(self, steering=None, tracker=None, layout=None):
-        self.steering, self.tracker, self.layout = steering, tracker, layout
-
-    def put(self, value):
-        if self._n < 0:
-            self._n = 0
-            return
-        for token_id in value.reshape(-1).tolist():
-            t = self._n
-            target = self.steering.applied[t] if self.steering is not None else None
-            if target is not None and self.steering.prefill_only and t > 0:
-                target = None  # steered at the prompt only: this token was produced unsteered
-            attention = None
-            if self.tracker is not None and t < len(self.tracker.steps):
-                attention = self.tracker.steps[t].float().mean(0)  # [T]
-            self.queue.put(Token(int(token_id), target, attention))
-            self._n += 1
-
-    def end(self):
-        self.queue.put(_DONE)
 
 
 @dataclass
@@ -233,12 +192,13 @@ def answer(ready: Ready, scene: Scene, question: str, target: Target | Schedule 
     controls = check_controls(ready, controls)
     heads = ready.ranking.top(controls.k)
     schedule = None if target is None else target if isinstance(target, Schedule) else Schedule.static(target)
-    prefill_only = controls.prefill_only and schedule is not None and len(schedule.targets) == 1  # schedules: every row
+    phase = "all" if schedule is not None and len(schedule.targets) > 1 and controls.phase == "prefill" \
+        else controls.phase  # a schedule switches while the answer is written: it steers every row
     box = next((t.box for t in (schedule.targets if schedule else ()) if isinstance(t, Box)), None)
     labels_of = [target_label(t) for t in schedule.targets] if schedule else []
     what = describe(schedule)
     stop = stop or threading.Event()
-    streamer = LiveStreamer()
+    events: queue.Queue = queue.Queue()
     outcome: dict = {}
 
     def work():
@@ -246,12 +206,11 @@ def answer(ready: Ready, scene: Scene, question: str, target: Target | Schedule 
             outcome["result"] = generate(
                 ready.loaded, scene.image, question, heads=heads if schedule else (), schedule=schedule,
                 panels=scene.panels, strength=controls.strength, mode=controls.mode,
-                prefill_only=prefill_only,
-                max_new_tokens=controls.max_new_tokens, track=heads, streamer=streamer, stop=stop)
+                phase=phase, max_new_tokens=controls.max_new_tokens, track=heads, on_token=events.put, stop=stop)
         except BaseException as e:  # noqa: BLE001 - handed to the consuming thread, which raises it
             outcome["error"] = e
         finally:
-            streamer.queue.put(_DONE)
+            events.put(_DONE)
 
     tok = ready.loaded.processor.tokenizer
     specials = set(tok.all_special_ids)
@@ -259,6 +218,7 @@ def answer(ready: Ready, scene: Scene, question: str, target: Target | Schedule 
     labels: list[str | None] = []
     colours: list[str | None] = []
     attention: list[torch.Tensor] = []
+    layout: ImageLayout | None = None  # the prompt's image layout, from the first token
     started = time.monotonic()
     worker = threading.Thread(target=work, name="gaze-generate", daemon=True)
     worker.start()
@@ -266,24 +226,25 @@ def answer(ready: Ready, scene: Scene, question: str, target: Target | Schedule 
         yield Frame(answer_html([], [], [], streaming=True), None, f"{what}: reading the image...")
         last, done = 0.0, False
         while not done:
-            items = [streamer.queue.get()]
-            while not streamer.queue.empty():
-                items.append(streamer.queue.get_nowait())
+            items = [events.get()]
+            while not events.empty():
+                items.append(events.get_nowait())
             for item in items:
                 if item is _DONE:
                     done = True
                     break
-                if item.id in specials:
+                if item.token_id in specials:
                     continue
-                pieces.append(tok.decode([item.id]))
+                pieces.append(tok.decode([item.token_id]))
                 label, colour = labels_of[item.target] if item.target is not None else (None, None)
                 labels.append(label)
                 colours.append(colour)
                 attention.append(item.attention if item.attention is not None else torch.zeros(0))
+                layout = item.layout
             if done or not pieces or time.monotonic() - last < refresh:
                 continue
             last = time.monotonic()
-            gaze = heatmap_image(scene.image, streamer.layout, attention[-1], scene.scale, scene.panels, box) \
+            gaze = heatmap_image(scene.image, layout, attention[-1], scene.scale, scene.panels, box) \
                 if attention[-1].numel() else None
             yield Frame(answer_html(pieces, colours, labels, streaming=True), gaze,
                         f"{what}: {len(pieces)} tokens, {time.monotonic() - started:.1f} s")

@@ -310,12 +310,12 @@ def test_steering_the_prompt_only_labels_the_answer_rows_unsteered(ready, strip)
     """With 'steer the prompt only', a panel biases the prefill: the first token is steered, the rest are not;
     a schedule still steers every row."""
     full = list(h.answer(ready, strip, NARRATE, Panel(3), h.Controls(k=4, max_new_tokens=5), refresh=0))[-1].record
-    pre = list(h.answer(ready, strip, NARRATE, Panel(3), h.Controls(k=4, max_new_tokens=5, prefill_only=True),
+    pre = list(h.answer(ready, strip, NARRATE, Panel(3), h.Controls(k=4, max_new_tokens=5, phase="prefill"),
                         refresh=0))[-1].record
     assert pre.pieces[0] == full.pieces[0]  # the same steered prefill picks the first token
     assert pre.labels[0] == "panel 3" and set(pre.labels[1:]) <= {None}
     assert set(full.labels) == {"panel 3"}
     schedule = h.schedule_target("2,5", 2, strip)
-    rec = list(h.answer(ready, strip, NARRATE, schedule, h.Controls(k=4, max_new_tokens=4, prefill_only=True),
+    rec = list(h.answer(ready, strip, NARRATE, schedule, h.Controls(k=4, max_new_tokens=4, phase="prefill"),
                         refresh=0))[-1].record
     assert rec.labels == ["panel 2", "panel 2", "panel 5", "panel 5"][: len(rec.labels)]

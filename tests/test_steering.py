@@ -33,9 +33,9 @@ def test_zero_strength_or_no_heads_is_exactly_unsteered(loaded, setup):
     strip, inputs, layout = setup
     base = _logits(loaded, inputs)
     n = inputs["input_ids"].shape[1]
-    with steer(loaded.model, [(0, 1), (1, 2)], Panel(3), layout=layout, prompt_len=n, panels=strip.panels, strength=0.0):
+    with steer(loaded.model, [(0, 1), (1, 2)], Panel(3), inputs=inputs, panels=strip.panels, strength=0.0):
         assert torch.equal(_logits(loaded, inputs), base)
-    with steer(loaded.model, [], Panel(3), layout=layout, prompt_len=n, panels=strip.panels):
+    with steer(loaded.model, [], Panel(3), inputs=inputs, panels=strip.panels):
         assert torch.equal(_logits(loaded, inputs), base)
     plain = generate(loaded, strip.image, QUESTION, max_new_tokens=6)
     zero = generate(loaded, strip.image, QUESTION, heads=[(1, 0)], target=2, panels=strip.panels, strength=0.0,
@@ -52,7 +52,7 @@ def test_only_chosen_heads_change_and_they_look_at_the_target(loaded, setup):
     with torch.no_grad():
         with active(base):
             loaded.model(**inputs)
-        with steer(loaded.model, chosen, Panel(4), layout=layout, prompt_len=n, panels=strip.panels), active(steered):
+        with steer(loaded.model, chosen, Panel(4), inputs=inputs, panels=strip.panels), active(steered):
             loaded.model(**inputs)
     for layer in range(loaded.n_layers):
         for head in range(loaded.n_heads):
@@ -106,7 +106,7 @@ def test_matches_eager_reference_with_bias_in_the_mask(loaded, tiny_path, setup)
     with torch.no_grad():
         expected = ref.model.generate(**inputs, max_new_tokens=6, do_sample=False)
         expected_logits = ref.model(**inputs).logits
-        with steer(loaded.model, sorted(chosen), Box(box), layout=layout, prompt_len=n, strength=strength):
+        with steer(loaded.model, sorted(chosen), Box(box), inputs=inputs, strength=strength):
             got_logits = loaded.model(**inputs).logits
             got = loaded.model.generate(**inputs, max_new_tokens=6, do_sample=False)
     assert (got_logits - expected_logits).abs().max() < 1e-4
@@ -131,13 +131,13 @@ def test_schedule_switches_at_the_right_step(loaded, setup):
 def test_explicit_steps_and_sentence_boundaries():
     layout = None
     hook = Steering(heads={}, n_heads=1, memberships=[], schedule=Schedule((Panel(1), Panel(2), Panel(3)), steps=(2, 5)),
-                    layout=layout, prompt_len=0)
+                    layout=layout)
     for t in range(8):
         hook.on_forward(torch.tensor([[7]]))
     assert hook.applied == [0, 0, 1, 1, 1, 2, 2, 2]
     # at_sentence: after 2 tokens, wait for a token that ends a sentence (id 9 here)
     hook = Steering(heads={}, n_heads=1, memberships=[], schedule=Schedule((Panel(1), Panel(2)), every=2, at_sentence=True),
-                    layout=layout, prompt_len=0, is_boundary=lambda t: t == 9)
+                    layout=layout, is_boundary=lambda t: t == 9)
     for token in [0, 5, 5, 5, 9, 5, 5]:  # the first forward is the prefill
         hook.on_forward(torch.tensor([[token]]))
     assert hook.applied == [0, 0, 0, 0, 1, 1, 1]
@@ -169,7 +169,7 @@ def test_nothing_remains_after_an_exception(loaded, setup):
     strip, inputs, layout = setup
     base = _logits(loaded, inputs)
     with pytest.raises(KeyError):
-        with steer(loaded.model, [(0, 0)], Panel(2), layout=layout, prompt_len=1, panels=strip.panels):
+        with steer(loaded.model, [(0, 0)], Panel(2), inputs=inputs, panels=strip.panels):
             assert not torch.equal(_logits(loaded, inputs), base)
             raise KeyError("inside")
     assert _ACTIVE.get() == ()
@@ -182,7 +182,7 @@ def test_tokens_target_and_modes(loaded, setup):
     pos = tuple(layout.positions[:3].tolist())
     for mode in ("boost", "suppress", "suppress_text"):
         rec = RowRecorder(layers={0})
-        with torch.no_grad(), steer(loaded.model, [(0, 0)], Tokens(pos), layout=layout, prompt_len=n, mode=mode), active(rec):
+        with torch.no_grad(), steer(loaded.model, [(0, 0)], Tokens(pos), inputs=inputs, mode=mode), active(rec):
             loaded.model(**inputs)
         row = rec.records[0][0, 0]
         image = row[layout.positions]
@@ -193,21 +193,21 @@ def test_tokens_target_and_modes(loaded, setup):
 
 
 def test_bad_input_errors(loaded, setup):
-    strip, _, layout = setup
+    strip, inputs, layout = setup
     with pytest.raises(ValueError, match="outside the model"):
-        with steer(loaded.model, [(99, 0)], Panel(1), layout=layout, prompt_len=1, panels=strip.panels):
+        with steer(loaded.model, [(99, 0)], Panel(1), inputs=inputs, panels=strip.panels):
             pass
     with pytest.raises(RegionError, match="out of range"):
-        with steer(loaded.model, [(0, 0)], Panel(7), layout=layout, prompt_len=1, panels=strip.panels):
+        with steer(loaded.model, [(0, 0)], Panel(7), inputs=inputs, panels=strip.panels):
             pass
     with pytest.raises(RegionError, match="outside"):
-        with steer(loaded.model, [(0, 0)], Box((5000, 0, 6000, 10)), layout=layout, prompt_len=1):
+        with steer(loaded.model, [(0, 0)], Box((5000, 0, 6000, 10)), inputs=inputs):
             pass
     with pytest.raises(RegionError, match="covers no image-token centre"):
-        with steer(loaded.model, [(0, 0)], Box((0, 0, 3, 3)), layout=layout, prompt_len=1):
+        with steer(loaded.model, [(0, 0)], Box((0, 0, 3, 3)), inputs=inputs):
             pass
     with pytest.raises(ValueError, match="mode"):
-        with steer(loaded.model, [(0, 0)], Panel(1), layout=layout, prompt_len=1, panels=strip.panels, mode="nope"):
+        with steer(loaded.model, [(0, 0)], Panel(1), inputs=inputs, panels=strip.panels, mode="nope"):
             pass
     for bad, match in [("4,x,1", "bad schedule entry"), ("", "empty schedule"), ("4,9", "out of range"),
                        ("1,2", "switch interval")]:
@@ -259,7 +259,7 @@ def test_prefill_only_steers_the_prompt_and_leaves_the_answer_rows_alone(loaded,
     strip, inputs, layout = setup
     heads = [(loaded.n_layers - 1, h) for h in range(loaded.n_heads)]
     n = inputs["input_ids"].shape[1]
-    with steer(loaded.model, heads, Panel(4), layout=layout, prompt_len=n, panels=strip.panels, prefill_only=True) as hook:
+    with steer(loaded.model, heads, Panel(4), inputs=inputs, panels=strip.panels, phase="prefill") as hook:
         q, k = torch.zeros(1, loaded.n_heads, n, 8), torch.zeros(1, 2, n, 8)
         hook.on_forward(inputs["input_ids"])  # the prefill
         assert hook.bias(loaded.n_layers - 1, q, k) is not None
@@ -267,7 +267,7 @@ def test_prefill_only_steers_the_prompt_and_leaves_the_answer_rows_alone(loaded,
         assert hook.bias(loaded.n_layers - 1, q[:, :, -1:], torch.zeros(1, 2, n + 1, 8)) is None
     kw = dict(heads=heads, target=4, panels=strip.panels, track=True)
     full = generate(loaded, strip.image, QUESTION, max_new_tokens=6, **kw)
-    pre = generate(loaded, strip.image, QUESTION, max_new_tokens=6, prefill_only=True, **kw)
+    pre = generate(loaded, strip.image, QUESTION, max_new_tokens=6, phase="prefill", **kw)
     assert pre.token_ids[0] == full.token_ids[0]  # the first answer token is picked by the steered prefill
     regions = panel_regions(pre.layout, strip.panels)
     mass = pre.trajectory(regions)  # [tokens, 6]
@@ -275,10 +275,98 @@ def test_prefill_only_steers_the_prompt_and_leaves_the_answer_rows_alone(loaded,
     if len(pre.token_ids) > 1:
         assert float(mass[1:, 3].max()) < 0.99  # the answer's rows: unbiased
     with pytest.raises(ValueError, match="schedule switches targets"):
-        with steer(loaded.model, heads, schedule=Schedule((Panel(1), Panel(2)), every=2), layout=layout, prompt_len=n,
-                   panels=strip.panels, prefill_only=True):
+        with steer(loaded.model, heads, schedule=Schedule((Panel(1), Panel(2)), every=2), inputs=inputs,
+                   panels=strip.panels, phase="prefill"):
             pass
-    with pytest.raises(ValueError, match="exclude each other"):
-        with steer(loaded.model, heads, Panel(1), layout=layout, prompt_len=n, panels=strip.panels, decode_only=True,
-                   prefill_only=True):
+    with pytest.raises(ValueError, match="unknown steering phase"):
+        with steer(loaded.model, heads, Panel(1), inputs=inputs, panels=strip.panels, phase="answer"):
             pass
+    with pytest.raises(ValueError, match="prepare_inputs"):
+        with steer(loaded.model, heads, Panel(1), inputs=dict(inputs), panels=strip.panels):
+            pass
+
+
+@pytest.mark.parametrize("phase", ["all", "prefill", "decode"])
+def test_two_generations_in_one_block_are_steered_alike(loaded, setup, phase):
+    """Per-generation state restarts at each prefill: the second `generate` is not left unsteered or part-way."""
+    strip, inputs, _ = setup
+    heads = [(loaded.n_layers - 1, h) for h in range(loaded.n_heads)]
+    kw = dict(max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    with torch.no_grad():
+        alone = []
+        for target in (Panel(4), Panel(2)):
+            with steer(loaded.model, heads, target, inputs=inputs, panels=strip.panels, phase=phase):
+                alone.append(loaded.model.generate(**inputs, **kw))
+        unsteered = loaded.model.generate(**inputs, **kw)
+        with steer(loaded.model, heads, Panel(4), inputs=inputs, panels=strip.panels, phase=phase) as hook:
+            first = loaded.model.generate(**inputs, **kw)
+            second = loaded.model.generate(**inputs, **kw)
+            assert hook.generations == 2 and hook.applied == [0] * 8
+    assert torch.equal(first, alone[0]) and torch.equal(second, alone[0])
+    # the steering did something (else the test proves nothing) and depends on the target
+    assert not torch.equal(alone[0], unsteered) or not torch.equal(alone[1], unsteered)
+
+
+def test_two_generations_of_a_schedule_start_at_its_first_target(loaded, setup):
+    strip, inputs, _ = setup
+    heads = [(loaded.n_layers - 1, h) for h in range(loaded.n_heads)]
+    schedule = Schedule((Panel(2), Panel(5), Panel(3)), every=2)
+    kw = dict(max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    with torch.no_grad():
+        with steer(loaded.model, heads, schedule=schedule, inputs=inputs, panels=strip.panels) as hook:
+            first = loaded.model.generate(**inputs, **kw)
+            applied_first = list(hook.applied)
+            second = loaded.model.generate(**inputs, **kw)
+            applied_second = list(hook.applied)
+    assert applied_first == applied_second == [0, 0, 1, 1, 2, 2, 2, 2]
+    assert torch.equal(first, second)
+    out = generate(loaded, strip.image, QUESTION, heads=heads, schedule=schedule, panels=strip.panels, max_new_tokens=8)
+    again = generate(loaded, strip.image, QUESTION, heads=heads, schedule=schedule, panels=strip.panels,
+                     max_new_tokens=8)
+    assert out.token_ids == again.token_ids and out.targets == again.targets
+
+
+def test_on_token_reports_each_token_with_its_target_and_attention(loaded, setup):
+    strip, _, _ = setup
+    heads = [(loaded.n_layers - 1, 0), (loaded.n_layers - 1, 1)]
+    for phase, steered_tokens in (("all", None), ("prefill", {0})):
+        events = []
+        out = generate(loaded, strip.image, QUESTION, heads=heads, target=3, panels=strip.panels, max_new_tokens=5,
+                       track=True, phase=phase, on_token=events.append)
+        n = len(events)
+        assert [e.index for e in events] == list(range(n)) and n >= len(out.token_ids)
+        assert [e.token_id for e in events][: len(out.token_ids)] == out.token_ids
+        expected = [0 if steered_tokens is None or t in steered_tokens else None for t in range(n)]
+        assert [e.target for e in events] == expected
+        att = out.tracker.attention()
+        for e in events:
+            assert e.layout is out.layout
+            assert torch.allclose(e.attention, att[e.index].mean(0))
+
+
+def test_default_k_is_the_papers_share_of_heads():
+    from gaze.ranking import default_top_k
+
+    assert default_top_k(1152) == 100  # the paper: 100 of Qwen3-VL-8B's 1,152 heads
+    assert default_top_k(32) == 3  # the organism: ceil(2.78)
+    assert default_top_k(8) == 1 and default_top_k(1) == 1  # at least one
+    assert default_top_k(36 * 16) == 50
+
+
+def test_cli_steer_default_k_is_printed_and_user_errors_are_one_line(qwen3_path, strip_for, tmp_path, capsys,
+                                                                       monkeypatch):
+    from gaze import cli
+    from gaze.ranking import Ranking
+
+    strip = strip_for(32, seed=9)
+    strip.image.save(tmp_path / "strip.png")
+    Ranking(str(qwen3_path), torch.arange(8, dtype=torch.float32).reshape(2, 4), torch.zeros(2, 4, 6, 6), 1,
+            "q").save(tmp_path / "rank")
+    args = ["steer", "--model", str(qwen3_path), "--ranking", str(tmp_path / "rank"), "--image",
+            str(tmp_path / "strip.png"), "--target", "2", "--max-new-tokens", "3"]
+    assert cli.main(args) == 0
+    assert "steering the top 1 gaze heads of 8" in capsys.readouterr().out
+    # a bug (not a GazeError) keeps its traceback instead of becoming a one-line "error"
+    monkeypatch.setattr(cli, "cmd_steer", lambda a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        cli.main(args)
