@@ -52,32 +52,49 @@ def weights_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
-def _manifest(loaded: Loaded, template: str, source: str) -> dict:
-    # the weights' fingerprint keeps a rerun from resuming on strips scored by other weights of the same id
+def _settings(loaded: Loaded, template: str) -> dict:
+    # what fixes a strip's scores; the weights' fingerprint keeps a rerun from resuming on strips scored
+    # by other weights of the same id
     return {"model_id": loaded.model_id, "weights": weights_fingerprint(loaded.model), "n_layers": loaded.n_layers,
-            "n_heads": loaded.n_heads, "template": template, "source": source,
-            "dtype": str(loaded.model.dtype).replace("torch.", "")}
+            "n_heads": loaded.n_heads, "template": template, "dtype": str(loaded.model.dtype).replace("torch.", "")}
 
 
-def _check_manifest(out: Path, manifest: dict) -> None:
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)  # atomic
+
+
+def _check_settings(out: Path, settings: dict) -> None:
+    """Refuse a folder whose scored strips came from other settings; a folder without scored strips (a run
+    that failed before its first strip, e.g. a wrong --strips) is taken over."""
     path = out / MANIFEST
-    if path.exists():
+    scored = any((out / "strips").glob("*.safetensors"))
+    if path.exists() and scored:
         old = json.loads(path.read_text())
-        diff = {k: (old.get(k), v) for k, v in manifest.items() if old.get(k) != v}
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
         if diff:
             raise DiscoveryError(
                 f"{out} holds a discovery run with other settings {diff} (old, new): "
                 "use another --out folder, or delete this one to start over"
             )
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(manifest, indent=1))
-        tmp.replace(path)
+        settings = {**old, **settings}
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(path, settings)
 
 
 def strip_file(out: Path, index: int) -> Path:
     return out / "strips" / f"{index:06d}.safetensors"
+
+
+def _scored_as(path: Path) -> tuple[str | None, str | None]:
+    """(strip id, strip hash) a per-strip file was scored from (None, None) if unreadable."""
+    try:
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception:  # noqa: BLE001 - a damaged file is rescored
+        return None, None
+    return meta.get("strip_id"), meta.get("strip_hash")
 
 
 def discover(
@@ -96,36 +113,51 @@ def discover(
 ) -> Ranking | None:
     """Score strips into `out` (resumable) and return the ranking (None on non-zero shards).
 
+    Every per-strip file records the id and content hash of the strip it was
+    scored from, and the manifest lists the run's strips: a rerun into the same
+    folder reuses a file only for the very same strip at the same index, and
+    rescores the rest (another --split, --start, --n-strips, or strips changed
+    on disk); the ranking averages exactly this run's strips.
+
     With `shard=(rank, world)` this process scores strips `rank, rank + world, ...`;
     `barrier` (e.g. Accelerate's `wait_for_everyone`) is called before rank 0 merges.
     """
     out = Path(out)
     rank, world = shard
-    manifest = _manifest(loaded, template, source)
+    settings = _settings(loaded, template)
     if rank == 0:
-        _check_manifest(out, manifest)
+        _check_settings(out, settings)
     (out / "strips").mkdir(parents=True, exist_ok=True)
-    done = 0
+    run_strips = []  # every strip of the run, in order: {"id", "hash"}
     bar = tqdm(total=n_strips, desc="discovery", unit="strip", disable=not progress or rank != 0, file=sys.stderr)
     for index, strip in enumerate(strips):
         bar.update(1)
+        digest = strip.content_hash()
+        run_strips.append({"id": strip.strip_id, "hash": digest})
         if index % world != rank:
             continue
         path = strip_file(out, index)
-        if path.exists():
+        if path.exists() and _scored_as(path) == (strip.strip_id, digest):
             continue
         variants = strip_variants(loaded.model, loaded.processor, strip, template=template, share_prefix=share_prefix,
                                   family=loaded.family)
         tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in variants.items()}, str(tmp), metadata={"strip_id": strip.strip_id})
+        save_file({k: v.contiguous() for k, v in variants.items()}, str(tmp),
+                  metadata={"strip_id": strip.strip_id, "strip_hash": digest})
         tmp.replace(path)  # atomic: a killed run never leaves a half-written strip
-        done += 1
     bar.close()
     if barrier is not None:
         barrier()
     if rank != 0:
         return None
-    return merge(out, model_id=loaded.model_id, template=template, source=source, dtype=manifest["dtype"],
+    if not run_strips:
+        raise DiscoveryError(f"no strips to score into {out}: the strip source gave no strips")
+    manifest = {**json.loads((out / MANIFEST).read_text()), "source": source, "strips": run_strips}
+    _write_json(out / MANIFEST, manifest)
+    for stale in (out / "strips").glob("*.safetensors"):  # files of an earlier, longer run
+        if int(stale.stem) >= len(run_strips):
+            stale.unlink()
+    return merge(out, model_id=loaded.model_id, template=template, source=source, dtype=settings["dtype"],
                  variant=variant)
 
 
@@ -154,26 +186,30 @@ def stability(per_strip: torch.Tensor, ks: tuple[int, ...] = (5, 10, 20), n_boot
 
 def merge(out: str | Path, *, model_id: str, template: str, source: str = "", dtype: str = "",
           variant: str = "raw") -> Ranking:
-    """Average every strip file in `out` (strip order) into a ranking, saved as `out/ranking.json`.
+    """Average the strip files of the run in `out` (strip order) into a ranking, saved as `out/ranking.json`.
 
-    `variant` picks the score (see `gaze.scoring.VARIANTS`); every variant's
-    scores are kept in `meta["variant_scores"]`, all from the same pass.
+    The run's strips are those its manifest lists (id and content hash each);
+    a file scored from another strip is an error. `variant` picks the score
+    (see `gaze.scoring.VARIANTS`); every variant's scores are kept in
+    `meta["variant_scores"]`, all from the same pass.
     """
     if variant not in VARIANTS:
         raise DiscoveryError(f"unknown score variant {variant!r}; use one of {sorted(VARIANTS)}")
     out = Path(out)
-    files = sorted((out / "strips").glob("*.safetensors"))
-    if not files:
-        raise DiscoveryError(f"no scored strips in {out}: the strip source gave no strips")
-    indices = [int(f.stem) for f in files]
-    missing = sorted(set(range(max(indices) + 1)) - set(indices))
+    manifest = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).exists() else {}
+    run_strips = manifest.get("strips")
+    if not run_strips:
+        raise DiscoveryError(f"no finished discovery run in {out}: run `gaze discover ... --out {out}`")
+    files = [strip_file(out, i) for i in range(len(run_strips))]
+    missing = [i for i, f in enumerate(files) if not f.exists()]
     if missing:
         raise DiscoveryError(f"strips {missing[:10]} are not scored yet in {out}: run discovery again to finish them")
+    wrong = [i for i, (f, s) in enumerate(zip(files, run_strips)) if _scored_as(f) != (s["id"], s["hash"])]
+    if wrong:
+        raise DiscoveryError(f"strips {wrong[:10]} in {out} were scored from other strips than this run's: "
+                             "run discovery again to rescore them")
     loaded = [load_file(str(f)) for f in files]
-    strip_ids = []
-    for f in files:
-        with safe_open(str(f), "pt") as fh:
-            strip_ids.append((fh.metadata() or {}).get("strip_id", f.stem))
+    strip_ids = [s["id"] for s in run_strips]
     variant_scores, chosen = {}, None
     for name in VARIANTS:
         if all(name in x for x in loaded):

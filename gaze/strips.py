@@ -16,6 +16,7 @@ Panel sizes are aligned to the model's merged patch size where possible
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field, replace
@@ -64,6 +65,13 @@ class Strip:
     @property
     def n_panels(self) -> int:
         return len(self.panels)
+
+    def content_hash(self) -> str:
+        """A short hash of what a gaze score depends on: the image's pixels and the panel boxes."""
+        h = hashlib.sha256()
+        h.update(f"{self.image.mode}{self.image.size}{self.panels}".encode())
+        h.update(self.image.tobytes())
+        return h.hexdigest()[:16]
 
 
 def aligned_size(size: int, align: int) -> int:

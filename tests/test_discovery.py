@@ -191,3 +191,36 @@ def test_cli_discover(qwen3_path, strip_for, tmp_path, capsys):
                str(tmp_path / "o2"), "--quiet"])
     assert rc == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_cli_discover_into_an_old_folder_scores_the_strips_asked_for(qwen3_path, strip_for, tmp_path, capsys):
+    """Another --start / --n-strips, or strips changed on disk, rescore: never the old strips' ranking."""
+    from gaze.cli import main
+
+    comics = tmp_path / "comics"
+    for i in range(3):
+        save_folder_strip(strip_for(32, seed=i), comics / f"comic{i}")
+    common = ["discover", "--model", str(qwen3_path), "--strips", str(comics), "--quiet"]
+
+    def run(out, *extra):
+        assert main([*common, "--out", str(tmp_path / out), *extra]) == 0, capsys.readouterr().err
+        capsys.readouterr()
+        return Ranking.load(tmp_path / out)
+
+    # a failed run (no such strips) leaves the folder usable by the corrected command
+    assert main(["discover", "--model", str(qwen3_path), "--strips", str(tmp_path / "nowhere"), "--out",
+                 str(tmp_path / "run"), "--quiet"]) == 2
+    first = run("run", "--start", "0", "--n-strips", "2")
+    assert first.meta["strip_ids"] == ["comic0", "comic1"]
+    moved = run("run", "--start", "1", "--n-strips", "2")
+    assert moved.meta["strip_ids"] == ["comic1", "comic2"]
+    assert torch.equal(moved.scores, run("fresh", "--start", "1", "--n-strips", "2").scores)
+    shorter = run("run", "--start", "1", "--n-strips", "1")
+    assert shorter.n_strips == 1 and torch.equal(shorter.scores, run("one", "--start", "1", "--n-strips", "1").scores)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert [s["id"] for s in manifest["strips"]] == ["comic1"] and len(manifest["strips"][0]["hash"]) == 16
+    # the strip changed on disk under the same name: rescored
+    save_folder_strip(strip_for(32, seed=7), comics / "comic1")
+    changed = run("run", "--start", "1", "--n-strips", "1")
+    assert torch.equal(changed.scores, run("seven", "--start", "1", "--n-strips", "1").scores)
+    assert not torch.equal(changed.scores, shorter.scores)
