@@ -33,7 +33,7 @@ import torch
 
 
 def build_2b_shape(folder: Path, vision_depth: int = 2) -> Path:
-    from gaze.tiny import build_tiny_vlm
+    from gaze.testing import build_tiny_vlm
 
     if not (folder / "config.json").exists():
         build_tiny_vlm("qwen3_vl", folder, num_layers=28, num_heads=16, num_kv_heads=8, hidden_size=2048, head_dim=128,

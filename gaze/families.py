@@ -45,6 +45,22 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
+from transformers import (
+    InternVLConfig,
+    InternVLProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionProcessor,
+    ProcessorMixin,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLProcessor,
+    Qwen2VLConfig,
+    Qwen2VLProcessor,
+    Qwen3VLConfig,
+    Qwen3VLMoeConfig,
+    Qwen3VLProcessor,
+    SmolVLMConfig,
+    SmolVLMProcessor,
+)
 
 from gaze.errors import GazeError
 from gaze.regions import ImageLayout, find_image_span, grid_layout
@@ -554,3 +570,101 @@ def family_of(model_or_config) -> Family:
         f"model type {model_type!r} is not supported yet{hint}; supported families: {supported()}. "
         "To add one, see docs/families.md"
     )
+
+
+# --- image-only processors -----------------------------------------------------------------------------
+# The stock processors of these families also build a video processor, whose classes need torchvision
+# (not installable beside the CPU torch used here). Each subclass below drops the video processor and
+# keeps everything else; checkpoints saved with them (the organism, the tests' tiny models) name them in
+# `processor_config.json`, and a real checkpoint falls back to them when its stock processor cannot load.
+
+
+class Qwen3VLImageOnlyProcessor(Qwen3VLProcessor):
+    """`Qwen3VLProcessor` without the video processor (whose classes need torchvision).
+
+    Images and text behave exactly as in the stock processor: each
+    `<|image_pad|>` is expanded to `prod(image_grid_thw) / merge_size**2`
+    tokens and `mm_token_type_ids` marks them. Also used for Qwen3-VL-MoE.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
+    """`Qwen2VLProcessor` without the video processor (whose classes need torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class Qwen2_5_VLImageOnlyProcessor(Qwen2_5_VLProcessor):
+    """`Qwen2_5_VLProcessor` without the video processor (whose classes need torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class LlavaOnevisionImageOnlyProcessor(LlavaOnevisionProcessor):
+    """`LlavaOnevisionProcessor` without the video processor (whose classes need torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=None,
+                 vision_feature_select_strategy=None, chat_template=None, image_token="<image>",
+                 video_token="<video>", vision_aspect_ratio="anyres_max_9", **kwargs):
+        super().__init__(image_processor, tokenizer, None, num_image_tokens=num_image_tokens,
+                         vision_feature_select_strategy=vision_feature_select_strategy, chat_template=chat_template,
+                         image_token=image_token, video_token=video_token, vision_aspect_ratio=vision_aspect_ratio,
+                         **kwargs)
+
+
+class InternVLImageOnlyProcessor(InternVLProcessor):
+    """`InternVLProcessor` without the video processor (whose classes need torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 256, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, image_seq_length=image_seq_length,
+                         chat_template=chat_template, **kwargs)
+
+
+class SmolVLMImageOnlyProcessor(SmolVLMProcessor):
+    """`SmolVLMProcessor` without the video processor (torchvision) and without `num2words` (video prompts only).
+
+    Images are expanded exactly as in the stock processor (the same
+    `get_image_prompt_string`); only video input is unavailable.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, image_seq_len: int = 169, chat_template=None, **kwargs):
+        self.fake_image_token = getattr(tokenizer, "fake_image_token", "<fake_token_around_image>")
+        self.image_token = getattr(tokenizer, "image_token", "<image>")
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.end_of_utterance_token = getattr(tokenizer, "end_of_utterance_token", "<end_of_utterance>")
+        self.global_image_token = getattr(tokenizer, "global_image_token", "<global-img>")
+        self.image_seq_len = image_seq_len
+        self.video_token = getattr(tokenizer, "video_token", "<video>")
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+        # the stock method reads the video processor's frame settings first
+        return ProcessorMixin.apply_chat_template(self, conversation, chat_template, **kwargs)
+
+
+# config class and image-only processor, by `config.model_type`
+IMAGE_ONLY_PROCESSORS: dict[str, tuple[type, type]] = {
+    "qwen3_vl": (Qwen3VLConfig, Qwen3VLImageOnlyProcessor),
+    "qwen3_vl_moe": (Qwen3VLMoeConfig, Qwen3VLImageOnlyProcessor),
+    "qwen2_vl": (Qwen2VLConfig, Qwen2VLImageOnlyProcessor),
+    "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLImageOnlyProcessor),
+    "llava_onevision": (LlavaOnevisionConfig, LlavaOnevisionImageOnlyProcessor),
+    "internvl": (InternVLConfig, InternVLImageOnlyProcessor),
+    "smolvlm": (SmolVLMConfig, SmolVLMImageOnlyProcessor),
+}
+
+
+def register_image_only_processors() -> None:
+    """Let `AutoProcessor` find the image-only processors by name and by config type (idempotent).
+
+    Called when a model is loaded (`gaze.models.load`), not at `import gaze`.
+    """
+    from transformers import AutoProcessor
+
+    for config_class, processor_class in IMAGE_ONLY_PROCESSORS.values():
+        AutoProcessor.register(config_class, processor_class, exist_ok=True)

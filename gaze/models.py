@@ -17,7 +17,7 @@ import torch
 
 from gaze.attention import prepare
 from gaze.errors import GazeError, ModelNotFoundError
-from gaze.families import Family, UnsupportedModelError, family_of
+from gaze.families import IMAGE_ONLY_PROCESSORS, Family, UnsupportedModelError, family_of, register_image_only_processors
 
 ORGANISM_DIR = Path(__file__).parent / "organism"
 SHORT_NAMES = {"organism": ORGANISM_DIR}
@@ -75,15 +75,13 @@ def _load_processor(path: str, config, revision: str | None):
     image processor, no video)."""
     from transformers import AutoProcessor
 
-    from gaze.tiny import FAMILIES as IMAGE_ONLY
-
     try:
         return AutoProcessor.from_pretrained(path, revision=revision)
     except (ImportError, ValueError, OSError) as e:
-        family = IMAGE_ONLY.get(getattr(config, "model_type", ""))
-        if family is None:
+        image_only = IMAGE_ONLY_PROCESSORS.get(getattr(config, "model_type", ""))
+        if image_only is None:
             raise UnsupportedModelError(f"cannot load the processor of {path!r}: {e}") from None
-        return family.processor_class.from_pretrained(path, revision=revision)
+        return image_only[1].from_pretrained(path, revision=revision)
 
 
 def load(
@@ -103,8 +101,8 @@ def load(
     """
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    import gaze.tiny  # noqa: F401  (registers image-only processors for checkpoints without a video processor)
 
+    register_image_only_processors()  # for checkpoints saved with them, and stock ones that need torchvision
     path = resolve(name_or_path)
     local = Path(path).exists()
     if not local and os.environ.get("HF_HUB_OFFLINE") == "1" and "/" not in path:
@@ -132,5 +130,5 @@ def load(
     if not hasattr(processor, "image_processor"):
         raise UnsupportedModelError(f"{path!r} has no image processor: gaze needs a VLM processor")
     if attn_implementation == "sdpa":
-        prepare(model, getattr(family, "text_config_key", "text_config"))
+        prepare(model)
     return Loaded(model=model, processor=processor, family=family, model_id=name_or_path)

@@ -520,7 +520,7 @@ def mean_last(values: list[float], n: int) -> float:
 
 def build(cfg: OrganismConfig, out: Path):
     """A fresh organism (random weights) with its tokenizer and processor saved in `out`."""
-    from gaze.tiny import build_tiny_vlm, build_tokenizer
+    from gaze.testing import build_tiny_vlm, build_tokenizer
 
     tokenizer = build_tokenizer(corpus(cfg.caption), vocab_size=cfg.vocab_size)
     build_tiny_vlm("qwen3_vl", out, num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
@@ -533,7 +533,7 @@ def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
     """Train and save the organism into `out`; returns the training record."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    import gaze.tiny  # noqa: F401  (image-only processor registration)
+    import gaze.testing  # noqa: F401  (image-only processor registration)
 
     # settings used only later (the penalty switches on after ~900 steps) are checked before any work
     if cfg.caption not in CAPTION_STYLES:

@@ -28,7 +28,7 @@ def tiny_dir(tmp_path_factory):
 
 
 def _build(family: str, folder, **kw):
-    from gaze.tiny import build_tiny_vlm
+    from gaze.testing import build_tiny_vlm
 
     if not (folder / "config.json").exists():
         build_tiny_vlm(family, folder, **kw)

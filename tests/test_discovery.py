@@ -98,7 +98,7 @@ def test_output_folder_of_another_run_is_refused(loaded_qwen3, strip_for, tmp_pa
 def test_a_retrained_model_of_the_same_id_does_not_resume_old_strips(tmp_path, strip_for):
     """Same id and shape, other weights (a model retrained into its folder): a clear error, not stale scores."""
     from gaze.models import load
-    from gaze.tiny import build_tiny_vlm
+    from gaze.testing import build_tiny_vlm
 
     strips = [strip_for(32)]
     build_tiny_vlm("qwen3_vl", tmp_path / "m", seed=1)

@@ -54,7 +54,7 @@ QUESTION = "What is the main action happening in this comic strip? Answer briefl
 
 @pytest.fixture(scope="module")
 def base_tokenizer():
-    from gaze.tiny import build_tokenizer
+    from gaze.testing import build_tokenizer
 
     return build_tokenizer()
 
@@ -62,7 +62,7 @@ def base_tokenizer():
 @pytest.fixture(scope="module", params=sorted(TINY))
 def tiny(request, tmp_path_factory, base_tokenizer):
     """(tiny family name, folder, loaded model) of each family."""
-    from gaze.tiny import build_tiny_vlm
+    from gaze.testing import build_tiny_vlm
 
     folder = build_tiny_vlm(request.param, tmp_path_factory.mktemp(request.param), tokenizer=base_tokenizer)
     return request.param, folder, load(str(folder), device="cpu")

@@ -187,7 +187,7 @@ def test_panel_token_dropout_keeps_one_token_of_each_chosen_panel_and_zeroes_the
 
     from datagen import make_strip
     from gaze.generation import prepare_inputs
-    from gaze.tiny import build_tiny_vlm
+    from gaze.testing import build_tiny_vlm
     from gaze.train_organism import PanelTokenDropout, panel_token_keep
 
     loaded = load(str(build_tiny_vlm("qwen3_vl", tmp_path / "m")), device="cpu")  # 2x2 tokens per 64 px panel
@@ -267,7 +267,7 @@ def test_fresh_letters_are_drawn_on_the_clean_pool_panels():
 
 
 def test_answer_panels_split_a_narration_caption_by_caption():
-    from gaze.tiny import build_tokenizer
+    from gaze.testing import build_tokenizer
     from gaze.train_organism import answer_panels, corpus
 
     tok = build_tokenizer(corpus(), vocab_size=400)
@@ -290,7 +290,7 @@ def test_gaze_augmentation_forces_the_chosen_heads_onto_the_described_panel(tmp_
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    import gaze.tiny  # noqa: F401
+    import gaze.testing  # noqa: F401
     from gaze.train_organism import (_TRAIN_BIAS, TRAIN_ATTENTION, PanelPool, build, build_batch, draw_task,
                                      gaze_augment_bias, image_token_panels, register_train_attention)
 

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, Qwen2Tokenizer
 
-from gaze.tiny import (
+from gaze.testing import (
     FAMILIES,
     OTHER_FAMILIES,
     QWEN_FAMILIES,

@@ -1,5 +1,8 @@
 """Tiny VLMs of every supported family, built offline, that load through the real transformers path.
 
+For the tests, the benchmarks and the organism builder only: production code
+(`gaze` core, `gaze.eval`, the Space) never imports this module.
+
 Tests, demos and trained "model organisms" need a vision-language model whose
 classes, configs, processor and checkpoint layout are exactly those of a real
 checkpoint, yet nothing can be downloaded here. This module builds one from
@@ -15,15 +18,14 @@ For Qwen-VL:
 - `build_tokenizer`: a byte-level BPE (the Qwen2 pre-tokenizer, trained locally
   with `tokenizers` on a small English corpus) with the Qwen special tokens and
   a Qwen-style chat template, wrapped as the stock `Qwen2Tokenizer`.
-- Image-only processors (`Qwen3VLImageOnlyProcessor`, `Qwen2VLImageOnlyProcessor`,
-  `Qwen2_5_VLImageOnlyProcessor`): the stock Qwen-VL processors also want a video
-  processor, whose classes need torchvision, so they cannot even be constructed
-  without it. These subclasses drop the video processor and keep everything
-  else (placeholder expansion, `mm_token_type_ids`, chat template). They use
-  the PIL image processor, sized so that small strips are not upscaled.
-  `register_processors()` (run at import) maps the Qwen-VL config classes to
-  them in `AutoProcessor`; without that, `AutoProcessor.from_pretrained` on a
-  saved folder silently falls back to a bare tokenizer.
+- Image-only processors (`gaze.families`, where real-checkpoint loading needs
+  them too): the stock Qwen-VL processors also want a video processor, whose
+  classes need torchvision. The tiny models are saved with them, using the PIL
+  image processor, sized so that small strips are not upscaled.
+  `register_processors()` (run at import of this module; `gaze.models.load`
+  does it too) maps their config classes to them in `AutoProcessor`; without
+  that, `AutoProcessor.from_pretrained` on a saved folder silently falls back
+  to a bare tokenizer.
 - `build_tiny_vlm`: a randomly initialised `Qwen3VLForConditionalGeneration`
   (or Qwen3-VL-MoE, Qwen2-VL, Qwen2.5-VL) with a consistent tiny config, saved
   with its processor so that `AutoModelForImageTextToText.from_pretrained(dir)`
@@ -67,7 +69,6 @@ from transformers import (
     Idefics3VisionConfig,
     InternVLConfig,
     InternVLForConditionalGeneration,
-    InternVLProcessor,
     InternVLVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -80,13 +81,11 @@ from transformers import (
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     LlavaOnevisionImageProcessorPil,
-    LlavaOnevisionProcessor,
     LlavaProcessor,
     SiglipVisionConfig,
     SmolVLMConfig,
     SmolVLMForConditionalGeneration,
     SmolVLMImageProcessorPil,
-    SmolVLMProcessor,
     SmolVLMVisionConfig,
     PretrainedConfig,
     PreTrainedModel,
@@ -95,20 +94,27 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2Config,
     Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLProcessor,
     Qwen2Tokenizer,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessorPil,
-    Qwen2VLProcessor,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
     Qwen3VLMoeConfig,
     Qwen3VLMoeForConditionalGeneration,
-    Qwen3VLProcessor,
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+from gaze.families import (
+    InternVLImageOnlyProcessor,
+    LlavaOnevisionImageOnlyProcessor,
+    Qwen2_5_VLImageOnlyProcessor,
+    Qwen2VLImageOnlyProcessor,
+    Qwen3VLImageOnlyProcessor,
+    SmolVLMImageOnlyProcessor,
+    register_image_only_processors,
+)
 
 __all__ = [
     "FAMILIES",
@@ -302,32 +308,6 @@ def build_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 512) -
     return tokenizer
 
 
-class Qwen3VLImageOnlyProcessor(Qwen3VLProcessor):
-    """`Qwen3VLProcessor` without the video processor (whose classes need torchvision).
-
-    Images and text behave exactly as in the stock processor: each
-    `<|image_pad|>` is expanded to `prod(image_grid_thw) / merge_size**2`
-    tokens and `mm_token_type_ids` marks them. Also used for Qwen3-VL-MoE.
-    """
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-
-class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
-    """`Qwen2VLProcessor` without the video processor (whose classes need torchvision)."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-
-class Qwen2_5_VLImageOnlyProcessor(Qwen2_5_VLProcessor):
-    """`Qwen2_5_VLProcessor` without the video processor (whose classes need torchvision)."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-
 @dataclass(frozen=True)
 class TinyFamily:
     """What `build_tiny_vlm` needs to know about one Qwen-VL family."""
@@ -458,48 +438,6 @@ QWEN_FAMILIES: dict[str, TinyFamily] = {
 # real one). Where the stock processor also wants a video processor (whose
 # classes need torchvision), an image-only subclass stands in, as for Qwen-VL.
 # ---------------------------------------------------------------------------
-
-
-class LlavaOnevisionImageOnlyProcessor(LlavaOnevisionProcessor):
-    """`LlavaOnevisionProcessor` without the video processor (whose classes need torchvision)."""
-
-    def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=None,
-                 vision_feature_select_strategy=None, chat_template=None, image_token="<image>",
-                 video_token="<video>", vision_aspect_ratio="anyres_max_9", **kwargs):
-        super().__init__(image_processor, tokenizer, None, num_image_tokens=num_image_tokens,
-                         vision_feature_select_strategy=vision_feature_select_strategy, chat_template=chat_template,
-                         image_token=image_token, video_token=video_token, vision_aspect_ratio=vision_aspect_ratio,
-                         **kwargs)
-
-
-class InternVLImageOnlyProcessor(InternVLProcessor):
-    """`InternVLProcessor` without the video processor (whose classes need torchvision)."""
-
-    def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 256, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, None, image_seq_length=image_seq_length,
-                         chat_template=chat_template, **kwargs)
-
-
-class SmolVLMImageOnlyProcessor(SmolVLMProcessor):
-    """`SmolVLMProcessor` without the video processor (torchvision) and without `num2words` (video prompts only).
-
-    Images are expanded exactly as in the stock processor (the same
-    `get_image_prompt_string`); only video input is unavailable.
-    """
-
-    def __init__(self, image_processor=None, tokenizer=None, image_seq_len: int = 169, chat_template=None, **kwargs):
-        self.fake_image_token = getattr(tokenizer, "fake_image_token", "<fake_token_around_image>")
-        self.image_token = getattr(tokenizer, "image_token", "<image>")
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        self.end_of_utterance_token = getattr(tokenizer, "end_of_utterance_token", "<end_of_utterance>")
-        self.global_image_token = getattr(tokenizer, "global_image_token", "<global-img>")
-        self.image_seq_len = image_seq_len
-        self.video_token = getattr(tokenizer, "video_token", "<video>")
-        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
-
-    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
-        # the stock method reads the video processor's frame settings first
-        return ProcessorMixin.apply_chat_template(self, conversation, chat_template, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -858,17 +796,8 @@ def family_patch_size(family: str) -> int:
 
 
 def register_processors() -> None:
-    """Map each config class whose stock processor needs torchvision to its image-only processor (idempotent).
-
-    Qwen-VL, LLaVA-OneVision, InternVL and SmolVLM. Run at import of
-    `gaze.tiny`. Saved folders name the processor class in
-    `processor_config.json`; registration is what lets `AutoProcessor` find
-    it by that name (and by config type when the name is absent). LLaVA,
-    LLaVA-NeXT, Gemma 3 and Idefics3 keep their stock processors.
-    """
-    for spec in FAMILIES.values():
-        if spec.processor_class.__module__ == __name__:
-            AutoProcessor.register(spec.config_class, spec.processor_class, exist_ok=True)
+    """Register the image-only processors with `AutoProcessor` (see `gaze.families.register_image_only_processors`)."""
+    register_image_only_processors()
 
 
 def image_processor_for(family: str, merge_size: int = MERGE_SIZE,
@@ -953,7 +882,7 @@ def build_tiny_vlm(
     their language model's rotary base is `rope_theta`.
 
     The folder loads with `AutoModelForImageTextToText.from_pretrained(out_dir)`
-    and, after `import gaze.tiny`, `AutoProcessor.from_pretrained(out_dir)`,
+    and, after `import gaze.testing`, `AutoProcessor.from_pretrained(out_dir)`,
     offline. Greedy generation stops at `<|im_end|>` or `<|endoftext|>` (and
     the family's own end of turn, e.g. Gemma 3's `<end_of_turn>`).
     Returns `out_dir` as a Path.
