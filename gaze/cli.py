@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--out", default="inspect")
     i.set_defaults(func=cmd_inspect)
 
-    from gaze.eval_cli import register as register_eval
+    from gaze.eval.cli import register as register_eval
 
     register_eval(sub)
 

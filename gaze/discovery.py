@@ -59,28 +59,37 @@ def _settings(loaded: Loaded, template: str) -> dict:
             "n_heads": loaded.n_heads, "template": template, "dtype": str(loaded.model.dtype).replace("torch.", "")}
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_manifest(path: Path, data: dict) -> None:
+    """Write a run's manifest (JSON) atomically: an interrupted write never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)  # atomic
+    tmp.replace(path)
+
+
+def manifest_diff(path: Path, settings: dict, defaults: dict | None = None) -> dict:
+    """{setting: (old, new)} for every setting the run recorded in `path` differently (`defaults` fill
+    settings older runs did not record); {} when `path` does not exist. The one check every resumable run
+    (discovery, evaluation) makes before reusing what an earlier run left in its folder."""
+    if not path.exists():
+        return {}
+    old = {**(defaults or {}), **json.loads(path.read_text())}
+    return {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
 
 
 def _check_settings(out: Path, settings: dict) -> None:
     """Refuse a folder whose scored strips came from other settings; a folder without scored strips (a run
     that failed before its first strip, e.g. a wrong --strips) is taken over."""
     path = out / MANIFEST
-    scored = any((out / "strips").glob("*.safetensors"))
-    if path.exists() and scored:
-        old = json.loads(path.read_text())
-        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+    if any((out / "strips").glob("*.safetensors")):
+        diff = manifest_diff(path, settings)
         if diff:
             raise DiscoveryError(
                 f"{out} holds a discovery run with other settings {diff} (old, new): "
                 "use another --out folder, or delete this one to start over"
             )
-        settings = {**old, **settings}
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(path, settings)
+        settings = {**json.loads(path.read_text()), **settings}
+    write_manifest(path, settings)
 
 
 def strip_file(out: Path, index: int) -> Path:
@@ -153,7 +162,7 @@ def discover(
     if not run_strips:
         raise DiscoveryError(f"no strips to score into {out}: the strip source gave no strips")
     manifest = {**json.loads((out / MANIFEST).read_text()), "source": source, "strips": run_strips}
-    _write_json(out / MANIFEST, manifest)
+    write_manifest(out / MANIFEST, manifest)
     for stale in (out / "strips").glob("*.safetensors"):  # files of an earlier, longer run
         if int(stale.stem) >= len(run_strips):
             stale.unlink()

@@ -44,7 +44,7 @@ def held_out_strips(n: int, panel_size: int = 64, seed0: int | None = None):
 
 def bootstrap(hits) -> tuple[float, float, float]:
     """(mean, low, high): the evaluation's percentile bootstrap 95% CI of a hit rate."""
-    from gaze.evaluation import bootstrap_ci
+    from gaze.eval.statistics import bootstrap_ci
 
     return bootstrap_ci([float(h) for h in hits])
 

@@ -25,7 +25,7 @@ from typing import Iterator
 
 import torch
 from PIL import Image
-from gaze.generation import TokenEvent, generate
+from gaze.generation import generate
 from gaze.regions import ImageLayout, RegionError, RegionMap, box_regions, panel_regions
 from gaze.steering import MODES, PHASES, Box, Panel, Schedule, Target, parse_schedule
 from gaze.strips import equal_panels

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from gaze.eval_cli import config_from_args, main, register
-from gaze.evaluation import (
-    AGGREGATE, RECORDS, EvalConfig, EvalError, PriorScores, RecordLog, aggregate, bootstrap_ci, derangement,
-    head_sets, random_pool, record_key, run_eval, segments, size_class, spearman,
-)
+from gaze.eval.cli import config_from_args, main, register
+from gaze.eval.config import AGGREGATE, RECORDS, EvalConfig, EvalError
+from gaze.eval.heads import PriorScores, head_sets, random_pool
+from gaze.eval.protocols import aggregate, derangement, run_eval, segments, size_class
+from gaze.eval.records import RecordLog, record_key
+from gaze.eval.statistics import bootstrap_ci, spearman
 from gaze.ranking import Ranking
 
 
@@ -140,7 +141,7 @@ def test_register_adds_eval_with_the_config_flags():
 @pytest.fixture(scope="module")
 def tiny_ranking(loaded_qwen3, tmp_path_factory):
     from gaze.discovery import discover
-    from gaze.evaluation import eval_strips
+    from gaze.eval.protocols import eval_strips
 
     out = tmp_path_factory.mktemp("eval-discovery")
     discover(loaded_qwen3, eval_strips("procedural:discovery", 2), out, progress=False)
@@ -148,7 +149,7 @@ def tiny_ranking(loaded_qwen3, tmp_path_factory):
 
 
 def test_tiny_end_to_end_eval_and_report(loaded_qwen3, qwen3_path, tiny_ranking, tmp_path):
-    from gaze.report import write_report
+    from gaze.eval.report import write_report
 
     cfg = EvalConfig(model=str(qwen3_path), ranking=str(tiny_ranking), strips="procedural:eval", n_strips=1,
                      out=str(tmp_path / "eval"), top_k=2, ks=(1, 2), targets=(2,), every=1, max_new_tokens=3,
@@ -217,7 +218,7 @@ class ScriptedContext:
     bookkeeping (keys, judging, segments, Spearman, aggregation) is checked on known answers."""
 
     def __init__(self, cfg, answer_panel):
-        from gaze.judges import CaptionJudge
+        from gaze.eval.judges import CaptionJudge
 
         self.cfg, self.answer_panel = cfg, answer_panel  # (strip, heads, target) -> panel to describe
         self.judge = self.candidate_judge = CaptionJudge()
@@ -239,7 +240,7 @@ class ScriptedContext:
 
 
 def test_protocols_count_known_answers(tmp_path):
-    from gaze.evaluation import dynamic_narration, eval_strips, vqa
+    from gaze.eval.protocols import dynamic_narration, eval_strips, vqa
 
     strips = eval_strips("procedural:eval", 4)
     cfg = EvalConfig(every=3, seed=0)

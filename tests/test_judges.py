@@ -5,7 +5,7 @@ import json
 import pytest
 from PIL import Image
 
-from gaze.judges import (
+from gaze.eval.judges import (
     CaptionJudge, EmbeddingJudge, JudgeError, LetterJudge, LLMJudge, build_llm_messages, content_words,
     degenerate_reason, make_judge, parse_llm_reply, stem,
 )

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gaze.evaluation import AGGREGATE, RECORDS, TRAJECTORIES, EvalError
+from gaze.eval.config import AGGREGATE, RECORDS, TRAJECTORIES, EvalError
 
 FIGURES = "figures"
 DPI = 80  # small PNGs: the report is committed
@@ -231,7 +231,7 @@ def plot_region(region: dict, path: Path) -> str | None:
 
 def reproduce_command(config: dict) -> str:
     """The `gaze eval` command line that reproduces a run (non-default flags only)."""
-    from gaze.evaluation import EvalConfig
+    from gaze.eval.config import EvalConfig
 
     default = EvalConfig()
     parts = ["gaze", "eval"]
@@ -330,7 +330,7 @@ def _per_panel_table(vqa: dict) -> list[str]:
 def _judging_notes(meta: dict) -> list[str]:
     judge = meta.get("judge", "caption")
     how = {
-        "caption": "the deterministic caption judge (`gaze.judges.CaptionJudge`): stemmed content words of the "
+        "caption": "the deterministic caption judge (`gaze.eval.judges.CaptionJudge`): stemmed content words of the "
                    "answer against each panel caption, weighted by how specific each word is to one caption; the "
                    "best caption must hold at least half of its (weighted) words and lead the runner-up by 0.25",
         "letter": "the exact letter judge: the answer must name exactly one of the letters overlaid on the panels",
@@ -389,7 +389,7 @@ def write_report(out: str | Path, *, title: str | None = None) -> Path:
         made["staircase"] = plot_staircase(json.loads((out / TRAJECTORIES).read_text()), figs / "staircase.png")
     records = []
     if (out / RECORDS).exists():
-        from gaze.evaluation import RecordLog
+        from gaze.eval.records import RecordLog
 
         records = list(RecordLog(out / RECORDS).records.values())
     made["dynamic"] = plot_dynamic(records, figs / "dynamic.png")

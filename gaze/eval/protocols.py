@@ -2,8 +2,8 @@
 
     cfg = EvalConfig(model="organism", ranking="gaze/organism", strips="procedural:eval", n_strips=50,
                      out="reports/organism")
-    aggregate = run_eval(cfg)            # records.jsonl, aggregate.json, trajectories.json in cfg.out
-    gaze.report.write_report(cfg.out)    # README.md + figures/*.png
+    aggregate = run_eval(cfg)                 # records.jsonl, aggregate.json, trajectories.json in cfg.out
+    gaze.eval.report.write_report(cfg.out)    # README.md + figures/*.png
 
 Protocols (each a function yielding one JSON record per generation):
 
@@ -45,144 +45,19 @@ from pathlib import Path
 from typing import Container, Iterable, Iterator, Sequence
 
 import numpy as np
-import torch
 
-from gaze.errors import GazeError
-from gaze.judges import CaptionJudge, CandidateJudge, Judge, make_judge
-from gaze.prompts import NARRATION_PROMPT, STRIP_QUESTION, THIS_PANEL_QUESTION
-from gaze.ranking import Head, Ranking, default_top_k
+from gaze.eval.config import (AGGREGATE, MANIFEST, PRIOR, PROTOCOL_ORDER, PROTOCOLS, RECORDS,
+                              SIZE_CLASSES, SPLIT_SEEDS, TRAJECTORIES, EvalConfig, EvalError)
+from gaze.eval.heads import PriorScores, head_sets, prior_scores, random_pool, resolve_top_k
+from gaze.eval.judges import CaptionJudge, CandidateJudge, Judge, make_judge
+from gaze.eval.records import RecordLog, record_key
+from gaze.eval.statistics import bootstrap_ci, spearman
+from gaze.discovery import manifest_diff, write_manifest
+from gaze.prompts import NARRATION_PROMPT
+from gaze.ranking import Head, Ranking
 from gaze.regions import RegionError, box_membership
 from gaze.steering import Box, Panel, Schedule
 from gaze.strips import Strip, StripError, load_strips
-
-PROTOCOLS = ("vqa", "narration", "dynamic", "region", "sweep")
-CONDITIONS = ("gaze", "random", "all", "image", "localization", "none")
-PROTOCOL_ORDER = ("vqa", "sweep", "narration", "dynamic", "region")  # run order: the sweep reuses vqa answers
-SPLIT_SEEDS = {"eval": 1_000_000, "discovery": 2_000_000}  # procedural:SPLIT -> datagen seeds SEED0 + i
-# eval seeds are the organism's held-out range (gaze.train_organism.EVAL_SEED0); training draws its own pool
-SIZE_CLASSES = (("small", 2), ("medium", 8), ("large", math.inf))  # object size by image tokens covered (<=)
-
-LETTER_STRIP_QUESTION = "Which letter is in this comic strip? Answer with one letter."
-LETTER_PANEL_QUESTION = "Which letter is on this panel?"
-DEFAULT_QUESTIONS = {  # protocol -> question, for caption-like judges
-    "vqa": STRIP_QUESTION, "sweep": STRIP_QUESTION, "narration": THIS_PANEL_QUESTION,
-    "dynamic": NARRATION_PROMPT, "region": THIS_PANEL_QUESTION,
-}
-LETTER_QUESTIONS = {"vqa": LETTER_STRIP_QUESTION, "sweep": LETTER_STRIP_QUESTION, "narration": LETTER_PANEL_QUESTION}
-
-RECORDS = "records.jsonl"
-AGGREGATE = "aggregate.json"
-MANIFEST = "eval.json"
-TRAJECTORIES = "trajectories.json"
-PRIOR = "prior_heads.json"
-
-
-class EvalError(GazeError):
-    """An evaluation that cannot run as asked; the message says how to fix it."""
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """`gaze eval`: every setting of an evaluation run (CLI flags share these names)."""
-
-    model: str = "organism"  # hub id, local folder, or "organism"
-    ranking: str | None = None  # ranking folder, JSON or hub id (`gaze discover`); None: discover into OUT/discovery
-    strips: str = "procedural:eval"  # strip source: `load_strips` source, or procedural:SPLIT (eval|discovery|SEED0)
-    n_strips: int = 50  # strips per protocol (x targets x conditions generations)
-    out: str = "runs/eval"  # output folder (resumable)
-    protocols: tuple[str, ...] = PROTOCOLS  # which protocols to run
-    conditions: tuple[str, ...] = CONDITIONS  # which head sets to steer
-    top_k: int | None = None  # K for every condition; None: the paper's share (100/1,152 of all heads), >= 1
-    ks: tuple[int, ...] = (1, 2, 4, 8)  # K values of the head-count sweep (capped at the model's head count)
-    targets: tuple[int, ...] | None = None  # panels to steer to (1-based); None: every panel
-    every: int = 10  # dynamic narration: tokens per schedule entry (the paper: 50 for long 8B narrations)
-    at_sentence: bool = False  # dynamic narration: switch at the first sentence end after `every` tokens
-    seed: int = 0  # random heads, derangements, bootstrap
-    judge: str = "caption"  # caption | letter | embedding | llm
-    judge_model: str | None = None  # embedding model / LLM (endpoint model name or local folder)
-    judge_endpoint: str | None = None  # OpenAI-compatible base URL for --judge llm (key from $OPENAI_API_KEY)
-    max_new_tokens: int = 24  # short answers: vqa, sweep, region
-    narration_tokens: int = 64  # static narration answers
-    strength: float = 1e4  # steering bias B
-    mode: str = "boost"  # boost | suppress | suppress_text
-    phase: str = "all"  # all | prefill (static targets bias the prompt's rows only; schedules always steer every row) | decode
-    random_percentile: float = 5.0  # random heads come from this bottom share of gaze scores (widened to 2K heads)
-    prior_strips: int = 8  # strips for the image / localization head criteria
-    scenes: str = "procedural"  # region protocol: procedural[:SEED0] (datagen scenes), strip-objects, or a folder
-    n_scenes: int | None = None  # scenes for the region protocol; None: n_strips
-    n_objects: int = 4  # objects per procedural scene
-    scene_size: tuple[int, int] = (384, 192)  # procedural scene (width, height) in pixels
-    panel_size: int = 64  # procedural strips: panel side in pixels
-    questions: tuple[tuple[str, str], ...] = ()  # (protocol, question) overrides
-    discovery_strips: str = "procedural:discovery"  # used when `ranking` is None
-    n_discovery: int = 20  # strips for that discovery
-    n_boot: int = 2000  # bootstrap resamples
-    device: str | None = None  # cpu, cuda, ... (default: cuda if available)
-    dtype: str = "float32"  # float32 | bfloat16 | float16
-    device_map: str | None = None  # "auto": spread a large model over all GPUs
-
-    def question(self, protocol: str) -> str:
-        given = dict(self.questions)
-        if protocol in given:
-            return given[protocol]
-        if self.judge == "letter" and protocol in LETTER_QUESTIONS:
-            return LETTER_QUESTIONS[protocol]
-        return DEFAULT_QUESTIONS[protocol]
-
-    def check(self) -> "EvalConfig":
-        bad = set(self.protocols) - set(PROTOCOLS)
-        if bad:
-            raise EvalError(f"unknown protocols {sorted(bad)}; use some of {','.join(PROTOCOLS)}")
-        bad = set(self.conditions) - set(CONDITIONS)
-        if bad:
-            raise EvalError(f"unknown conditions {sorted(bad)}; use some of {','.join(CONDITIONS)}")
-        bad = {p for p, _ in self.questions} - set(PROTOCOLS)
-        if bad:
-            raise EvalError(f"--question for unknown protocols {sorted(bad)}: write PROTOCOL=TEXT, e.g. vqa=...")
-        if self.n_strips < 1 or self.every < 1 or (self.top_k is not None and self.top_k < 1):
-            raise EvalError("--n-strips, --every and --top-k must be at least 1")
-        if any(k < 1 for k in self.ks):
-            raise EvalError(f"--ks must be positive head counts, got {list(self.ks)}")
-        return self
-
-
-# ---------------------------------------------------------------- statistics (pure)
-
-def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95
-                 ) -> tuple[float, float, float]:
-    """(mean, low, high): seeded percentile-bootstrap CI of the mean. NaNs for no values."""
-    x = np.asarray(list(values), dtype=np.float64)
-    if x.size == 0:
-        return (math.nan, math.nan, math.nan)
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, (n_boot, x.size))].mean(axis=1)  # [n_boot]
-    tail = (1 - level) / 2 * 100
-    return float(x.mean()), float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
-
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks 1..n with ties given their average rank."""
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = np.arange(1, len(x) + 1)
-    for v in np.unique(x):
-        tie = x == v
-        ranks[tie] = ranks[tie].mean()
-    return ranks
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
-    """Spearman rank correlation (ties averaged, as scipy); None for < 2 pairs or a constant side."""
-    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if a.size != b.size:
-        raise ValueError(f"spearman needs equal lengths, got {a.size} and {b.size}")
-    if a.size < 2:
-        return None
-    ra, rb = _ranks(a), _ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = math.sqrt(float((ra ** 2).sum() * (rb ** 2).sum()))
-    return None if den == 0 else float((ra * rb).sum() / den)
-
 
 def derangement(n: int, rng: random.Random) -> list[int]:
     """A random order of panels 1..n with no panel in its own place (so never left to right)."""
@@ -201,106 +76,6 @@ def size_class(n_tokens: int) -> str:
         if n_tokens <= upto:
             return name
     return SIZE_CLASSES[-1][0]
-
-
-def resolve_top_k(top_k: int | None, n_total: int) -> int:
-    """K: as given (capped at all heads), or the paper's share of heads (`gaze.ranking.default_top_k`)."""
-    if top_k is None:
-        return default_top_k(n_total)
-    return min(top_k, n_total)
-
-
-# ---------------------------------------------------------------- head sets
-
-@dataclass(frozen=True)
-class PriorScores:
-    """Prior work's head criteria from the last prompt token's attention over the image."""
-
-    image_mass: torch.Tensor  # [L, H] mean attention mass on image tokens
-    concentration: torch.Tensor  # [L, H] 1 - entropy / log(T) of the attention renormalised over the image
-    n_strips: int
-
-    def image_heads(self, k: int) -> list[Head]:
-        return _top(self.image_mass, k)
-
-    def localization_heads(self, k: int) -> list[Head]:
-        """Top-k concentration among heads with at least median image mass (then the rest, if too few)."""
-        eligible = self.image_mass >= self.image_mass.flatten().median()
-        first = _top(torch.where(eligible, self.concentration, torch.full_like(self.concentration, -math.inf)),
-                     int(eligible.sum()))
-        rest = [h for h in _top(self.concentration, self.concentration.numel()) if h not in first]
-        return (first + rest)[:k]
-
-    def to_dict(self) -> dict:
-        return {"image_mass": self.image_mass.tolist(), "concentration": self.concentration.tolist(),
-                "n_strips": self.n_strips}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PriorScores":
-        return cls(torch.tensor(d["image_mass"]), torch.tensor(d["concentration"]), int(d["n_strips"]))
-
-
-def _top(scores: torch.Tensor, k: int) -> list[Head]:
-    """The k best heads of a [L, H] score tensor, ties broken by (layer, head)."""
-    flat = scores.flatten().tolist()
-    n_heads = scores.shape[1]
-    idx = sorted(range(len(flat)), key=lambda i: (-flat[i], i))[:k]
-    return [(i // n_heads, i % n_heads) for i in idx]
-
-
-@torch.no_grad()
-def prior_scores(loaded, strips: Sequence[Strip], questions: Sequence[str] = (STRIP_QUESTION, NARRATION_PROMPT,
-                 THIS_PANEL_QUESTION)) -> PriorScores:
-    """Image mass and spatial concentration of every head, from one shared-prefix pass per strip."""
-    from gaze.scoring import query_rows
-
-    if not strips:
-        raise EvalError("the image / localization head criteria need at least one strip")
-    mass, conc = [], []
-    for strip in strips:
-        rows, layout = query_rows(loaded.model, loaded.processor, strip.image, list(questions), family=loaded.family)
-        image = rows[..., layout.positions.to(rows.device)].float().cpu()  # [L, Q, H, T]
-        m = image.sum(-1)  # [L, Q, H]
-        p = image / m.unsqueeze(-1).clamp_min(1e-12)  # [L, Q, H, T] distribution over image tokens
-        entropy = -(p * p.clamp_min(1e-12).log()).sum(-1)  # [L, Q, H]
-        mass.append(m.mean(1))  # [L, H]
-        conc.append(1 - entropy.mean(1) / math.log(max(2, layout.n_tokens)))  # [L, H]
-    return PriorScores(torch.stack(mass).mean(0), torch.stack(conc).mean(0), len(strips))
-
-
-def random_pool(ranking: Ranking, k: int, percentile: float = 5.0) -> list[Head]:
-    """The low-score heads random heads are drawn from: the bottom `percentile`% of scores,
-    widened to at least 2K heads (so K heads are a sample, not the whole pool) and never the top K."""
-    order = ranking.order()
-    n = len(order)
-    size = max(math.ceil(n * percentile / 100), 2 * k)
-    size = min(size, n - min(k, n - k))  # keep the top-K gaze heads out whenever the model has room
-    return order[n - size:]
-
-
-def head_sets(ranking: Ranking, k: int, seed: int = 0, kinds: Iterable[str] = ("gaze", "random"), *,
-              prior: PriorScores | None = None, percentile: float = 5.0) -> dict[str, list[Head]]:
-    """Condition name -> the heads it steers. `image` and `localization` need `prior` (see `prior_scores`)."""
-    out: dict[str, list[Head]] = {}
-    n_total = ranking.scores.numel()
-    k = min(k, n_total)
-    for kind in kinds:
-        if kind == "gaze":
-            out[kind] = ranking.top(k)
-        elif kind == "random":
-            pool = random_pool(ranking, k, percentile)
-            out[kind] = sorted(random.Random(f"{seed}/random/{k}").sample(pool, min(k, len(pool))))
-        elif kind == "all":
-            out[kind] = ranking.order()
-        elif kind == "none":
-            out[kind] = []
-        elif kind in ("image", "localization"):
-            if prior is None:
-                raise EvalError(f"the {kind} heads need prior scores: pass prior=prior_scores(loaded, strips)")
-            out[kind] = prior.image_heads(k) if kind == "image" else prior.localization_heads(k)
-        else:
-            raise EvalError(f"unknown condition {kind!r}; use one of {', '.join(CONDITIONS)}")
-    return out
 
 
 # ---------------------------------------------------------------- strips and scenes
@@ -378,60 +153,6 @@ def eval_scenes(source: str, n: int, *, size: tuple[int, int] = (384, 192), n_ob
     if not out:
         raise EvalError(f"{folder} holds no scene files (NAME.json with an image and labelled boxes)")
     return out
-
-
-# ---------------------------------------------------------------- the resumable record log
-
-def record_key(protocol: str, condition: str, strip_id: str, target, k: int) -> str:
-    return f"{protocol}|{condition}|{strip_id}|{target}|{k}"
-
-
-class RecordLog:
-    """`records.jsonl`, one judged generation a line, keyed; appends are flushed line by line.
-
-    Opening it drops lines that do not parse (an interrupted write) and duplicate
-    keys, rewriting the file if needed, so the missing records are recomputed.
-    """
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.records: dict[str, dict] = {}
-        self.dropped = 0
-        if self.path.exists():
-            raw = self.path.read_text(encoding="utf-8")
-            for line in raw.splitlines():
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                    key = rec["key"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    self.dropped += 1
-                    continue
-                if key in self.records:
-                    self.dropped += 1
-                    continue
-                self.records[key] = rec
-            if self.dropped or (raw and not raw.endswith("\n")):
-                tmp = self.path.with_suffix(".jsonl.tmp")
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records.values()), encoding="utf-8")
-                tmp.replace(self.path)
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.records
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def append(self, record: dict) -> None:
-        if record["key"] in self.records:
-            return
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
-        self.records[record["key"]] = record
 
 
 # ---------------------------------------------------------------- protocols
@@ -676,16 +397,14 @@ def _manifest(cfg: EvalConfig, loaded, ranking: Ranking, k: int) -> dict:
 def _check_manifest(out: Path, manifest: dict) -> None:
     path = out / MANIFEST
     if path.exists():
-        old = json.loads(path.read_text())
-        if "phase" not in old:  # runs from before `phase`: a `prefill_only` flag, or (older) every row
-            old["phase"] = "prefill" if old.pop("prefill_only", False) else "all"
-        diff = {key: (old.get(key), v) for key, v in manifest.items() if old.get(key) != v}
+        old = json.loads(path.read_text())  # runs from before `phase` recorded `prefill_only`, or (older) nothing
+        legacy = {"phase": "prefill" if old.get("prefill_only") else "all"}
+        diff = manifest_diff(path, manifest, defaults=legacy)
         if diff:
             raise EvalError(f"{out} holds an evaluation with other settings {diff} (old, new): use another --out, "
                             f"or delete {out / RECORDS} and {path} to start over")
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(manifest, indent=1))
+        write_manifest(path, manifest)
 
 
 def _check_strips(cfg: EvalConfig, strips: Sequence[Strip]) -> None:

@@ -7,7 +7,7 @@
 Resumable: rerun the same command after an interruption and it continues.
 Offline by default (`--judge caption`); `--judge llm --judge-endpoint URL`
 reads its key from $OPENAI_API_KEY. Wired into `gaze` by `register(subparsers)`;
-`python -m gaze.eval_cli ...` runs it on its own.
+`python -m gaze.eval.cli ...` runs it on its own.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gaze.evaluation import CONDITIONS, PROTOCOLS, EvalConfig
+from gaze.eval.config import CONDITIONS, PROTOCOLS, EvalConfig
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -127,7 +127,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 def summary(agg: dict) -> str:
     """A few lines for the terminal: the headline accuracy of each protocol per condition."""
-    from gaze.report import pct
+    from gaze.eval.report import pct
 
     lines = []
     for protocol, by_cond in agg.get("protocols", {}).items():
@@ -148,12 +148,12 @@ def summary(agg: dict) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from gaze.report import write_report
+    from gaze.eval.report import write_report
 
     if args.report_only:
         print(f"report written to {write_report(args.out, title=args.title)}")
         return 0
-    from gaze.evaluation import run_eval
+    from gaze.eval.protocols import run_eval
 
     agg = run_eval(config_from_args(args), limit=args.limit, progress=not args.quiet)
     print(summary(agg))
