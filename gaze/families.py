@@ -63,7 +63,7 @@ from transformers import (
 )
 
 from gaze.errors import GazeError
-from gaze.regions import ImageLayout, find_image_span, grid_layout
+from gaze.regions import ImageLayout, find_image_span, grid_cells, grid_layout
 
 
 class UnsupportedModelError(GazeError):
@@ -129,11 +129,7 @@ class View:
 
     def grid(self, rows: int, cols: int) -> torch.Tensor:
         """[rows * cols, 4] row-major cells of a uniform token grid over the picture, in original pixels."""
-        x0, y0, x1, y1 = self.rect
-        r = torch.arange(rows, dtype=torch.float64).repeat_interleave(cols)  # [T]
-        c = torch.arange(cols, dtype=torch.float64).repeat(rows)  # [T]
-        cw, ch = (x1 - x0) / cols, (y1 - y0) / rows
-        return torch.stack([x0 + c * cw, y0 + r * ch, x0 + (c + 1) * cw, y0 + (r + 1) * ch], dim=-1)  # [T, 4]
+        return grid_cells(self.rect, rows, cols)
 
 
 def _size_get(size, key: str):

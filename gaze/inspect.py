@@ -25,7 +25,7 @@ from PIL import Image
 from gaze.doctor import region_colour
 from gaze.errors import GazeError
 from gaze.generation import Generation
-from gaze.regions import RegionMap
+from gaze.regions import RegionMap, region_mass
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class Inspection:
     def region_of(self, tokens) -> tuple[int, float]:
         """(most-attended region, its share of the image mass) for a token or a run of tokens."""
         maps = self.token_maps()[list(tokens)].mean(0)  # [T]
-        mass = self.regions.membership @ maps  # [R]
+        mass = region_mass(maps, self.regions)  # [R]
         k = int(mass.argmax())
         return k, float(mass[k] / maps.sum().clamp_min(1e-12))
 

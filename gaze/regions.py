@@ -23,8 +23,8 @@ from typing import Sequence
 import torch
 
 from gaze.errors import GazeError
+from gaze.strips import Rect, equal_panels  # (x0, y0, x1, y1) pixels of the original image
 
-Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) pixels of the original image, x1/y1 exclusive
 
 
 class RegionError(GazeError):
@@ -75,23 +75,33 @@ def find_image_span(input_ids: torch.Tensor, image_token_id: int) -> tuple[int, 
     return start, end
 
 
+def grid_cells(rect: Rect, rows: int, cols: int) -> torch.Tensor:
+    """[rows * cols, 4] float64 row-major cells of a uniform token grid laid over `rect` (x0, y0, x1, y1).
+
+    The one uniform grid: a whole resized image (`grid_layout`) and every view
+    of a tiled one (`gaze.families.View.grid`) are cut into cells here.
+    """
+    x0, y0, x1, y1 = (float(v) for v in rect)
+    r = torch.arange(rows, dtype=torch.float64).repeat_interleave(cols)  # [T]
+    c = torch.arange(cols, dtype=torch.float64).repeat(rows)  # [T]
+    cw, ch = (x1 - x0) / cols, (y1 - y0) / rows
+    return torch.stack([x0 + c * cw, y0 + r * ch, x0 + (c + 1) * cw, y0 + (r + 1) * ch], dim=-1)  # [T, 4]
+
+
 def grid_layout(
     start: int, grid: tuple[int, int], processed_size: tuple[int, int], image_size: tuple[int, int]
 ) -> ImageLayout:
-    """Layout of a row-major token grid covering the whole image.
+    """Layout of a row-major token grid covering the whole image, its tokens from sequence position `start`.
 
     `grid` is (rows, cols) of merged tokens, `processed_size` the (width, height)
-    the processor resized the image to (the grid tiles it exactly), and
-    `image_size` the original (width, height): cells are scaled back to it.
+    the processor resized the image to (the grid tiles it exactly, so the cells
+    scale back to the original `image_size` uniformly).
     """
     rows, cols = grid
-    pw, ph = processed_size
     w, h = image_size
-    sx, sy = w / pw, h / ph
-    cw, ch = pw / cols, ph / rows
-    r = torch.arange(rows, dtype=torch.float64).repeat_interleave(cols)  # [T]
-    c = torch.arange(cols, dtype=torch.float64).repeat(rows)  # [T]
-    cells = torch.stack([c * cw * sx, r * ch * sy, (c + 1) * cw * sx, (r + 1) * ch * sy], dim=-1)  # [T, 4]
+    if processed_size[0] <= 0 or processed_size[1] <= 0:
+        raise RegionError(f"the processed image size {processed_size} is empty")
+    cells = grid_cells((0.0, 0.0, float(w), float(h)), rows, cols)  # [T, 4]
     positions = torch.arange(start, start + rows * cols)
     return ImageLayout(positions=positions, cells=cells.float(), image_size=(w, h), grid=(rows, cols))
 
@@ -102,7 +112,7 @@ class RegionMap:
 
     membership: torch.Tensor  # [R, T] float 0/1: token t lies in region r
     names: tuple[str, ...]  # one per region, e.g. ("panel 1", ...)
-    boxes: tuple[Box, ...]  # the pixel box each region came from
+    boxes: tuple[Rect, ...]  # the pixel box each region came from
 
     @property
     def n_regions(self) -> int:
@@ -119,7 +129,7 @@ class RegionMap:
         return torch.where(has, first, torch.full_like(first, -1))
 
 
-def box_membership(layout: ImageLayout, box: Box) -> torch.Tensor:
+def box_membership(layout: ImageLayout, box: Rect) -> torch.Tensor:
     """[T] bool: tokens whose cell centre lies inside `box`. Raises if the box is outside the image or empty."""
     x0, y0, x1, y1 = (float(v) for v in box)
     w, h = layout.image_size
@@ -139,7 +149,7 @@ def box_membership(layout: ImageLayout, box: Box) -> torch.Tensor:
     return inside
 
 
-def box_regions(layout: ImageLayout, boxes: Sequence[Box], names: Sequence[str] | None = None) -> RegionMap:
+def box_regions(layout: ImageLayout, boxes: Sequence[Rect], names: Sequence[str] | None = None) -> RegionMap:
     """A region per pixel box (boxes may overlap)."""
     if not boxes:
         raise RegionError("no boxes given")
@@ -150,7 +160,7 @@ def box_regions(layout: ImageLayout, boxes: Sequence[Box], names: Sequence[str] 
     return RegionMap(membership, names, tuple(tuple(float(v) for v in b) for b in boxes))
 
 
-def panel_regions(layout: ImageLayout, panels: Sequence[Box]) -> RegionMap:
+def panel_regions(layout: ImageLayout, panels: Sequence[Rect]) -> RegionMap:
     """A region per panel box (reading order); every panel must own at least one token."""
     try:
         regions = box_regions(layout, panels, [f"panel {k + 1}" for k in range(len(panels))])
@@ -163,8 +173,6 @@ def panel_regions(layout: ImageLayout, panels: Sequence[Box]) -> RegionMap:
 
 def equal_panel_regions(layout: ImageLayout, n_panels: int = 6, rows: int = 1) -> RegionMap:
     """Panels of an image split into `n_panels` equal boxes (`rows` rows, reading order)."""
-    from gaze.strips import equal_panels
-
     return panel_regions(layout, equal_panels(layout.image_size, n_panels, rows))
 
 
@@ -181,10 +189,13 @@ def positions_region_map(layout: ImageLayout, token_positions: Sequence[int], na
     return RegionMap(member.float()[None], (name,), ((0.0, 0.0, float(layout.image_size[0]), float(layout.image_size[1])),))
 
 
-def region_mass(rows: torch.Tensor, layout: ImageLayout, regions: RegionMap) -> torch.Tensor:
-    """Raw attention mass per region: rows [..., kv] (post-softmax) -> [..., R].
+def region_mass(attention: torch.Tensor, regions: RegionMap, layout: ImageLayout | None = None) -> torch.Tensor:
+    """Raw attention mass per region: the one place attention rows meet region membership.
 
-    Raw, not renormalised over the image: a head that ignores the image scores ~0.
+    `attention` is post-softmax attention over the image tokens [..., T] or,
+    with `layout`, over all keys [..., kv] (the image tokens' columns are
+    picked); returns [..., R]. Raw, not renormalised over the image: a head
+    that ignores the image scores ~0 (scores, trajectories, heat-map labels).
     """
-    image = rows[..., layout.positions]  # [..., T]
-    return image @ regions.membership.to(image.dtype).T  # [..., R]
+    image = attention[..., layout.positions.to(attention.device)] if layout is not None else attention  # [..., T]
+    return image @ regions.membership.to(image.device, image.dtype).T  # [..., R]

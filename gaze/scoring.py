@@ -229,14 +229,13 @@ def sink_tokens(image_rows: torch.Tensor, ratio: float = SINK_RATIO) -> torch.Te
 def variant_matrices(rows: torch.Tensor, norms: torch.Tensor | None, layout: ImageLayout, regions: RegionMap) -> dict[str, torch.Tensor]:
     """All score variants' [L, H, Q, R] matrices from one pass's rows [L, Q, H, kv] (and value norms)."""
     image = rows[..., layout.positions].float().permute(0, 2, 1, 3)  # [L, H, Q, T]
-    member = regions.membership.to(image.dtype)  # [R, T]
-    raw = image @ member.T  # [L, H, Q, R]
+    raw = region_mass(image, regions)  # [L, H, Q, R]
     out = {"raw": raw, "selectivity": raw / raw.sum(-1, keepdim=True).clamp_min(1e-12)}
     if norms is not None:
         weighted = image * norms[..., layout.positions].float().permute(0, 2, 1, 3)
-        out["value_weighted"] = weighted @ member.T
+        out["value_weighted"] = region_mass(weighted, regions)
     keep = (~sink_tokens(image)).to(image.dtype)[..., None, :]  # [L, H, 1, T]
-    out["sink_excluded"] = (image * keep) @ member.T
+    out["sink_excluded"] = region_mass(image * keep, regions)
     return {k: v.cpu() for k, v in out.items()}
 
 
@@ -259,7 +258,7 @@ def strip_matrices(
     questions = [panel_question(k + 1, template) for k in range(strip.n_panels)]
     rows, layout = query_rows(model, processor, strip.image, questions, share_prefix=share_prefix, family=family)
     regions = panel_regions(layout, strip.panels)
-    mass = region_mass(rows.float(), layout, regions)  # [L, Q, H, R]
+    mass = region_mass(rows.float(), regions, layout)  # [L, Q, H, R]
     return mass.permute(0, 2, 1, 3).cpu()  # [L, H, Q, R]
 
 
@@ -284,5 +283,5 @@ def reference_strip_matrices(
             regions = panel_regions(layout, strip.panels)
         attentions = eager_model(**enc, output_attentions=True, use_cache=False).attentions  # L x [1, H, S, S]
         rows = torch.stack([a[0, :, -1, :] for a in attentions]).float()  # [L, H, S]
-        out.append(region_mass(rows, layout, regions))  # [L, H, R]
+        out.append(region_mass(rows, regions, layout))  # [L, H, R]
     return torch.stack(out, dim=2).cpu()  # [L, H, Q, R]

@@ -50,6 +50,7 @@ from gaze.attention import Hook, active, prepare
 from gaze.errors import SteeringError
 from gaze.ranking import Head
 from gaze.regions import ImageLayout, RegionError, box_membership, panel_regions
+from gaze.strips import Rect
 
 Mode = Literal["boost", "suppress", "suppress_text"]
 MODES: tuple[str, ...] = ("boost", "suppress", "suppress_text")
@@ -69,7 +70,7 @@ class Panel:
 class Box:
     """A pixel box (x0, y0, x1, y1) of the original image."""
 
-    box: tuple[float, float, float, float]
+    box: Rect  # (x0, y0, x1, y1)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field, replace
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -27,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 
 from gaze.errors import GazeError
 
-Box = tuple[int, int, int, int]  # (x0, y0, x1, y1) in pixels, x1/y1 exclusive
+Rect = tuple[float, float, float, float]  # (x0, y0, x1, y1) pixels of an image, x1/y1 exclusive (panels: integers)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -41,7 +42,7 @@ class Strip:
     """One strip image and its panels in reading order."""
 
     image: Image.Image  # the whole strip, RGB
-    panels: tuple[Box, ...]  # pixel box of each panel, reading order
+    panels: tuple[Rect, ...]  # pixel box of each panel, reading order
     strip_id: str = "strip"  # stable id (folder name, dataset row id)
     captions: tuple[str, ...] | None = None  # one short caption per panel, when known
     letters: tuple[str, ...] | None = None  # overlaid letter per panel, when known
@@ -88,7 +89,7 @@ def stitch_panels(
     cell: tuple[int, int] | None = None,
     align: int | None = None,
     background: tuple[int, int, int] = (255, 255, 255),
-) -> tuple[Image.Image, tuple[Box, ...]]:
+) -> tuple[Image.Image, tuple[Rect, ...]]:
     """Lay panels out on a grid, reading order row by row, and return (strip, boxes).
 
     Every panel is resized to one cell size: `cell` (w, h) if given, else the first
@@ -117,7 +118,7 @@ def stitch_panels(
     return strip, tuple(boxes)
 
 
-def equal_panels(size: tuple[int, int], n: int, rows: int = 1) -> tuple[Box, ...]:
+def equal_panels(size: tuple[int, int], n: int, rows: int = 1) -> tuple[Rect, ...]:
     """Boxes of `n` equal panels covering an image of `size` (w, h): `rows` rows, reading order."""
     if n < 1 or rows < 1 or n % rows:
         raise StripError(f"cannot split an image into {n} panels on {rows} rows; use a panel count divisible by rows")
@@ -191,11 +192,6 @@ def save_folder_strip(strip: Strip, folder: str | Path) -> Path:
     return folder
 
 
-def with_image(strip: Strip, image: Image.Image, panels: tuple[Box, ...]) -> Strip:
-    """The same strip with a new image and panel boxes (e.g. after resizing)."""
-    return replace(strip, image=image, panels=panels)
-
-
 def iter_comic_folders(root: Path) -> Iterator[Path]:
     """Comic folders under `root` in natural order (comic2 before comic10)."""
     def key(p: Path):
@@ -211,11 +207,120 @@ def _is_dataset_folder(path: Path) -> bool:
     )
 
 
-def strip_from_row(row: dict, index: int, *, align: int | None = None, gap: int = 0) -> Strip:
-    """A strip from one dataset row, in the project's schema or the paper's (six `panel_k` image columns)."""
-    from gaze.schema import strip_from_row as convert
+# ---------------------------------------------------------------- dataset schemas
+# Dataset schemas a strip can be read from, detected from the columns.
+#
+# - project: one strip image column (`strip`) and its `panel_boxes`
+#   (plus `captions`, `letters`, `strip_id` when present), as written by `datagen`;
+# - paper: six image columns `panel_1 .. panel_6` (the published
+#   `baulab/openai-comic-strips` layout), a `comic_id`, and per-panel captions as
+#   six `caption_k`-style columns or one list column; panels are stitched
+#   exactly as for the folder layout `comicN/p1.png .. p6.png`.
+#
+# A dataset in no known schema gets an error listing the columns found and the
+# ones expected.
 
-    return convert(row, index, align=align, gap=gap)
+STRIP_COLUMNS = ("strip", "image")
+BOX_COLUMNS = ("panel_boxes",)
+ID_COLUMNS = ("strip_id", "comic_id", "id")
+PANEL_COLUMN = re.compile(r"^panel_?(\d+)$")
+CAPTION_COLUMN = re.compile(r"^(?:caption|panel_caption|panel_\d+_caption)_?(\d+)?$")
+CAPTION_LIST_COLUMNS = ("captions", "panel_captions")
+
+
+def _panel_columns(columns) -> list[str]:
+    found = sorted(((int(m.group(1)), c) for c in columns if (m := PANEL_COLUMN.match(c))), key=lambda t: t[0])
+    return [c for _, c in found]
+
+
+def _caption_columns(columns, n: int) -> list[str] | None:
+    for pattern in ("caption_{k}", "caption{k}", "panel_{k}_caption", "panel_caption_{k}"):
+        cols = [pattern.format(k=k) for k in range(1, n + 1)]
+        if all(c in columns for c in cols):
+            return cols
+    return None
+
+
+def detect(columns) -> str:
+    """'project' or 'paper', or a StripError naming what was found and what is expected."""
+    columns = list(columns)
+    if any(c in columns for c in STRIP_COLUMNS) and any(c in columns for c in BOX_COLUMNS):
+        return "project"
+    panels = _panel_columns(columns)
+    if len(panels) >= 2:
+        return "paper"
+    raise StripError(
+        f"dataset columns {columns} match no known strip schema: expected either a strip image column "
+        f"({' or '.join(STRIP_COLUMNS)}) with 'panel_boxes' (project schema), or image columns "
+        "panel_1 .. panel_6 with per-panel captions (paper schema)"
+    )
+
+
+def _to_image(value, where: str) -> Image.Image:
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
+        import io
+
+        try:
+            src = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
+            with Image.open(src) as im:
+                return im.convert("RGB")
+        except Exception as e:  # noqa: BLE001 - any decoding failure is a bad panel
+            raise StripError(f"{where}: unreadable image ({e})") from None
+    raise StripError(f"{where}: missing image")
+
+
+def strip_from_row(row: dict, index: int, *, align: int | None = None, gap: int = 0) -> Strip:
+    """Convert one dataset row (either schema) to a `Strip`."""
+    columns = list(row)
+    schema = detect(columns)
+    strip_id = next((str(row[c]) for c in ID_COLUMNS if c in row and row[c] is not None), f"row{index}")
+    meta = {k: row[k] for k in ("story", "style", "protagonist", "seed", "renderer", "model_id") if k in row}
+    if schema == "project":
+        image = _to_image(row[next(c for c in STRIP_COLUMNS if c in row)], f"strip {strip_id}")
+        boxes = tuple(tuple(int(v) for v in b) for b in row["panel_boxes"])
+        captions = tuple(row["captions"]) if row.get("captions") else None
+        letters = tuple(row["letters"]) if row.get("letters") else None
+        return Strip(image=image, panels=boxes, strip_id=strip_id, captions=captions, letters=letters, meta=meta)
+    panel_cols = _panel_columns(columns)
+    images = []
+    for k, col in enumerate(panel_cols, start=1):
+        if row.get(col) is None:
+            raise StripError(f"comic {strip_id}: panel {k} ({col}) is missing; pass --skip-bad to skip such rows")
+        images.append(_to_image(row[col], f"comic {strip_id} panel {k}"))
+    image, boxes = stitch_panels(images, gap=gap, align=align)
+    captions = None
+    cap_cols = _caption_columns(columns, len(panel_cols))
+    if cap_cols:
+        captions = tuple(str(row[c]) for c in cap_cols)
+    else:
+        for c in CAPTION_LIST_COLUMNS:
+            if isinstance(row.get(c), (list, tuple)) and len(row[c]) == len(panel_cols):
+                captions = tuple(str(x) for x in row[c])
+                break
+    return Strip(image=image, panels=boxes, strip_id=strip_id, captions=captions, meta=meta)
+
+
+def open_dataset(source: str, split: str | None = None):
+    """A `datasets.Dataset` from a `save_to_disk` folder, a folder of Parquet files, or a hub id."""
+    import datasets
+
+    path = Path(source)
+    if path.is_dir() and any((path / f).exists() for f in ("dataset_dict.json", "dataset_info.json", "state.json")):
+        ds = datasets.load_from_disk(str(path))
+    else:
+        # a local folder of Parquet files (splits from file names, as on the Hub) or a hub id
+        ds = datasets.load_dataset(str(path)) if path.is_dir() else datasets.load_dataset(source, split=split)
+    if isinstance(ds, datasets.DatasetDict):
+        if split is None:
+            if len(ds) == 1:
+                return next(iter(ds.values()))
+            raise StripError(f"{source} has splits {sorted(ds)}: choose one with --split")
+        if split not in ds:
+            raise StripError(f"{source} has no split {split!r}; its splits are {sorted(ds)}")
+        return ds[split]
+    return ds
 
 
 def load_strips(
@@ -229,7 +334,7 @@ def load_strips(
     start: int = 0,
     skip_bad: bool = False,
     on_skip=None,
-    panel_boxes: Sequence[Box] | None = None,
+    panel_boxes: Sequence[Rect] | None = None,
 ) -> Iterator[Strip]:
     """Strips from a `--strips` source, lazily, in a stable order.
 
@@ -283,8 +388,6 @@ def load_strips(
         return
     if not path.exists() and (path.is_absolute() or str(source).startswith(".") or str(source).count("/") != 1):
         raise StripError(f"strip source {source} not found: give a folder, a dataset folder, an image, or a hub id OWNER/NAME")
-    from gaze.schema import open_dataset
-
     rows = open_dataset(str(source), split=split)
     end = len(rows) if stop is None else stop
     if start < 0 or start >= len(rows) or end > len(rows):

@@ -24,7 +24,7 @@ import torch
 from gaze.attention import Hook
 from gaze.errors import GazeError
 from gaze.ranking import Head
-from gaze.regions import ImageLayout, RegionMap
+from gaze.regions import ImageLayout, RegionMap, region_mass
 
 
 def memory_bytes(steps: int, n_heads: int, n_image_tokens: int) -> int:
@@ -95,7 +95,7 @@ class Tracker(Hook):
 
     def trajectory(self, regions: RegionMap, normalise: bool = False) -> torch.Tensor:
         """[steps, R]: mean over tracked heads of the mass on each region."""
-        mass = self.attention() @ regions.membership.T  # [steps, heads, R]
+        mass = region_mass(self.attention(), regions)  # [steps, heads, R]
         traj = mass.mean(1)  # [steps, R]
         if normalise:
             traj = traj / traj.sum(-1, keepdim=True).clamp_min(1e-12)

@@ -26,7 +26,7 @@ from typing import Iterator
 import torch
 from PIL import Image
 from gaze.generation import generate
-from gaze.regions import ImageLayout, RegionError, RegionMap, box_regions, panel_regions
+from gaze.regions import ImageLayout, RegionError, RegionMap, box_regions, panel_regions, region_mass
 from gaze.steering import MODES, PHASES, Box, Panel, Schedule, Target, parse_schedule
 from gaze.strips import equal_panels
 from space.render import (BOX_COLOUR, answer_html, heatmap_image, panel_colour, scene_image,
@@ -259,7 +259,7 @@ def answer(ready: Ready, scene: Scene, question: str, target: Target | Schedule 
         regions, region_colours = regions_of(scene, layout, box)
         traj_image = None
         if regions is not None and n:
-            traj = att.float() @ regions.membership.T  # [tokens, R]
+            traj = region_mass(att.float(), regions)  # [tokens, R]
             rows = None
             if schedule is not None:
                 row_of = {name: i for i, name in enumerate(regions.names)}
@@ -293,7 +293,7 @@ def word_view(record: Record | None, i: int) -> tuple[Image.Image, str]:
     word = record.pieces[i].strip() or repr(record.pieces[i])
     parts = [f'token {i + 1} "{word}"', record.labels[i] and f"steered to {record.labels[i]}" or "unsteered"]
     if record.regions is not None:
-        mass = weights @ record.regions.membership.T  # [R]
+        mass = region_mass(weights, record.regions)  # [R]
         share = float(mass.max() / weights.sum().clamp_min(1e-12))
         parts.append(f"gaze on {record.regions.names[int(mass.argmax())]} ({share:.0%} of the heads' image attention)")
     return image, " · ".join(parts)

@@ -5,7 +5,7 @@ import torch
 from datasets import Dataset, Features, Image, Value
 
 from gaze.discovery import discover
-from gaze.schema import detect, open_dataset
+from gaze.strips import detect, open_dataset
 from gaze.strips import StripError, load_strips, save_folder_strip
 
 PAPER = Features({**{f"panel_{k}": Image() for k in range(1, 7)}, "comic_id": Value("int32"),

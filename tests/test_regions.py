@@ -100,5 +100,5 @@ def test_region_mass_is_raw_not_renormalised():
     layout = grid_layout(2, (1, 4), (128, 32), (128, 32))
     regions = panel_regions(layout, equal_panels((128, 32), 2))
     rows = torch.tensor([[0.5, 0.1, 0.1, 0.1, 0.1, 0.1], [1.0, 0, 0, 0, 0, 0]])  # [2, kv]
-    mass = region_mass(rows, layout, regions)
+    mass = region_mass(rows, regions, layout)
     assert torch.allclose(mass, torch.tensor([[0.2, 0.2], [0.0, 0.0]]))

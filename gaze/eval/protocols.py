@@ -55,7 +55,7 @@ from gaze.eval.statistics import bootstrap_ci, spearman
 from gaze.discovery import manifest_diff, write_manifest
 from gaze.prompts import NARRATION_PROMPT
 from gaze.ranking import Head, Ranking
-from gaze.regions import RegionError, box_membership
+from gaze.regions import RegionError, box_membership, region_mass
 from gaze.steering import Box, Panel, Schedule
 from gaze.strips import Strip, StripError, load_strips
 
@@ -454,7 +454,7 @@ def _trajectories(ctx: Context, strip: Strip, sets: dict[str, list[Head]]) -> di
     out = {}
     for n in names:
         part = att[:, [tracked.index(h) for h in sets[n]]]  # [tokens, h, T]
-        traj = (part @ regions.membership.T).mean(1)  # [tokens, R]
+        traj = region_mass(part, regions).mean(1)  # [tokens, R]
         out[n] = {"heads": [list(h) for h in sets[n]], "trajectory": [[round(float(v), 4) for v in row] for row in traj]}
     return {"strip_id": strip.strip_id, "question": NARRATION_PROMPT, "text": g.text, "pieces": g.pieces,
             "captions": list(strip.captions or []), "sets": out}
