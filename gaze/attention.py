@@ -5,7 +5,9 @@ transformers' `AttentionInterface` (and the SDPA mask builder with its
 `AttentionMaskInterface`, without which padding would be silently ignored) and
 switches the language backbone to it; the vision tower keeps plain SDPA.
 With no hook active, "gaze_sdpa" IS `sdpa_attention_forward`: same kernel,
-same numbers, same weights.
+same numbers, same weights. That switch and one forward pre-hook on the input
+embedding (below) are the only marks `prepare` leaves on a model; it is
+idempotent, and `restore(model)` takes both away.
 
 Work is done by hooks, active only inside `active(*hooks)`:
 
@@ -31,7 +33,8 @@ from __future__ import annotations
 
 import contextlib
 from contextvars import ContextVar
-from typing import Iterator, Protocol
+from typing import Iterator
+from weakref import WeakKeyDictionary
 
 import torch
 from transformers import AttentionInterface
@@ -39,22 +42,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 IMPLEMENTATION = "gaze_sdpa"
-
-
-class AttentionHook(Protocol):
-    """What an intervention may implement; every method is optional in practice (see `Hook`)."""
-
-    def on_forward(self, input_ids: torch.Tensor) -> None: ...
-
-    def bias(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None: ...
-
-    def wants(self, layer: int) -> bool: ...
-
-    def query_rows(self, query_len: int) -> torch.Tensor | None: ...
-
-    def record(self, layer: int, rows: torch.Tensor, value: torch.Tensor) -> None: ...
-
-    def stops_at(self, layer: int) -> bool: ...
 
 
 class StopForward(Exception):
@@ -209,15 +196,37 @@ def register() -> None:
     AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
 
 
-def prepare(model: torch.nn.Module, text_config_key: str = "text_config") -> torch.nn.Module:
+_PREPARED: WeakKeyDictionary = WeakKeyDictionary()  # model -> (embedding hook handle, previous implementation)
+
+
+def prepare(model: torch.nn.Module) -> torch.nn.Module:
     """Switch the language backbone of `model` to "gaze_sdpa" and hook its input embedding (idempotent).
 
-    Outside `active(...)` the model computes exactly what SDPA computes.
+    The two marks it leaves: the text model's `config._attn_implementation` is
+    "gaze_sdpa" (identical numbers to SDPA while no hook is active), and one
+    forward pre-hook on `model.get_input_embeddings()` (it only calls the
+    active hooks' `on_forward`). Nothing is stored on the model; `restore`
+    undoes both. Called by `gaze.models.load` and by `steer`.
     """
     register()
-    if getattr(model, "_gaze_prepared", False):
+    if model in _PREPARED:
         return model
-    model.set_attn_implementation({text_config_key: IMPLEMENTATION})
-    model.get_input_embeddings().register_forward_pre_hook(_on_embedding)
-    model._gaze_prepared = True
+    previous = model.config.get_text_config()._attn_implementation
+    model.set_attn_implementation({"text_config": IMPLEMENTATION})
+    handle = model.get_input_embeddings().register_forward_pre_hook(_on_embedding)
+    _PREPARED[model] = (handle, previous)
+    return model
+
+
+def is_prepared(model: torch.nn.Module) -> bool:
+    return model in _PREPARED
+
+
+def restore(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo `prepare`: the backbone's previous attention implementation back, the embedding hook removed."""
+    entry = _PREPARED.pop(model, None)
+    if entry is not None:
+        handle, previous = entry
+        handle.remove()
+        model.set_attn_implementation({"text_config": previous or "sdpa"})
     return model

@@ -17,8 +17,7 @@ questions for the models it covers (matched by `config.model_type`):
   uses plain positions: None);
 - `merged_patch(processor)`: pixels per image-token side of the processed
   image (one tile), for aligning panels;
-- `text_config(model)` / `text_config_key`: the language backbone's config,
-  and the key of `set_attn_implementation` that switches its attention alone;
+- `text_config(model)`: the language backbone's config;
 - `check(config)`: refuses a model whose text attention gaze cannot
   reproduce on the SDPA path (e.g. logit soft-capping).
 
@@ -200,7 +199,6 @@ class Family:
 
     name: str  # human name, e.g. "Qwen3-VL"
     model_types: tuple[str, ...]  # config.model_type values it covers
-    text_config_key: str = "text_config"  # key of set_attn_implementation({...}) that switches the text model alone
 
     def text_config(self, model) -> object:
         return model.config.get_text_config()

@@ -94,3 +94,19 @@ def test_hooks_are_gone_after_the_block_even_on_error(loaded, strip_for):
             assert _ACTIVE.get() == (rec,)
             raise RuntimeError("boom")
     assert _ACTIVE.get() == ()
+
+
+def test_prepare_is_idempotent_and_restore_undoes_it(tiny_path):
+    from gaze.attention import IMPLEMENTATION, is_prepared, prepare, restore
+
+    loaded = load(str(tiny_path), device="cpu")  # load prepares
+    model = loaded.model
+    embed = model.get_input_embeddings()
+    assert is_prepared(model) and model.config.get_text_config()._attn_implementation == IMPLEMENTATION
+    hooks = len(embed._forward_pre_hooks)
+    prepare(model)
+    assert len(embed._forward_pre_hooks) == hooks  # idempotent: no second hook
+    restore(model)
+    assert not is_prepared(model) and len(embed._forward_pre_hooks) == hooks - 1
+    assert model.config.get_text_config()._attn_implementation == "sdpa"
+    assert not any(k.startswith("_gaze") for k in vars(model))  # nothing stored on the model
