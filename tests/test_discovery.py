@@ -224,3 +224,74 @@ def test_cli_discover_into_an_old_folder_scores_the_strips_asked_for(qwen3_path,
     changed = run("run", "--start", "1", "--n-strips", "1")
     assert torch.equal(changed.scores, run("seven", "--start", "1", "--n-strips", "1").scores)
     assert not torch.equal(changed.scores, shorter.scores)
+
+
+def _eager_variants(eager, strip) -> dict:
+    """Every score variant written out from eager attention (`output_attentions`) and the value projections,
+    one full prefill per question: the reference for what `gaze discover` stores."""
+    from gaze.generation import prepare_inputs
+    from gaze.prompts import panel_question
+
+    text = eager.model.model.language_model
+    rows, norms = [], []
+    for k in range(1, strip.n_panels + 1):
+        values = {}
+        hooks = [layer.self_attn.v_proj.register_forward_hook(
+            lambda mod, args, out, i=i: values.__setitem__(i, out)) for i, layer in enumerate(text.layers)]
+        try:
+            inputs, layout = prepare_inputs(eager, strip.image, panel_question(k))
+            with torch.no_grad():
+                attentions = eager.model(**inputs, output_attentions=True, use_cache=False).attentions
+        finally:
+            for h in hooks:
+                h.remove()
+        rows.append(torch.stack([a[0, :, -1, :] for a in attentions]).float())  # [L, H, S]
+        per_layer = []
+        for i in range(len(text.layers)):
+            cfg = text.config
+            v = values[i][0].float().view(values[i].shape[1], cfg.num_key_value_heads, -1)  # [S, Hkv, D]
+            n = v.norm(dim=-1).T.repeat_interleave(cfg.num_attention_heads // cfg.num_key_value_heads, dim=0)
+            per_layer.append(n)  # [H, S]
+        norms.append(torch.stack(per_layer))  # [L, H, S]
+    p = min(r.shape[-1] for r in rows)  # the shared prefix holds every image token
+    image = torch.stack([r[..., :p] for r in rows], dim=2)[..., layout.positions]  # [L, H, Q, T]
+    vnorm = torch.stack([n[..., :p] for n in norms], dim=2)[..., layout.positions]  # [L, H, Q, T]
+    member = torch.zeros(strip.n_panels, layout.n_tokens)  # [R, T]: token centre inside the panel box
+    for r, (x0, y0, x1, y1) in enumerate(strip.panels):
+        cx, cy = layout.centres[:, 0], layout.centres[:, 1]
+        member[r] = ((cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)).float()
+    raw = torch.einsum("lhqt,rt->lhqr", image, member)
+    floor, mean = image.min(dim=2).values, image.mean(dim=(2, 3))  # [L, H, T], [L, H]
+    keep = (floor < 3.0 * mean[..., None]).float()[:, :, None, :]  # not a sink token
+    return {"raw": raw, "selectivity": raw / raw.sum(-1, keepdim=True),
+            "value_weighted": torch.einsum("lhqt,rt->lhqr", image * vnorm, member),
+            "sink_excluded": torch.einsum("lhqt,rt->lhqr", image * keep, member)}
+
+
+def test_what_gaze_discover_stores_equals_the_eager_reference_for_every_variant(qwen3_path, strip_for, tmp_path,
+                                                                                capsys):
+    """The shipped path (`gaze discover`: shared prefix, fused SDPA, rows recomputed, early stop) against
+    eager attention written out by hand, for the raw score and every variant."""
+    from safetensors.torch import load_file
+
+    from gaze.cli import main
+
+    for i in range(2):
+        save_folder_strip(strip_for(32, seed=20 + i), tmp_path / "comics" / f"comic{i}")
+    assert main(["discover", "--model", str(qwen3_path), "--strips", str(tmp_path / "comics"), "--out",
+                 str(tmp_path / "run"), "--quiet"]) == 0
+    eager = load(str(qwen3_path), device="cpu", attn_implementation="eager")
+    strips = list(load_strips(str(tmp_path / "comics"), align=32))
+    refs = [_eager_variants(eager, s) for s in strips]
+    for i, ref in enumerate(refs):
+        got = load_file(str(tmp_path / "run" / "strips" / f"{i:06d}.safetensors"))
+        assert set(got) == set(ref)
+        for name in ref:
+            assert (got[name] - ref[name]).abs().max() <= 1e-5, name
+    ranking = Ranking.load(tmp_path / "run")
+    for name in refs[0]:
+        mean = torch.stack([r[name] for r in refs]).mean(0)
+        expected = torch.diagonal(mean, dim1=-2, dim2=-1).mean(-1)  # gaze score: mean diagonal over strips
+        assert torch.allclose(torch.tensor(ranking.meta["variant_scores"][name]), expected, atol=1e-5), name
+    assert torch.allclose(ranking.scores, torch.diagonal(torch.stack([r["raw"] for r in refs]).mean(0),
+                                                         dim1=-2, dim2=-1).mean(-1), atol=1e-5)
