@@ -15,8 +15,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gaze.errors import GazeError
+
+if TYPE_CHECKING:
+    from gaze.regions import ImageLayout, RegionMap
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -131,11 +135,11 @@ def cmd_steer(args) -> int:
 
 def cmd_inspect(args) -> int:
     from gaze.generation import generate, regions_for
-    from gaze.inspect import Inspection, write
+    from gaze.plots import write_inspection
     from gaze.ranking import Ranking
     from gaze.steering import Panel
     from gaze.strips import equal_panels, open_image
-    from gaze.tracking import memory_bytes
+    from gaze.tracking import Inspection, memory_bytes
 
     loaded = _load(args)
     ranking = Ranking.from_pretrained(args.ranking).check(loaded.model, None)
@@ -146,7 +150,7 @@ def cmd_inspect(args) -> int:
     out = generate(loaded, image, args.prompt, heads=heads if target else (), target=target, panels=panels,
                    max_new_tokens=args.max_new_tokens, track=heads)
     inspection = Inspection(out, regions_for(out.layout, panels))
-    folder = write(inspection, image, args.out, words=args.word)
+    folder = write_inspection(inspection, image, args.out, words=args.word)
     need = memory_bytes(args.max_new_tokens, len(heads), out.layout.n_tokens)
     print(f"answer: {out.text}")
     for word in inspection.words():
@@ -159,8 +163,8 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_doctor(args) -> int:
-    from gaze.doctor import describe, draw_layout
     from gaze.generation import prepare_inputs
+    from gaze.plots import draw_layout
     from gaze.regions import box_regions, equal_panel_regions
     from gaze.strips import open_image
 
@@ -174,9 +178,22 @@ def cmd_doctor(args) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     draw_layout(image, layout, regions).save(out)
-    print(describe(layout, regions))
+    print(_describe(layout, regions))
     print(f"picture saved to {out}")
     return 0
+
+
+def _describe(layout: ImageLayout, regions: RegionMap | None) -> str:
+    """One line per region: how many tokens it owns."""
+    lines = [f"{layout.n_tokens} image tokens at positions {int(layout.positions[0])}..{int(layout.positions[-1])}"
+             + (f", grid {layout.grid[0]}x{layout.grid[1]}" if layout.grid else "")]
+    if regions is not None:
+        for k, name in enumerate(regions.names):
+            lines.append(f"  {name}: {int(regions.membership[k].sum())} tokens")
+        unassigned = int((regions.assignment() == -1).sum())
+        if unassigned:
+            lines.append(f"  in no region: {unassigned} tokens")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:

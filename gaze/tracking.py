@@ -11,6 +11,12 @@ tokens: [steps, heads, T] at float16 on CPU, never all heads. From it:
 
 `value_weighted=True` multiplies each key's attention by the norm of its
 value vector (what actually gets moved), then records that instead.
+
+Per-token inspection (`Inspection`, what `gaze inspect` writes): for a
+generated answer, every token's map over the image tokens, its share of
+attention on the image, and its most-attended region; words are runs of
+tokens (a token starting with a space or after punctuation starts a word),
+a word's map the mean of its tokens' maps.
 Memory: steps x heads x T x 2 bytes (e.g. 512 steps x 100 heads x 1,000
 image tokens = 100 MB); `memory_bytes` tells before you generate.
 """
@@ -18,6 +24,7 @@ image tokens = 100 MB); `memory_bytes` tells before you generate.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,6 +32,9 @@ from gaze.attention import Hook
 from gaze.errors import GazeError
 from gaze.ranking import Head
 from gaze.regions import ImageLayout, RegionMap, region_mass
+
+if TYPE_CHECKING:
+    from gaze.generation import Generation
 
 
 def memory_bytes(steps: int, n_heads: int, n_image_tokens: int) -> int:
@@ -114,3 +124,63 @@ class Tracker(Hook):
         if normalise:
             grid = grid / grid.sum().clamp_min(1e-12)
         return grid
+
+
+# ---------------------------------------------------------------- per-token inspection
+
+@dataclass(frozen=True)
+class Word:
+    text: str
+    tokens: tuple[int, ...]  # indices into the generated tokens
+
+
+def words_of(pieces: list[str]) -> list[Word]:
+    """Group token pieces into words (a piece starting with whitespace starts a new word)."""
+    words: list[Word] = []
+    text, tokens = "", []
+    for i, piece in enumerate(pieces):
+        starts = piece[:1].isspace() or (text and not text[-1:].isalnum() and piece[:1].isalnum())
+        if tokens and starts:
+            words.append(Word(text.strip(), tuple(tokens)))
+            text, tokens = "", []
+        text += piece
+        tokens.append(i)
+    if tokens:
+        words.append(Word(text.strip(), tuple(tokens)))
+    return [w for w in words if w.text]
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """Per generated token: the chosen heads' attention over the image."""
+
+    generation: "Generation"  # gaze.generation.Generation, tracked
+    regions: RegionMap
+
+    def token_maps(self, normalise: bool = False) -> torch.Tensor:
+        """[tokens, T]: mean over the chosen heads of each token's attention on each image token."""
+        att = self.generation.tracker.attention()[: len(self.generation.token_ids)].mean(1)  # [tokens, T]
+        if normalise:
+            att = att / att.sum(-1, keepdim=True).clamp_min(1e-12)
+        return att
+
+    def heatmap(self, token: int, normalise: bool = False) -> torch.Tensor:
+        """[rows, cols] map of one token over the image-token grid."""
+        grid = self.generation.layout.grid
+        if grid is None:
+            raise GazeError("this image's tokens do not form one grid: use token_maps() with the layout's cells")
+        return self.token_maps(normalise)[token].reshape(grid)
+
+    def image_share(self) -> torch.Tensor:
+        """[tokens]: share of each token's attention (chosen heads, mean) on the image at all."""
+        return self.token_maps().sum(-1)
+
+    def region_of(self, tokens) -> tuple[int, float]:
+        """(most-attended region, its share of the image mass) for a token or a run of tokens."""
+        maps = self.token_maps()[list(tokens)].mean(0)  # [T]
+        mass = region_mass(maps, self.regions)  # [R]
+        k = int(mass.argmax())
+        return k, float(mass[k] / maps.sum().clamp_min(1e-12))
+
+    def words(self) -> list[Word]:
+        return words_of(self.generation.pieces)

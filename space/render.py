@@ -12,10 +12,10 @@ import html
 import io
 from typing import Sequence
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from gaze.plots import heatmap
 from gaze.regions import ImageLayout
 
 PANEL_COLOURS = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00")
@@ -71,33 +71,10 @@ def scene_image(scene, highlight: int | None = None) -> Image.Image:
     return draw_regions(_upscaled(scene.image, scene.scale), scene.scale, scene.panels, highlight, scene.mark)
 
 
-def _colormap(values: np.ndarray) -> np.ndarray:
-    """[H, W] in 0..1 -> [H, W, 3] uint8 (matplotlib's inferno)."""
-    import matplotlib
-
-    rgba = matplotlib.colormaps["inferno"](values)
-    return (rgba[..., :3] * 255).astype(np.uint8)
-
-
 def heatmap_image(image: Image.Image, layout: ImageLayout, weights: torch.Tensor, scale: float,
                   panels=None, box=None, alpha: float = 0.6) -> Image.Image:
-    """Attention over image tokens [T] painted on each token's pixel cell, over the (upscaled) image.
-
-    Cells are nearest-upsampled token boxes (`layout.cells`, original pixels), so
-    what is shown is exactly the token grid the model saw. Scaled to the
-    maximum token, so the brightest cell is where the tracked heads look most.
-    """
-    base = _upscaled(image, scale)
-    W, H = base.size
-    field = np.zeros((H, W), dtype=np.float32)
-    w = weights.float()
-    w = (w / w.max().clamp_min(1e-12)).numpy()
-    for (x0, y0, x1, y1), v in zip(layout.cells.tolist(), w):
-        field[int(round(y0 * scale)):int(round(y1 * scale)), int(round(x0 * scale)):int(round(x1 * scale))] = v
-    heat = _colormap(field).astype(np.float32)  # [H, W, 3]
-    a = (0.25 + alpha * field)[..., None]  # more heat colour where the heads look more; the image stays visible
-    out = Image.fromarray((np.asarray(base, dtype=np.float32) * (1 - a) + heat * a).clip(0, 255).astype(np.uint8))
-    return draw_regions(out, scale, panels, None, box)
+    """`gaze.plots.heatmap` (attention over image tokens [T] on each token's cell) with the panels and box drawn."""
+    return draw_regions(heatmap(image, layout, weights, scale, alpha), scale, panels, None, box)
 
 
 def trajectory_image(traj: torch.Tensor, totals: torch.Tensor, names: Sequence[str], colours: Sequence[str],

@@ -6,7 +6,7 @@ import torch
 
 from gaze.attention import Hook, active
 from gaze.generation import generate, regions_for
-from gaze.inspect import Inspection, words_of
+from gaze.tracking import Inspection, words_of
 
 Q = "Describe this comic strip panel by panel."
 
