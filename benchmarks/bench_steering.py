@@ -90,7 +90,7 @@ def main() -> int:
         return args.tokens / best
 
     def steered():
-        with steer(model, heads, Panel(3), layout=layout, prompt_len=n, panels=strip.panels):
+        with steer(model, heads, Panel(3), inputs=inputs, panels=strip.panels):
             model.generate(**inputs, **kw)
 
     unsteered = timed(lambda: model.generate(**inputs, **kw))
