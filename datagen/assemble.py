@@ -57,6 +57,29 @@ def reading_order(layout: str) -> list[list[int]]:
     return [[k // cols, k % cols] for k in range(rows * cols)]
 
 
+def stitch_widths(images: Sequence[Image.Image], widths: Sequence[int], *, rows: int, cols: int, gap: int,
+                  background: tuple[int, int, int] = (255, 255, 255)) -> tuple[Image.Image, tuple]:
+    """The paper's assembly: every panel resized to the common height (the first panel's) and its own width
+    from `widths`, laid out row by row with `gap` px of `background` between panels and rows; a row shorter
+    than the widest is padded on its right. Returns (strip, panel boxes in reading order)."""
+    height = images[0].size[1]
+    row_widths = [sum(widths[r * cols:(r + 1) * cols]) + gap * (cols - 1) for r in range(rows)]
+    strip = Image.new("RGB", (max(row_widths), rows * height + (rows - 1) * gap), background)
+    boxes = []
+    for k, (im, w) in enumerate(zip(images, widths)):
+        r, c = divmod(k, cols)
+        x0 = sum(widths[r * cols:r * cols + c]) + gap * c
+        y0 = r * (height + gap)
+        strip.paste(im.convert("RGB").resize((w, height), Image.BICUBIC), (x0, y0))
+        boxes.append((x0, y0, x0 + w, y0 + height))
+    return strip, tuple(boxes)
+
+
+def _scale_box(box: Sequence[int], sx: float, dx: int, dy: int) -> list[int]:
+    """A panel-pixel box after the panel was stretched by `sx` horizontally, moved to (dx, dy)."""
+    return [round(box[0] * sx) + dx, box[1] + dy, round(box[2] * sx) + dx, box[3] + dy]
+
+
 def _shift(box: Sequence[int], dx: int, dy: int) -> list[int]:
     return [box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy]
 
@@ -73,8 +96,14 @@ def assemble(
     letter_boxes: Sequence[Sequence[int]] | None = None,
     object_boxes: Sequence[Sequence[dict]] | None = None,
     meta: dict | None = None,
+    widths: Sequence[int] | None = None,
 ) -> Strip:
     """Stitch equal square panels into a Strip; panel-pixel boxes become strip-pixel boxes.
+
+    With `widths` (one per panel, px) the panels keep their common height and
+    are stretched to those widths, as the paper assembles strips (panels of
+    varying aspect at one height, `gap` px of white between them); borders then
+    need not fall on token columns, so `align` must be None.
 
     `meta` is copied into `strip.meta` beside "letter_boxes", "object_boxes",
     "reading_order", "layout" and "gap".
@@ -86,8 +115,16 @@ def assemble(
     if any(im.size != size for im in images) or size[0] != size[1]:
         raise DatagenError(f"panels must be squares of one size; got {sorted({im.size for im in images})}")
     check_geometry(size[0], gap, layout, align)
-    image, panels = stitch_panels(images, rows=rows, cols=cols, gap=gap, align=align)
+    if widths is not None:
+        if align is not None:
+            raise DatagenError("panel widths of their own do not fall on a token grid: give align=None with widths")
+        if len(widths) != len(images) or any(int(w) < 1 for w in widths):
+            raise DatagenError(f"give one positive width per panel ({len(images)}), got {list(widths)}")
+        image, panels = stitch_widths(images, [int(w) for w in widths], rows=rows, cols=cols, gap=gap)
+    else:
+        image, panels = stitch_panels(images, rows=rows, cols=cols, gap=gap, align=align)
     offsets = [(x0, y0) for x0, y0, _, _ in panels]
+    sx = [(b[2] - b[0]) / size[0] for b in panels]  # horizontal stretch of each panel
     has_letters, has_objects = letter_boxes is not None, object_boxes is not None
     return Strip(
         image=image,
@@ -97,9 +134,9 @@ def assemble(
         letters=tuple(letters) if letters is not None else None,
         meta={
             **(meta or {}),
-            "letter_boxes": [_shift(b, *o) for b, o in zip(letter_boxes, offsets)] if has_letters else None,
-            "object_boxes": [[{"label": ob["label"], "box": _shift(ob["box"], *o)} for ob in obs]
-                             for obs, o in zip(object_boxes, offsets)] if has_objects else None,
+            "letter_boxes": [_scale_box(b, x, *o) for b, x, o in zip(letter_boxes, sx, offsets)] if has_letters else None,
+            "object_boxes": [[{"label": ob["label"], "box": _scale_box(ob["box"], x, *o)} for ob in obs]
+                             for obs, x, o in zip(object_boxes, sx, offsets)] if has_objects else None,
             "reading_order": reading_order(layout),
             "layout": layout,
             "gap": gap,

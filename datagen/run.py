@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -69,8 +70,13 @@ def make_strip(
     story: Story | None = None,
     letter_font: str | None = None,
     strip_id: str | None = None,
+    widths: tuple[int, int] | None = None,
 ) -> Strip:
     """One six-panel strip, in memory; the same arguments give the same pixels.
+
+    `widths` (lo, hi): assemble as the paper does: panels keep the common
+    height `panel_size` and are stretched to widths drawn (seeded) from lo..hi
+    px, with `gap` px of white between them (`align` must then be None).
 
     `renderer`: "procedural" (default) or a renderer object such as
     `DiffusionRenderer(pipeline, model_id=...)`. `story`: written elsewhere
@@ -91,8 +97,15 @@ def make_strip(
     if letters:  # drawn where they hide the least of the known objects
         avoid = [[o["box"] for o in obs] for obs in objects] if objects else None
         chosen, letter_boxes = overlay_letters(images, seed, avoid, letter_font)
+    panel_widths = None
+    if widths is not None:
+        lo, hi = widths
+        if not 1 <= lo <= hi:
+            raise DatagenError(f"widths {widths!r}: give (lo, hi) px with 1 <= lo <= hi")
+        rng = random.Random(f"widths/{seed}")
+        panel_widths = [rng.randint(lo, hi) for _ in images]
     return assemble(
-        images, layout=layout, gap=gap, align=align, strip_id=strip_id or f"seed-{seed}",
+        images, layout=layout, gap=gap, align=align, strip_id=strip_id or f"seed-{seed}", widths=panel_widths,
         captions=story.captions, letters=chosen, letter_boxes=letter_boxes, object_boxes=objects,
         meta={"story": story.to_dict(), "prompts": list(story.prompts), "seed": seed,
               "renderer": renderer.name, "model_id": renderer.model_id},

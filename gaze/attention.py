@@ -42,6 +42,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 IMPLEMENTATION = "gaze_sdpa"
+ALL_ROWS = "all"  # `Hook.query_rows` value asking for every query row: `record` then gets [B, H, q, kv]
 
 
 class StopForward(Exception):
@@ -140,6 +141,32 @@ def attention_rows(
     return torch.softmax(scores, dim=-1)
 
 
+def attention_weights(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """Post-softmax attention of every query row: [B, H, q, kv] float32 (differentiable), with the mask
+    logic of `attention_rows`: what eager attention returns, for hooks that need whole matrices."""
+    b, h, q, d = query.shape
+    hkv, kv = key.shape[1], key.shape[2]
+    k = key.float().repeat_interleave(h // hkv, dim=1)  # [B, H, kv, D]
+    scores = torch.matmul(query.float(), k.transpose(-1, -2)) * scaling  # [B, H, q, kv]
+    if attention_mask is None:
+        rows = torch.arange(q, device=query.device)[:, None]
+        limit = rows if (q > 1 and kv > q) else rows + (kv - q)
+        scores = scores.masked_fill(torch.arange(kv, device=query.device)[None, :] > limit, float("-inf"))
+    elif attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask[..., :q, :kv], float("-inf"))
+    else:
+        scores = scores + attention_mask[..., :q, :kv].float()
+    if bias is not None:
+        scores = scores + bias.float()
+    return torch.softmax(scores, dim=-1)
+
+
 def gaze_sdpa_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -174,8 +201,10 @@ def gaze_sdpa_attention(
         by_rows: dict[int, torch.Tensor] = {}
         for hook in wanting:
             rows = hook.query_rows(query.shape[2])
-            cache_key = -1 if rows is None else id(rows)
-            if cache_key not in by_rows:
+            cache_key = -1 if rows is None else (-2 if isinstance(rows, str) else id(rows))
+            if cache_key == -2 and cache_key not in by_rows:
+                by_rows[cache_key] = attention_weights(query, key, attention_mask, bias, scaling)
+            elif cache_key not in by_rows:
                 by_rows[cache_key] = attention_rows(query, key, attention_mask, bias, scaling, rows)
             hook.record(layer, by_rows[cache_key], value)
     if stop:

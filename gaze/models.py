@@ -19,7 +19,7 @@ from gaze.attention import prepare
 from gaze.errors import GazeError, ModelNotFoundError
 from gaze.families import IMAGE_ONLY_PROCESSORS, Family, UnsupportedModelError, family_of, register_image_only_processors
 
-ORGANISM_DIR = Path(__file__).parent / "organism"
+ORGANISM_DIR = Path(__file__).parent / "organism" / "weights"
 SHORT_NAMES = {"organism": ORGANISM_DIR}
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -50,7 +50,7 @@ def resolve(name_or_path: str) -> str:
         folder = SHORT_NAMES[name_or_path]
         if not (folder / "config.json").exists():
             raise ModelNotFoundError(
-                f"the model organism is not at {folder}: train it with `python -m gaze.train_organism` "
+                f"the model organism is not at {folder}: train it with `python -m gaze.organism.train --out gaze/organism/weights` "
                 "or pass --model with a hub id or folder"
             )
         return str(folder)

@@ -15,7 +15,7 @@ PROTOCOLS = ("vqa", "narration", "dynamic", "region", "sweep")
 CONDITIONS = ("gaze", "random", "all", "image", "localization", "none")
 PROTOCOL_ORDER = ("vqa", "sweep", "narration", "dynamic", "region")  # run order: the sweep reuses vqa answers
 SPLIT_SEEDS = {"eval": 1_000_000, "discovery": 2_000_000}  # procedural:SPLIT -> datagen seeds SEED0 + i
-# eval seeds are the organism's held-out range (gaze.train_organism.EVAL_SEED0); training draws its own pool
+# eval seeds are the organism's held-out range (gaze.organism.train.EVAL_SEED0); training draws its own pool
 SIZE_CLASSES = (("small", 2), ("medium", 8), ("large", math.inf))  # object size by image tokens covered (<=)
 
 LETTER_STRIP_QUESTION = "Which letter is in this comic strip? Answer with one letter."
@@ -68,7 +68,7 @@ class EvalConfig:
     n_scenes: int | None = None  # scenes for the region protocol; None: n_strips
     n_objects: int = 4  # objects per procedural scene
     scene_size: tuple[int, int] = (384, 192)  # procedural scene (width, height) in pixels
-    panel_size: int = 64  # procedural strips: panel side in pixels
+    panel_size: int = 128  # procedural strips: panel height in pixels (widths 1-1.625x it, 6 px gaps)
     questions: tuple[tuple[str, str], ...] = ()  # (protocol, question) overrides
     discovery_strips: str = "procedural:discovery"  # used when `ranking` is None
     n_discovery: int = 20  # strips for that discovery
