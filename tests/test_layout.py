@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CORE = ["attention", "cli", "discovery", "errors", "families", "generation", "models", "plots", "prompts", "ranking",
         "regions", "scoring", "steering", "strips", "tracking"]
-NOT_IN_CORE = ("gaze.eval", "gaze.testing", "gaze.train_organism", "gaze.organism_check", "datagen", "space", "gradio")
+NOT_IN_CORE = ("gaze.eval", "gaze.testing", "gaze.organism", "datagen", "space", "gradio")
 
 
 def _loaded_after(code: str) -> list[str]:
