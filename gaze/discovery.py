@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -170,6 +172,27 @@ def discover(
                  variant=variant)
 
 
+def bootstrap_ci(values, n_boot: int = 2000, seed: int = 0, level: float = 0.95):
+    """(mean, low, high): the seeded percentile-bootstrap CI of a mean, the project's one bootstrap.
+
+    `values` [N] gives floats (NaNs for no values); [N, ...] gives arrays: the
+    CI of the mean over the first axis, per entry (e.g. per head over strips).
+    Used by the ranking's stability and by every rate of `gaze.eval`.
+    """
+    x = np.asarray(values if hasattr(values, "shape") else list(values), dtype=np.float64)
+    if x.size == 0:
+        return (math.nan, math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, x.shape[0], (n_boot, x.shape[0]))  # [n_boot, N] resampled rows
+    # [n_boot, ...] resampled means (a loop keeps memory at one resample for many heads)
+    means = x[idx].mean(axis=1) if x.ndim == 1 else np.stack([x[i].mean(0) for i in idx])
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, tail, axis=0), np.percentile(means, 100 - tail, axis=0)
+    if x.ndim == 1:
+        return float(x.mean()), float(low), float(high)
+    return x.mean(0), low, high
+
+
 def stability(per_strip: torch.Tensor, ks: tuple[int, ...] = (5, 10, 20), n_boot: int = 1000, seed: int = 0) -> dict:
     """How much a ranking can be trusted: per-head bootstrap 95% CIs over strips, and the
     overlap of the top-K heads between two disjoint halves of the strips (even vs odd strips).
@@ -177,11 +200,7 @@ def stability(per_strip: torch.Tensor, ks: tuple[int, ...] = (5, 10, 20), n_boot
     per_strip: [N, L, H] scores per strip.
     """
     n = per_strip.shape[0]
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, n, (n_boot, n), generator=g)  # [boot, N]
-    means = torch.stack([per_strip[i].mean(0) for i in idx])  # [boot, L, H]
-    low, high = torch.quantile(means.flatten(1), torch.tensor([0.025, 0.975]), dim=0)
-    shape = per_strip.shape[1:]
+    _, low, high = bootstrap_ci(per_strip.double().numpy(), n_boot=n_boot, seed=seed)  # [L, H] each
     overlap = {}
     if n >= 2:
         a, b = per_strip[0::2].mean(0).flatten(), per_strip[1::2].mean(0).flatten()
@@ -189,7 +208,7 @@ def stability(per_strip: torch.Tensor, ks: tuple[int, ...] = (5, 10, 20), n_boot
             k = min(k, a.numel())
             top_a, top_b = set(a.topk(k).indices.tolist()), set(b.topk(k).indices.tolist())
             overlap[str(k)] = len(top_a & top_b) / k
-    return {"ci_low": low.reshape(shape).tolist(), "ci_high": high.reshape(shape).tolist(),
+    return {"ci_low": low.tolist(), "ci_high": high.tolist(),
             "half_overlap": overlap, "n_boot": n_boot}
 
 

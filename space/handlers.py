@@ -25,6 +25,7 @@ from typing import Iterator
 
 import torch
 from PIL import Image
+
 from gaze.generation import generate
 from gaze.regions import ImageLayout, RegionError, RegionMap, box_regions, panel_regions, region_mass
 from gaze.steering import MODES, PHASES, Box, Panel, Schedule, Target, parse_schedule
@@ -71,8 +72,9 @@ def check_controls(ready: Ready, c: Controls) -> Controls:
         raise InputError(f"unknown mode {c.mode!r}; choose one of {', '.join(MODES)}")
     if not 1 <= n <= MAX_NEW_TOKENS:
         raise InputError(f"max new tokens = {n}: choose 1 to {MAX_NEW_TOKENS}")
-    phase = {True: "prefill", False: "all", None: "all"}.get(c.phase, c.phase) if isinstance(c.phase, (bool, type(None))) \
-        else c.phase
+    phase = c.phase
+    if phase is None or isinstance(phase, bool):  # the page's "steer the prompt only" checkbox
+        phase = "prefill" if phase else "all"
     if phase not in PHASES:
         raise InputError(f"unknown phase {c.phase!r}; choose one of {', '.join(PHASES)}")
     return Controls(k, strength, c.mode, n, phase)

@@ -1,4 +1,5 @@
-"""Statistics of an evaluation (pure): the bootstrap CI every rate carries, and Spearman's rho."""
+"""Statistics of an evaluation (pure): the bootstrap CI every rate carries (the core's one bootstrap,
+`gaze.discovery.bootstrap_ci`), and Spearman's rho."""
 
 from __future__ import annotations
 
@@ -7,16 +8,9 @@ from typing import Sequence
 
 import numpy as np
 
-def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95
-                 ) -> tuple[float, float, float]:
-    """(mean, low, high): seeded percentile-bootstrap CI of the mean. NaNs for no values."""
-    x = np.asarray(list(values), dtype=np.float64)
-    if x.size == 0:
-        return (math.nan, math.nan, math.nan)
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, (n_boot, x.size))].mean(axis=1)  # [n_boot]
-    tail = (1 - level) / 2 * 100
-    return float(x.mean()), float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+from gaze.discovery import bootstrap_ci
+
+__all__ = ["bootstrap_ci", "spearman"]
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
