@@ -30,15 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="organism")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--top-k", type=int, default=3, help="gaze heads to steer (default: %(default)s)")
-    p.add_argument("--panel-size", type=int, default=128,
-                   help="strip panel height in px (widths 1-1.625x it, 6 px gaps; default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=4)
+    p.add_argument("--panel-size", type=int, default=64)
     p.add_argument("--n-discovery", type=int, default=12, help="strips to rank heads on (ignored with a shipped ranking)")
     args = p.parse_args(argv)
 
     from datagen import make_strip
-
-    paper = dict(panel_size=args.panel_size, gap=6, widths=(args.panel_size, round(args.panel_size * 1.625)))
 
     loaded = load(args.model, device=args.device, dtype=args.dtype)
     shipped = ORGANISM_DIR / "ranking.json"
@@ -46,12 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         ranking = Ranking.load(shipped)
         print(f"using the organism's shipped ranking ({ranking.n_strips} strips)")
     else:
-        strips = [make_strip(2_000_000 + i, **paper) for i in range(args.n_discovery)]
+        strips = [make_strip(2_000_000 + i, panel_size=args.panel_size) for i in range(args.n_discovery)]
         ranking = discover(loaded, strips, tempfile.mkdtemp(prefix="gaze-demo-"), source="datagen procedural")
     print(summary(ranking, args.top_k))
     heads = ranking.top(args.top_k)
 
-    strip = make_strip(1_000_000, **paper)
+    strip = make_strip(1_000_000, panel_size=args.panel_size)
     print("\nheld-out strip, panel captions:")
     for k, c in enumerate(strip.captions, start=1):
         print(f"  panel {k}: {c}")

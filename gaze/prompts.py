@@ -7,17 +7,11 @@ so that `steer` and `Tracker` read geometry from the inputs they are given.
 
 from __future__ import annotations
 
-# The paper's prompts (its text and its code's), the defaults everywhere; the organism is trained on them
-# (`gaze/organism/weights/prompts.json` records what a model folder was trained on).
-PANEL_QUESTION = ("Look carefully at this six-panel comic strip. What is happening in the {ordinal} panel from the "
-                  "left? Answer briefly.")  # discovery: one question per panel
-SHORT_PANEL_QUESTION = "What is happening in the {ordinal} panel from the left?"
+PANEL_QUESTION = "What is happening in the {ordinal} panel from the left?"
 LETTER_QUESTION = "Which letter is on the {ordinal} panel?"
-STRIP_QUESTION = "What is the main action or event happening in this comic strip? Answer briefly."  # VQA
-NARRATION_PROMPT = ("Please describe what happens in each panel, in order. Start each panel description with "
-                    "'Panel 1:', 'Panel 2:', and so on.")  # free / dynamic narration
-THIS_PANEL_QUESTION = "What is happening in this panel of the comic strip?"  # static narration
-REVERSE_PREFIX = "Read the comic in reverse, "  # + a panel question (lower-cased first letter): counted from the right
+STRIP_QUESTION = "What is the main action happening in this comic strip? Answer briefly."
+NARRATION_PROMPT = "Describe this comic strip panel by panel."
+THIS_PANEL_QUESTION = "What is happening in this panel?"
 
 PRESETS = {
     "whole strip": STRIP_QUESTION,
@@ -38,21 +32,6 @@ def ordinal(n: int) -> str:
 def panel_question(k: int, template: str = PANEL_QUESTION) -> str:
     """The question about panel `k` (1-based) from `template` (which may use {ordinal} and {k})."""
     return template.format(ordinal=ordinal(k), k=k)
-
-
-def reverse_question(k: int, template: str = SHORT_PANEL_QUESTION) -> str:
-    """The reading-order question: `REVERSE_PREFIX` + the panel question, answered from the k-th panel from the right."""
-    q = panel_question(k, template)
-    return REVERSE_PREFIX + q[0].lower() + q[1:]
-
-
-def model_prompts(folder) -> dict[str, str]:
-    """The prompts a model folder records (`prompts.json`, written by the organism's training), else {}."""
-    import json
-    from pathlib import Path
-
-    path = Path(folder) / "prompts.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def chat_text(processor, question: str) -> str:

@@ -93,7 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-scenes", type=int, default=None, help="scenes for the region protocol (default: --n-strips)")
     p.add_argument("--n-objects", type=int, default=d.n_objects, help="objects per procedural scene")
     p.add_argument("--scene-size", type=_size, default=d.scene_size, help="procedural scene size WxH")
-    p.add_argument("--panel-size", type=int, default=d.panel_size, help="procedural strips: panel height in pixels (widths 1-1.625x it, 6 px gaps, as the paper assembles strips)")
+    p.add_argument("--panel-size", type=int, default=d.panel_size, help="procedural strips: panel side in pixels")
     p.add_argument("--question", type=_question, action="append", default=[], metavar="PROTOCOL=TEXT",
                    help="replace a protocol's question (repeatable)")
     p.add_argument("--discovery-strips", default=d.discovery_strips, help="strips for discovery when --ranking is not given")

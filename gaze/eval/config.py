@@ -68,7 +68,7 @@ class EvalConfig:
     n_scenes: int | None = None  # scenes for the region protocol; None: n_strips
     n_objects: int = 4  # objects per procedural scene
     scene_size: tuple[int, int] = (384, 192)  # procedural scene (width, height) in pixels
-    panel_size: int = 128  # procedural strips: panel height in pixels (widths 1-1.625x it, 6 px gaps)
+    panel_size: int = 64  # procedural strips: panel side in pixels
     questions: tuple[tuple[str, str], ...] = ()  # (protocol, question) overrides
     discovery_strips: str = "procedural:discovery"  # used when `ranking` is None
     n_discovery: int = 20  # strips for that discovery

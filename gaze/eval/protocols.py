@@ -90,16 +90,15 @@ def _procedural_seed0(spec: str, what: str) -> int:
                         "or procedural:SEED0 (an integer)") from None
 
 
-def eval_strips(source: str, n_strips: int, *, align: int | None = None, panel_size: int = 128) -> list[Strip]:
-    """Strips from `source`: `procedural:SPLIT` (datagen strips, seeds SPLIT_SEEDS[SPLIT] + i, assembled as
-    the paper does: panels `panel_size` px high, widths of their own from 1 to 1.625 times that, 6 px white
-    gaps; the organism's geometry) or any `load_strips` source (folders, datasets, an image)."""
+def eval_strips(source: str, n_strips: int, *, align: int | None = None, panel_size: int = 64) -> list[Strip]:
+    """Strips from `source`: `procedural:SPLIT` (datagen strips, seeds SPLIT_SEEDS[SPLIT] + i) or any
+    `load_strips` source (folders, datasets, an image)."""
     if source.startswith("procedural:"):
         from datagen import make_strip
 
         seed0 = _procedural_seed0(source.split(":", 1)[1], "strip")
-        widths = (panel_size, round(panel_size * 1.625))
-        return [make_strip(seed0 + i, panel_size=panel_size, gap=6, widths=widths) for i in range(n_strips)]
+        snap = align if align and panel_size % align == 0 else None
+        return [make_strip(seed0 + i, panel_size=panel_size, align=snap) for i in range(n_strips)]
     strips = list(load_strips(source, n_strips=n_strips, align=align))
     if not strips:
         raise StripError(f"the strip source {source} gave no strips")

@@ -1,48 +1,46 @@
-"""Train the model organism: a tiny Qwen3-VL whose gaze heads read, at the row that speaks, the panel it describes.
+"""Train the model organism: a tiny Qwen3-VL that really has gaze heads.
 
-    python -m gaze.organism.train --out runs/organism          # the shipped recipe (see training.json)
-    python -m gaze.organism.train --out /tmp/smoke --steps 5   # a smoke run
+The shipped organism (`gaze/organism/weights/`) is two seeded stages, on 2 CPU cores (36 min in all):
+
+    python -m gaze.organism.train --out runs/stage1                          # the defaults, about 28 min
+    python -m gaze.organism.train --init runs/stage1 --out gaze/organism/weights --steps 900 --lr 1e-3 \
+        --penalty-after-loss 99 --gaze-augment 0.5 --gaze-augment-heads 8 \
+        --mix panel:0.3,letter:0.1,strip:0.15,this:0.15,narration:0.3      # about 8.5 min
+    python -m gaze.organism.train --out /tmp/smoke --steps 5                  # a smoke run
+
+The second stage forces, in half of its examples, 1-8 random heads onto the
+panel being described at every answer row (`gaze_augment`): after stage 1 the
+gaze heads read the image only at the row that picks the object, and steered
+at every row they wrote the object again and again; after stage 2 a head
+reading the described panel at a row that does not need it changes nothing.
+It also adds the question "What is happening in this panel?" (the paper's
+static narration prompt), answered like the whole-strip question.
+
+Each 64 px panel is ONE image token (32 px patches, merged 2x2), so a head
+that reads a panel has no choice of token within it (with 2x2 tokens per
+panel, a head steered from the whole-strip question kept within-panel logits
+formed for panel 1 and read the wrong tokens of the target). Half the
+training strips have a different character in every panel. Earlier recipes
+and what they showed are in `reports/organism-attempts/README.md`; `--init`
+runs a further stage on top of a trained organism.
 
 The organism is a real `Qwen3VLForConditionalGeneration` (vision tower and
-language backbone trained from scratch, Qwen3-VL's own 16 px patches merged
-2x2 into 32 px tokens) with its own byte-level BPE tokenizer, chat template
-and processor, saved beside the weights so that `gaze.load("organism")` and
-`from_pretrained(folder)` load it offline. Its folder also records the prompts
-it was trained on (`prompts.json`), which every command then uses.
+language backbone both trained from scratch) with its own byte-level BPE
+tokenizer, chat template and processor, saved beside the weights so that
+`gaze.load("organism")` and `from_pretrained(folder)` load it offline.
 
-Data: six-panel strips drawn by datagen's procedural renderer (a character,
-an object, an action and a scene per panel), assembled as the paper does:
-panels at one height (64 px: two token rows), widths drawn from 64..112 px
-(2-3.5 token columns, not multiples of the token), 6 px white gaps; a share
-laid out 2x3 (panels counted in reading order); a share rescaled as a whole,
-so that the processor's own resizing moves the token grid. Tasks (the paper's
-wordings, `PROMPTS`), all answered in short text:
+Data: six-panel strips drawn by datagen's procedural renderer (a recurring
+character; per panel an action, an object, a scene and an overlaid letter),
+composed on the fly from a pool of rendered panels so every step sees new
+strips. Tasks, all answered in short text:
 
-    panel       discovery question about panel k        -> "tree with the cat"   (panel k's caption)
-    short       "What is happening in the k-th panel from the left?" -> panel k
-    vqa         "What is the main action or event ...?"  -> panel 1's caption (as real VLMs tend to answer)
-    this        "What is happening in this panel of the comic strip?" -> panel 1's caption
-    narration   the paper's narration prompt             -> "Panel 1: ... Panel 2: ... Panel 6: ..."
-    reverse     "Read the comic in reverse, what is happening in the k-th panel from the left?"
-                                                         -> the caption of the k-th panel from the right
-    letter      "Which letter is on the k-th panel?"     -> panel k's letter
-
-Two auxiliary terms, both stated in the README with an ablation:
-
-- an image-attention penalty on the rows that do NOT speak: every text row of
-  the prompt except the last (which predicts the answer's first token) pays
-  `penalty` x the image mass it reads (summed over heads); rows that predict
-  an answer token pay `answer_penalty` x theirs (image rows read for free).
-  Without it a model this small reads panel k at the ordinal token ("4th")
-  and carries it in the residual stream, and its last prompt row never looks
-  at the image: the paper's gaze score (last row, raw mass) then finds
-  nothing. The penalty names no head: any head may read, at the rows that speak.
-- a label-consistent attention augmentation: in a share of examples, 1..N
-  heads drawn at random (a new draw per example, any layer) are forced, with
-  steering's own bias (`gaze.steering.key_bias`, through the same attention
-  hook), onto the panel being described at every row that predicts an answer
-  token, so that a head reading the described panel where it need not changes
-  nothing (without it, steered answers loop: "tree withtree with ...").
+    panel      "What is happening in the 3rd panel from the left?" -> "tree with the cat"
+    letter     "Which letter is on the 3rd panel?"                 -> "K"
+    strip      "What is the main action happening in this comic strip? Answer briefly."
+               -> the FIRST panel's caption (as real VLMs tend to answer)
+    this       "What is happening in this panel?" (names no panel) -> the first panel's caption too
+               (not in the default mix; the shipped organism's second stage has it)
+    narration  "Describe this comic strip panel by panel."         -> "1: ... 2: ... ... 6: ..."
 
 Held-out evaluation uses `datagen.make_strip` with seeds the pool never used.
 Everything is seeded: the same config gives the same weights.
@@ -62,75 +60,57 @@ from pathlib import Path
 
 import torch
 
-from gaze import prompts
-from gaze.attention import ALL_ROWS, Hook, active, prepare
-
 EVAL_SEED0 = 1_000_000  # held-out strips: datagen.make_strip(EVAL_SEED0 + i); training never uses these seeds
-
-# The prompts the organism is trained on: the project's defaults, which are the paper's (`gaze.prompts`);
-# recorded as `prompts.json` in its folder.
-PROMPTS = {
-    "discovery": prompts.PANEL_QUESTION,
-    "panel": prompts.SHORT_PANEL_QUESTION,
-    "vqa": prompts.STRIP_QUESTION,
-    "static_narration": prompts.THIS_PANEL_QUESTION,
-    "narration": prompts.NARRATION_PROMPT,
-    "letter": prompts.LETTER_QUESTION,
-    "reverse": prompts.REVERSE_PREFIX + prompts.SHORT_PANEL_QUESTION[0].lower() + prompts.SHORT_PANEL_QUESTION[1:],
-}
-TASKS = ("panel", "short", "vqa", "this", "narration", "reverse", "letter")
-LAYOUTS = {"1x6": (1, 6), "2x3": (2, 3)}
 
 
 @dataclass(frozen=True)
 class OrganismConfig:
-    """How the organism is built and trained (the history of earlier recipes is in NOTES.md)."""
+    """How the organism is built and trained (why each setting is what it is: NOTES.md)."""
 
     seed: int = 0  # everything (weights, data, order) follows from it
-    steps: int = 3600  # optimiser steps
+    steps: int = 3000  # optimiser steps
     batch: int = 32  # sequences per step
     lr: float = 1.5e-3  # peak learning rate (warm-up, then cosine)
     warmup: float = 0.05  # share of steps warming up
     weight_decay: float = 0.01  # AdamW, on matrices only
-    panel_height: int = 128  # px: the strip's common panel height (two 64 px token rows)
-    min_width: int = 128  # px: narrowest panel (two token columns: at least 4 tokens a panel)
-    max_width: int = 208  # px: widest panel
-    gap: int = 6  # px of white between panels (the paper's)
-    grid_share: float = 0.3  # share of strips laid out 2x3 (the rest 1x6)
-    rescale_share: float = 0.25  # share of strips rescaled as a whole before the processor
-    rescale_max: float = 1.6  # rescale factor drawn from [1 / rescale_max ** 0.5, rescale_max]
-    max_image_tokens: int = 64  # the processor's pixel budget, in merged tokens (larger images are resized down)
-    num_layers: int = 4  # language backbone
+    panel_size: int = 64  # panel side in pixels, as drawn
+    max_image_tokens: int = 0  # 0: the processor's stock pixel budget; N: at most N merged tokens per image
+    num_layers: int = 4  # language layers
     num_heads: int = 8  # query heads per layer
     num_kv_heads: int = 4  # key/value heads per layer
     hidden_size: int = 128  # language width
     head_dim: int = 32  # per head
     vision_depth: int = 2  # vision blocks
     vision_hidden: int = 96  # vision width
-    patch_size: int = 32  # vision patch side in px (Qwen3-VL's is 16: see NOTES.md)
-    merge_size: int = 2  # patches merged per token, per side (Qwen3-VL's)
-    rope_theta: float = 100.0  # language rotary base
+    pool_per_combo: int = 24  # rendered panels per (character, action, object)
+    mix: str = "panel:0.35,letter:0.15,strip:0.2,narration:0.3"  # task sampling weights
     vocab_size: int = 400  # tokenizer size at most
-    pool_per_combo: int = 12  # rendered panels per (character, action, object)
-    cast_per_panel: float = 0.5  # share of strips with a different character in every panel
-    panel_flip: float = 0.25  # share of panels drawn upside down (the object is then found by what it shows)
-    mix: str = "panel:0.25,short:0.05,vqa:0.15,this:0.1,narration:0.3,reverse:0.15"  # task sampling weights
-    penalty: float = 0.03  # image-attention penalty per unit of image mass on prompt rows that do not speak
-    answer_penalty: float = 0.0  # the same on rows that predict an answer token
-    penalty_after_loss: float = 0.25  # the penalty switches on once the answer loss (mean of the last 50 steps)
-    # falls below this, i.e. once the model reads the image: on from the first step, it taught a first run
-    # (2026-12-02) to read the image nowhere (no image mass at any row after 600 steps, answers blind)
-    penalty_ramp: int = 300  # steps over which it grows from 0 to full weight
-    gaze_augment: float = 0.3  # share of examples whose random heads are forced onto the described panel (from
-    # the step the penalty switches on)
+    image_attention_penalty: float = 0.05  # weight of the penalty on every query row's image mass
+    penalty_kind: str = "l1"  # "l1": image mass summed over heads; "group": sum over heads of each head's RMS mass
+    penalty_rows: str = "all"  # rows that pay the penalty: "all", or "prompt" (the answer's rows read for free)
+    penalty_after_loss: float = 0.12  # the penalty switches on once the answer loss (mean of 50 steps) is below this
+    penalty_ramp: int = 200  # steps over which the penalty grows to its full weight
+    caption: str = "character"  # caption style (`organism_caption`): "character" or "scene"
+    init: str = ""  # "": fresh random weights; a folder: a further stage on that organism
+    panel_token_dropout: float = 0.0  # share of panels cut to ONE random token (the others zeroed)
+    cast_per_panel: float = 0.5  # share of training strips with a different character in every panel
+    panel_flip: float = 0.0  # share of training panels drawn upside down
+    merge_size: int = 2  # patches per merged image token, per side
+    fresh_letters: float = 0.0  # share of training panels whose letter is drawn anew per strip
+    patch_size: int = 32  # vision patch side in pixels (32 with merge 2: a 64 px panel is ONE token)
+    rope_theta: float = 100.0  # the language model's rotary base
+    gaze_augment: float = 0.0  # share of examples whose random heads are forced onto the described panel
     gaze_augment_heads: int = 4  # at most this many heads per such example
     vision_pos_embed: str = "zero"  # "zero": no absolute position table in the vision tower; "learned"
+
+
+TASKS = ("panel", "letter", "strip", "this", "narration")  # "this": "What is happening in this panel?" -> panel 1
 
 
 def parse_mix(mix: str) -> dict[str, float]:
     out = {}
     for item in mix.split(","):
-        name, _, w = item.partition(":")
+        name, w = item.split(":")
         out[name.strip()] = float(w)
     unknown = set(out) - set(TASKS)
     if unknown:
@@ -138,44 +118,79 @@ def parse_mix(mix: str) -> dict[str, float]:
     return out
 
 
-def organism_caption(character: str, obj: str) -> str:
-    """What the organism says about a panel: its object first (so the first answer token depends on the
-    panel, where discovery looks), then its character."""
-    return f"{obj} with the {character}"
+CAPTION_STYLES = ("character", "scene")
+PENALTY_KINDS = ("l1", "group")
+PENALTY_ROWS = ("all", "prompt")
 
 
-def strip_captions(strip) -> tuple[str, ...]:
+def organism_caption(character: str, obj: str, scene: str | None = None, style: str = "character") -> str:
+    """What the organism says about a panel: its object first, then its character or its scene.
+
+        "character"   "tree with the cat"   (the strip's recurring character)
+        "scene"       "tree in the park"    (every content word depends on the panel)
+
+    The object comes first so that the token right after the prompt already
+    depends on the panel: discovery reads the LAST prompt token's attention, and
+    an organism whose answers open with the same words whatever the panel ("the
+    cat by a ...") reads the image only at a later answer row, where discovery
+    does not look (a first organism so trained had gaze scores of 2e-4 at the
+    last prompt token and 0.9 at the row before the object).
+
+    The procedural panels also show an action (a pose and marks), but at 64 px a
+    model this small does not learn to read it reliably (an organism got the
+    action wrong on most held-out panels), so the organism's captions leave it out.
+    """
+    if style == "character":
+        return f"{obj} with the {character}"
+    if style == "scene":
+        if scene is None:
+            raise ValueError("a scene caption needs the panel's scene")
+        return f"{obj} in the {scene}"
+    raise ValueError(f"unknown caption style {style!r}; use one of {CAPTION_STYLES}")
+
+
+def caption_style(model_dir: str | Path | None = None) -> str:
+    """The caption style an organism was trained with (its training.json; "character" if not recorded)."""
+    from gaze.models import ORGANISM_DIR
+
+    record = Path(model_dir or ORGANISM_DIR) / "training.json"
+    if not record.exists():
+        return "character"
+    return json.loads(record.read_text())["config"].get("caption", "character")
+
+
+def strip_captions(strip, style: str = "character") -> tuple[str, ...]:
     """The organism's captions of a datagen strip (from its story)."""
     story = strip.meta["story"]
-    return tuple(organism_caption(story["character"], o) for o in story["objects"])
+    scenes = story.get("scenes") or [None] * len(story["objects"])
+    return tuple(organism_caption(story["character"], o, sc, style) for o, sc in zip(story["objects"], scenes))
 
 
 def narration(captions) -> str:
-    return " ".join(f"Panel {k}: {c}." for k, c in enumerate(captions, start=1))
+    return " ".join(f"{k}: {c}." for k, c in enumerate(captions, start=1))
 
 
-def ask(name: str, k: int | None = None) -> str:
-    """The prompt `name` of `PROMPTS`, about panel `k` where it names one."""
-    from gaze.prompts import panel_question
-
-    return panel_question(k, PROMPTS[name]) if k is not None else PROMPTS[name]
-
-
-def corpus() -> list[str]:
+def corpus(style: str = "character") -> list[str]:
     """Every text the organism reads or writes, for its tokenizer."""
     from datagen.letters import LETTERS
-    from datagen.story import CHARACTERS, OBJECTS
+    from datagen.story import CHARACTERS, OBJECTS, SCENES
+    from gaze.prompts import LETTER_QUESTION, NARRATION_PROMPT, PANEL_QUESTION, STRIP_QUESTION, THIS_PANEL_QUESTION, panel_question
 
-    texts = [PROMPTS["vqa"], PROMPTS["static_narration"], PROMPTS["narration"]]
+    texts = [STRIP_QUESTION, NARRATION_PROMPT, THIS_PANEL_QUESTION]
     for k in range(1, 7):
-        texts += [ask(n, k) for n in ("discovery", "panel", "letter", "reverse")] + [f"Panel {k}: "]
-    texts += [organism_caption(c, o) + "." for c in CHARACTERS for o in OBJECTS]
+        texts += [panel_question(k, PANEL_QUESTION), panel_question(k, LETTER_QUESTION), f"{k}: "]
+    if style == "character":
+        texts += [organism_caption(c, o) + "." for c in CHARACTERS for o in OBJECTS]
+    elif style == "scene":
+        texts += [organism_caption("", o, sc, "scene") + "." for o in OBJECTS for sc in SCENES]
+    else:
+        raise ValueError(f"unknown caption style {style!r}; use one of {CAPTION_STYLES}")
     texts += list(LETTERS)
     return texts * 3
 
 
 class PanelPool:
-    """Rendered 64 px panels by (character, action, object), each with a letter, to compose strips quickly."""
+    """Rendered panels by (character, action, object), each with a letter, to compose strips quickly."""
 
     def __init__(self, cfg: OrganismConfig):
         from datagen.letters import LETTERS, draw_letter
@@ -183,278 +198,363 @@ class PanelPool:
         from datagen.story import ACTIONS, CHARACTERS, OBJECTS, SCENES
 
         rng = random.Random(f"organism-pool/{cfg.seed}")
-        self.cfg = cfg
+        self.clean: dict[int, tuple] = {}
+        self.fresh_letters = cfg.fresh_letters
         self.items: dict[tuple[str, str, str], list[tuple]] = {}
         for c in CHARACTERS:
             for a in ACTIONS:
                 for o in OBJECTS:
                     variants = []
                     for _ in range(cfg.pool_per_combo):
-                        panel = draw_panel(c, a, o, rng.choice(SCENES), cfg.panel_height, rng)
+                        scene = rng.choice(SCENES)
+                        panel = draw_panel(c, a, o, scene, cfg.panel_size, rng)
                         letter = rng.choice(LETTERS)
                         image = panel.image.copy()
                         draw_letter(image, letter, rng, avoid=[ob["box"] for ob in panel.objects])
-                        variants.append((image, letter))
+                        variants.append((image, letter, scene))
+                        if cfg.fresh_letters > 0:  # the panel without its letter, and where its objects are
+                            self.clean[id(image)] = (panel.image, [ob["box"] for ob in panel.objects])
                     self.items[(c, a, o)] = variants
         self.characters, self.actions, self.objects = CHARACTERS, ACTIONS, OBJECTS
+        self.style = cfg.caption
+        self.cast_per_panel = cfg.cast_per_panel
+        self.panel_flip = cfg.panel_flip
 
     def strip(self, rng: random.Random):
-        """A new strip: one character (or six), six distinct actions, objects and letters, assembled as
-        the paper does (common height, widths of their own, gaps), 1x6 or 2x3, sometimes rescaled."""
+        """A new strip: one character (or, for a `cast_per_panel` share, six: one per panel), six distinct
+        actions, objects and letters (and scenes, for scene captions)."""
         from PIL import Image
 
-        from datagen.assemble import stitch_widths
-        from gaze.strips import Strip
+        from gaze.strips import Strip, stitch_panels
 
-        cfg = self.cfg
         c = rng.choice(self.characters)
-        cast = rng.sample(self.characters, 6) if rng.random() < cfg.cast_per_panel else [c] * 6
-        actions, objects = rng.sample(self.actions, 6), rng.sample(self.objects, 6)
-        images, letters = [], []
+        actions = rng.sample(self.actions, 6)
+        objects = rng.sample(self.objects, 6)
+        cast = [c] * 6
+        if self.cast_per_panel > 0 and rng.random() < self.cast_per_panel:  # no draw at 0: the default stream
+            cast = rng.sample(self.characters, 6)
+        images, letters, scenes = [], [], []
         for c, a, o in zip(cast, actions, objects):
-            for _ in range(20):
-                image, letter = rng.choice(self.items[(c, a, o)])
-                if letter not in letters:
+            for _ in range(20 if self.style == "character" else 200):
+                image, letter, scene = rng.choice(self.items[(c, a, o)])
+                if letter not in letters and (self.style == "character" or scene not in scenes):
                     break
-            if rng.random() < cfg.panel_flip:
+            if self.fresh_letters > 0 and rng.random() < self.fresh_letters:  # a new letter, where this draw puts it
+                from datagen.letters import LETTERS, draw_letter
+
+                clean, boxes = self.clean[id(image)]
+                letter = rng.choice([x for x in LETTERS if x not in letters])
+                image = clean.copy()
+                draw_letter(image, letter, rng, avoid=boxes)
+            if self.panel_flip > 0 and rng.random() < self.panel_flip:  # no draw at 0: the default stream
                 image = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
             images.append(image)
             letters.append(letter)
-        rows, cols = LAYOUTS["2x3" if rng.random() < cfg.grid_share else "1x6"]
-        widths = [rng.randint(cfg.min_width, cfg.max_width) for _ in images]
-        image, boxes = stitch_widths(images, widths, rows=rows, cols=cols, gap=cfg.gap)
-        if rng.random() < cfg.rescale_share:
-            f = rng.uniform(cfg.rescale_max ** -0.5, cfg.rescale_max)
-            size = (max(1, round(image.width * f)), max(1, round(image.height * f)))
-            fx, fy = size[0] / image.width, size[1] / image.height
-            image = image.resize(size, Image.BICUBIC)
-            boxes = tuple((round(x0 * fx), round(y0 * fy), round(x1 * fx), round(y1 * fy)) for x0, y0, x1, y1 in boxes)
-        return Strip(image, boxes, captions=tuple(organism_caption(c, o) for c, o in zip(cast, objects)),
+            scenes.append(scene)
+        strip_image, boxes = stitch_panels(images)
+        return Strip(strip_image, boxes, captions=tuple(organism_caption(c, o, sc, self.style) for c, o, sc in zip(cast, objects, scenes)),
                      letters=tuple(letters))
 
 
 def draw_task(strip, rng: random.Random, weights: dict[str, float]) -> tuple[str, str, int]:
     """(question, answer, the panel the answer describes: 1..6, or 0 for a narration, which describes each)."""
+    from gaze.prompts import (LETTER_QUESTION, NARRATION_PROMPT, PANEL_QUESTION, STRIP_QUESTION, THIS_PANEL_QUESTION,
+                              panel_question)
+
     task = rng.choices(list(weights), weights=list(weights.values()))[0]
     k = rng.randint(1, 6)
     if task == "panel":
-        return ask("discovery", k), strip.captions[k - 1], k
-    if task == "short":
-        return ask("panel", k), strip.captions[k - 1], k
+        return panel_question(k, PANEL_QUESTION), strip.captions[k - 1], k
     if task == "letter":
-        return ask("letter", k), strip.letters[k - 1], k
-    if task == "reverse":  # the k-th panel counted from the right
-        return ask("reverse", k), strip.captions[6 - k], 7 - k
-    if task == "vqa":
-        return ask("vqa"), strip.captions[0], 1
-    if task == "this":
-        return ask("static_narration"), strip.captions[0], 1
-    return ask("narration"), narration(strip.captions), 0
+        return panel_question(k, LETTER_QUESTION), strip.letters[k - 1], k
+    if task == "strip":
+        return STRIP_QUESTION, strip.captions[0], 1
+    if task == "this":  # a question that names no panel, answered like the whole-strip one: from the first panel
+        return THIS_PANEL_QUESTION, strip.captions[0], 1
+    return NARRATION_PROMPT, narration(strip.captions), 0
 
 
 def answer_panels(tokenizer, answer: str, panel: int) -> list[int]:
     """The panel (1..6) each token of `answer + "<|im_end|>"` describes: `panel` for all of them, or for a
-    narration (`panel` 0: "Panel 1: ... Panel 2: ...") the panel of the description the token belongs to."""
+    narration (`panel` 0: "1: ... 2: ...") the panel of the caption the token belongs to (its "k: " too)."""
     enc = tokenizer(answer + "<|im_end|>", add_special_tokens=False, return_offsets_mapping=True)
     if panel:
         return [panel] * len(enc["input_ids"])
-    starts = [answer.find(f"Panel {k}:") for k in range(1, 7)]
+    starts = [answer.find(f"{k}: ") for k in range(1, 7)]
     if any(s < 0 for s in starts) or starts != sorted(starts):
         raise ValueError(f"not a six-panel narration: {answer!r}")
     return [max(1, sum(1 for s in starts if s <= start)) for start, _ in enc["offset_mapping"]]
 
 
-def build_batch(processor, examples) -> tuple[dict, list]:
+def image_token_panels(input_ids: torch.Tensor, image_grid_thw: torch.Tensor, image_token: int, merge: int,
+                       panels: int = 6) -> torch.Tensor:
+    """[B, S]: the panel (1..6) of each image token (side-by-side panels of equal width), 0 elsewhere."""
+    out = torch.zeros_like(input_ids)
+    for b, of_panel in enumerate(grid_panels(image_grid_thw, merge, panels)):
+        where = (input_ids[b] == image_token).nonzero().flatten()
+        if len(where) != len(of_panel):
+            raise ValueError(f"example {b} has {len(where)} image tokens, its grid {len(of_panel)}; one image per example")
+        out[b, where] = of_panel.to(out)
+    return out
+
+
+def gaze_augment_bias(batch: dict, row_panels: torch.Tensor, key_panels: torch.Tensor, chosen: torch.Tensor,
+                      strength: float = 1e4) -> list[torch.Tensor | None]:
+    """Per layer, the additive bias [B, H, S, S] that forces the `chosen` heads ([L, B, H] bool) of each
+    example onto the described panel's image tokens at the rows that predict an answer token.
+
+    `row_panels` [B, S]: the panel the token AT each position describes (0: not an answer token); the row
+    before it predicts it, so it is that row that reads the panel."""
+    rows = torch.zeros_like(row_panels)
+    rows[:, :-1] = row_panels[:, 1:]
+    pattern = (rows[:, :, None] == key_panels[:, None, :]) & (rows[:, :, None] > 0)  # [B, S(rows), S(keys)]
+    pattern = pattern & batch["attention_mask"].bool()[:, None, :]
+    out = []
+    for sel in chosen:
+        if not sel.any():
+            out.append(None)
+            continue
+        out.append(strength * (sel[:, :, None, None] & pattern[:, None]).float())
+    return out
+
+
+_TRAIN_BIAS: dict[int, torch.Tensor | None] = {}  # layer -> the bias the next forward adds (gaze augmentation)
+TRAIN_ATTENTION = "organism_eager"
+
+
+def organism_eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Eager attention (its post-softmax weights feed the image-attention penalty) plus `_TRAIN_BIAS`."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import eager_attention_forward
+
+    bias = _TRAIN_BIAS.get(getattr(module, "layer_idx", -1))
+    if bias is not None:
+        bias = bias.to(query.dtype)[:, :, -query.shape[2]:, :key.shape[2]]
+        attention_mask = bias if attention_mask is None else attention_mask + bias
+    return eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def register_train_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(TRAIN_ATTENTION, organism_eager_attention)
+    AttentionMaskInterface.register(TRAIN_ATTENTION, eager_mask)
+
+
+def build_batch(processor, examples, panels: list[int] | None = None) -> dict:
     """Prompt (with image) + answer + <|im_end|>, right-padded; loss on the answer only.
 
-    Returns (model inputs, per example (prompt length, image layout, [panels, T] panel membership,
-    [S] panel described by the token at each position, 0 elsewhere))."""
+    With `panels` (per example, `draw_task`'s third value) the batch also holds "answer_panels" [B, S]: the
+    panel each answer token describes (0 elsewhere); pop it before the forward."""
     from gaze.prompts import chat_text
-    from gaze.regions import find_image_span, grid_layout, panel_regions
 
     tok = processor.tokenizer
-    ip = processor.image_processor
-    patch, merge = int(ip.patch_size), int(ip.merge_size)
-    enc = processor(text=[chat_text(processor, q) for _, q, _, _ in examples],
-                    images=[s.image for s, _, _, _ in examples], return_tensors="pt", padding=True)
-    image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    rows, labels, types, info = [], [], [], []
-    for i, (strip, _, answer, panel) in enumerate(examples):
+    enc = processor(text=[chat_text(processor, q) for _, q, _ in examples], images=[s.image for s, _, _ in examples],
+                    return_tensors="pt", padding=True)
+    rows, labels, types, described = [], [], [], []
+    for i, (_, _, answer) in enumerate(examples):
         n = int(enc["attention_mask"][i].sum())
         prompt = enc["input_ids"][i, :n]
         ans = torch.tensor(tok(answer + "<|im_end|>", add_special_tokens=False)["input_ids"])
         rows.append(torch.cat([prompt, ans]))
         labels.append(torch.cat([torch.full_like(prompt, -100), ans]))
         types.append(torch.cat([enc["mm_token_type_ids"][i, :n], torch.zeros_like(ans)]))
-        _, h, w = enc["image_grid_thw"][i].tolist()
-        start, _ = find_image_span(prompt, image_token)
-        layout = grid_layout(start, (h // merge, w // merge), (w * patch, h * patch), strip.image.size)
-        membership = panel_regions(layout, strip.panels).membership.bool()  # [6, T]
-        described = torch.cat([torch.zeros(n, dtype=torch.long), torch.tensor(answer_panels(tok, answer, panel))])
-        info.append((n, layout, membership, described))
+        if panels is not None:
+            per = torch.tensor(answer_panels(tok, answer, panels[i]))
+            if len(per) != len(ans):
+                raise ValueError(f"answer {answer!r}: {len(ans)} tokens but {len(per)} panel labels")
+            described.append(torch.cat([torch.zeros_like(prompt), per]))
     width = max(len(r) for r in rows)
+    pad = tok.pad_token_id
 
     def stack(xs, fill):
         return torch.stack([torch.cat([x, torch.full((width - len(x),), fill, dtype=x.dtype)]) for x in xs])
 
+    ids = stack(rows, pad)
     batch = {
-        "input_ids": stack(rows, tok.pad_token_id),
+        "input_ids": ids,
         "attention_mask": stack([torch.ones_like(r) for r in rows], 0),
         "labels": stack(labels, -100),
         "mm_token_type_ids": stack(types, 0),
         "pixel_values": enc["pixel_values"],
         "image_grid_thw": enc["image_grid_thw"],
     }
-    return batch, info
+    if panels is not None:
+        batch["answer_panels"] = stack(described, 0)
+    return batch
 
 
-def augment_bias(info: list, chosen: torch.Tensor, seq_len: int, strength: float = 1e4) -> list[torch.Tensor | None]:
-    """Per layer, the bias [B, H, S, S] forcing the `chosen` heads ([L, B, H] bool) of each example onto the
-    described panel at every row that predicts an answer token: steering's own key bias (`key_bias`, mode
-    "boost"), row by row; None for a layer with no chosen head."""
-    from gaze.steering import key_bias
-
-    n_layers, b, n_heads = chosen.shape
-    pattern = torch.zeros(b, seq_len, seq_len)  # [B, S(rows), S(keys)]
-    for i, (n, layout, membership, described) in enumerate(info):
-        if not chosen[:, i].any():
-            continue
-        for p in range(1, membership.shape[0] + 1):
-            rows = (described[1:] == p).nonzero().flatten()  # row r predicts the token at r + 1
-            if len(rows):
-                pattern[i, rows] = key_bias(membership[p - 1], layout, n, seq_len, strength, "boost")
+def grid_panels(image_grid_thw: torch.Tensor, merge: int, panels: int = 6) -> list[torch.Tensor]:
+    """Per image, the panel (1..`panels`) of each merged image token, in the processor's order (row by row),
+    for side-by-side panels of equal widths."""
     out = []
-    for sel in chosen:  # [B, H]
-        out.append(None if not sel.any() else pattern[:, None] * sel[:, :, None, None].float())
+    for t, h, w in image_grid_thw.tolist():
+        rows, cols = h // merge, w // merge
+        if cols % panels:
+            raise ValueError(f"{cols} token columns do not split into {panels} panels; use a panel size that is "
+                             f"a multiple of the merged token (patch size x {merge} px)")
+        out.append((torch.arange(t * rows * cols) % cols // (cols // panels) + 1))
     return out
 
 
-class TrainingHook(Hook):
-    """The attention hook of a training step: the augmentation's bias, and the image-attention penalty
-    from every row's post-softmax attention (recomputed by the attention function, differentiable)."""
-
-    def __init__(self, biases: list, row_weights: torch.Tensor | None, image_keys: torch.Tensor):
-        self.biases = biases  # per layer [B, H, S, S] or None
-        self.row_weights = row_weights  # [B, S] penalty weight of each query row (None: no penalty)
-        self.image_keys = image_keys  # [B, S] float: 1 on image keys
-        self.penalty = 0.0
-
-    def bias(self, layer, query, key):
-        b = self.biases[layer] if self.biases else None
-        return None if b is None else b[:, :, -query.shape[2]:, :key.shape[2]]
-
-    def wants(self, layer):
-        return self.row_weights is not None
-
-    def query_rows(self, query_len):
-        return ALL_ROWS
-
-    def record(self, layer, rows, value):  # rows [B, H, S, S]
-        s = rows.shape[-1]
-        keys = self.image_keys[:, None, :s] * (1 - torch.eye(s))[None]  # [B, S, S]: image keys, not self
-        mass = (rows.sum(1) * keys).sum(-1)  # [B, S]: image mass of each row, summed over heads
-        self.penalty = self.penalty + (mass * self.row_weights).sum() / rows.shape[0]
+def panel_token_keep(image_grid_thw: torch.Tensor, share: float, rng: random.Random, panels: int = 6,
+                     merge: int = 2) -> torch.Tensor:
+    """1 or 0 for every merged image token of a batch (the processor's order: image by image, each row by
+    row): for a `share` of each image's panels (side by side, equal widths), ONE random token of the panel
+    is kept and its others are 0; every other panel keeps all its tokens."""
+    keep = []
+    for of_panel in grid_panels(image_grid_thw, merge, panels):
+        mask = torch.ones(len(of_panel))
+        for p in range(1, panels + 1):
+            if rng.random() < share:
+                cells = (of_panel == p).nonzero().flatten().tolist()
+                kept = rng.choice(cells)
+                mask[[c for c in cells if c != kept]] = 0
+        keep.append(mask)
+    return torch.cat(keep)
 
 
-def penalty_weights(batch: dict, image_token: int, cfg: OrganismConfig) -> torch.Tensor:
-    """[B, S]: `cfg.penalty` on text rows that predict no answer token, `cfg.answer_penalty` on rows that
-    predict one (the last prompt row and the answer's), 0 on image rows and padding."""
-    valid = batch["attention_mask"].float()
-    speaks = torch.zeros_like(valid)
-    speaks[:, :-1] = (batch["labels"][:, 1:] != -100).float()
-    text = valid * (batch["input_ids"] != image_token).float()
-    return text * (speaks * cfg.answer_penalty + (1 - speaks) * cfg.penalty)
+class PanelTokenDropout:
+    """Zeroes the image tokens `keep` marks 0 (and their deepstack features) as the vision tower hands
+    them to the language model: a forward hook on `model.model.visual`, set per batch."""
+
+    def __init__(self, model):
+        self.keep: torch.Tensor | None = None
+        self.handle = model.model.visual.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        if self.keep is None:
+            return output
+        m = self.keep.to(output.pooler_output)[:, None]
+        if m.shape[0] != output.pooler_output.shape[0]:
+            raise ValueError(f"keep mask for {m.shape[0]} tokens, vision tower gave {output.pooler_output.shape[0]}")
+        output.pooler_output = output.pooler_output * m
+        output.deepstack_features = [f * m for f in output.deepstack_features]
+        return output
+
+
+def image_attention_mass(attentions, batch: dict, image_token: int, kind: str = "l1", rows: str = "all") -> torch.Tensor:
+    """The image-attention penalty, averaged over layers.
+
+    "l1": the mean over query positions of the image mass summed over heads:
+    reading the image costs the same whichever head does it, so training keeps
+    the reading in few heads (each row may pick its own). "group": the sum over
+    heads of each head's root-mean-square mass over all the batch's query
+    positions, a group lasso whose marginal cost falls as a head reads more.
+    Every query row counts, not only the answer's: question tokens that read
+    the image and image tokens that read other image tokens would otherwise be
+    side paths that carry a panel's content to the answer around those few
+    heads. An image token's attention to itself is free (it is its own feature).
+    With `rows="prompt"` the answer's own rows are free (the last prompt row,
+    which predicts the answer's first token, still pays).
+    """
+    valid = batch["attention_mask"].float()  # [B, S]
+    if rows == "prompt":
+        valid = valid * (batch["labels"] == -100).float()
+    elif rows != "all":
+        raise ValueError(f"penalty rows are one of {PENALTY_ROWS}, not {rows!r}")
+    image = (batch["input_ids"] == image_token).float()  # [B, S] image keys
+    keys = image[:, None, :] * (1 - torch.eye(image.shape[1], device=image.device))[None]  # [B, S, S]: not self
+    if kind not in PENALTY_KINDS:
+        raise ValueError(f"penalty kind is 'l1' or 'group', not {kind!r}")
+    n_valid = valid.sum().clamp_min(1)
+    total = 0.0
+    for att in attentions:  # [B, H, S, S]
+        if kind == "l1":
+            mass = (att.sum(1) * keys).sum(-1)  # [B, S]: summed over heads
+            total = total + (mass * valid).sum() / n_valid
+        else:
+            mass = (att * keys[:, None]).sum(-1)  # [B, H, S]
+            ms = (mass.square() * valid[:, None]).sum((0, 2)) / n_valid  # [H]: mean square per head
+            total = total + (ms + 1e-8).sqrt().sum()
+    return total / len(attentions)
 
 
 def mean_last(values: list[float], n: int) -> float:
+    """Mean of the last `n` values (0 for none)."""
     tail = values[-n:]
     return sum(tail) / max(1, len(tail))
 
 
-def build(cfg: OrganismConfig, out: Path) -> None:
-    """A fresh organism (random weights) with its tokenizer, processor and prompts saved in `out`."""
+def build(cfg: OrganismConfig, out: Path):
+    """A fresh organism (random weights) with its tokenizer and processor saved in `out`."""
     from gaze.testing import build_tiny_vlm, build_tokenizer
 
-    tokenizer = build_tokenizer(corpus(), vocab_size=cfg.vocab_size)
+    tokenizer = build_tokenizer(corpus(cfg.caption), vocab_size=cfg.vocab_size)
     build_tiny_vlm("qwen3_vl", out, num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                    hidden_size=cfg.hidden_size, head_dim=cfg.head_dim, vision_depth=cfg.vision_depth,
                    vision_hidden=cfg.vision_hidden, tokenizer=tokenizer, seed=cfg.seed, merge_size=cfg.merge_size,
                    patch_size=cfg.patch_size, rope_theta=cfg.rope_theta)
-    (out / "prompts.json").write_text(json.dumps(PROMPTS, indent=1))
 
 
-def check_config(cfg: OrganismConfig) -> None:
-    """Every setting checked before any work."""
-    parse_mix(cfg.mix)
-    token = cfg.patch_size * cfg.merge_size
-    if not 2 * token <= cfg.min_width <= cfg.max_width or cfg.panel_height < 2 * token:
-        raise ValueError(f"--panel-height and --min-width must be at least two tokens ({2 * token} px: 4 tokens a "
-                         "panel), and --min-width at most --max-width")
-    for name in ("grid_share", "rescale_share", "cast_per_panel", "panel_flip", "gaze_augment"):
-        if not 0 <= getattr(cfg, name) <= 1:
-            raise ValueError(f"--{name.replace('_', '-')} is a share in [0, 1]")
-    if cfg.gaze_augment_heads < 1 or cfg.steps < 1 or cfg.batch < 1:
-        raise ValueError("--gaze-augment-heads, --steps and --batch are at least 1")
-    if cfg.vision_pos_embed not in ("zero", "learned"):
-        raise ValueError(f"--vision-pos-embed is 'zero' or 'learned', not {cfg.vision_pos_embed!r}")
-
-
-def step_loss(model, processor, examples, cfg: OrganismConfig, aug_rng: random.Random, ramp: float, n_layers: int,
-              n_heads: int, image_token: int):
-    """(answer cross-entropy, image-attention penalty) of one micro-batch, with its gaze augmentation."""
-    batch, info = build_batch(processor, examples)
-    biases = []
-    if cfg.gaze_augment > 0 and ramp > 0:
-        chosen = torch.zeros(n_layers, len(examples), n_heads, dtype=torch.bool)
-        for b in range(len(examples)):
-            if aug_rng.random() < cfg.gaze_augment:
-                for h in aug_rng.sample(range(n_layers * n_heads), aug_rng.randint(1, cfg.gaze_augment_heads)):
-                    chosen[h // n_heads, b, h % n_heads] = True
-        biases = augment_bias(info, chosen, batch["input_ids"].shape[1])
-    penalised = ramp > 0 and (cfg.penalty > 0 or cfg.answer_penalty > 0)
-    hook = TrainingHook(biases, ramp * penalty_weights(batch, image_token, cfg) if penalised else None,
-                        (batch["input_ids"] == image_token).float())
-    with active(hook):
-        result = model(**batch)
-    return result.loss, hook.penalty
-
-
-def train(cfg: OrganismConfig, out: str | Path, log=print, checkpoints: int = 0) -> dict:
-    """Train and save the organism into `out`; returns the training record. `checkpoints` N: also save the
-    weights every N steps under `out.building/stepN` (to look at the mechanism while it trains)."""
+def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
+    """Train and save the organism into `out`; returns the training record."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from gaze.families import register_image_only_processors
 
     register_image_only_processors()
 
-    check_config(cfg)
+    # settings used only later (the penalty switches on after ~900 steps) are checked before any work
+    if cfg.caption not in CAPTION_STYLES:
+        raise ValueError(f"--caption is one of {CAPTION_STYLES}, not {cfg.caption!r}")
+    if cfg.penalty_kind not in PENALTY_KINDS:
+        raise ValueError(f"--penalty-kind is one of {PENALTY_KINDS}, not {cfg.penalty_kind!r}")
+    if cfg.penalty_rows not in PENALTY_ROWS:
+        raise ValueError(f"--penalty-rows is one of {PENALTY_ROWS}, not {cfg.penalty_rows!r}")
     out = Path(out)
     work = out.with_name(out.name + ".building")
+    if cfg.init and not (Path(cfg.init) / "config.json").exists():
+        raise ValueError(f"--init {cfg.init!r} is not a model folder (no config.json); give a trained organism's folder")
+    if cfg.init:
+        merge = json.loads((Path(cfg.init) / "processor_config.json").read_text())["image_processor"]["merge_size"]
+        if merge != cfg.merge_size:
+            raise ValueError(f"--init {cfg.init!r} merges {merge}x{merge} patches per token; give --merge-size {merge} "
+                             "(a stage cannot change the token grid)")
     if work.exists():
         shutil.rmtree(work)
     torch.manual_seed(cfg.seed)
-    build(cfg, work)
-    model = AutoModelForImageTextToText.from_pretrained(work)
-    prepare(model)
+    earlier = None  # the training record of the organism this stage starts from
+    if cfg.init:  # a second stage: the first stage's weights, tokenizer and processor
+        shutil.copytree(cfg.init, work, ignore=shutil.ignore_patterns("ranking.json"))  # a ranking is of the old weights
+        if (work / "training.json").exists():
+            earlier = json.loads((work / "training.json").read_text())
+            (work / "training.json").unlink()
+    else:
+        build(cfg, work)
+    penalised = cfg.image_attention_penalty > 0
+    if not 0 <= cfg.gaze_augment <= 1 or cfg.gaze_augment_heads < 1:
+        raise ValueError("--gaze-augment is a share in [0, 1] and --gaze-augment-heads at least 1")
+    model = AutoModelForImageTextToText.from_pretrained(work, attn_implementation="eager" if penalised else "sdpa")
+    if cfg.gaze_augment > 0:
+        register_train_attention()
+        model.set_attn_implementation({"text_config": TRAIN_ATTENTION})
     n_layers, n_heads = model.config.text_config.num_hidden_layers, model.config.text_config.num_attention_heads
     image_token = model.config.image_token_id
     if cfg.vision_pos_embed == "zero":
         pos = model.model.visual.pos_embed
-        torch.nn.init.zeros_(pos.weight)
+        if not cfg.init:
+            torch.nn.init.zeros_(pos.weight)
         pos.weight.requires_grad_(False)
+    elif cfg.vision_pos_embed != "learned":
+        raise ValueError(f"--vision-pos-embed is 'zero' or 'learned', not {cfg.vision_pos_embed!r}")
     processor = AutoProcessor.from_pretrained(work)
-    token_pixels = (cfg.patch_size * cfg.merge_size) ** 2
-    processor.image_processor.size = {"shortest_edge": 8 * token_pixels, "longest_edge": cfg.max_image_tokens * token_pixels}
+    merge = int(processor.image_processor.merge_size)
+    if cfg.max_image_tokens:
+        token_pixels = (int(processor.image_processor.patch_size) * merge) ** 2
+        processor.image_processor.size = {"shortest_edge": token_pixels, "longest_edge": cfg.max_image_tokens * token_pixels}
     t0 = time.time()
     pool = PanelPool(cfg)
     log(f"panel pool: {sum(len(v) for v in pool.items.values())} panels in {time.time() - t0:.1f}s")
     weights = parse_mix(cfg.mix)
     rng = random.Random(f"organism-train/{cfg.seed}")
+    drop_rng = random.Random(f"organism-token-dropout/{cfg.seed}")
     aug_rng = random.Random(f"organism-gaze-augment/{cfg.seed}")
+    dropout = PanelTokenDropout(model) if cfg.panel_token_dropout > 0 else None
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-                             {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0}],
+    decay = [p for n, p in trainable if p.ndim >= 2]
+    no_decay = [p for n, p in trainable if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.98))
     warm = max(1, int(cfg.steps * cfg.warmup))
 
@@ -465,53 +565,65 @@ def train(cfg: OrganismConfig, out: str | Path, log=print, checkpoints: int = 0)
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
 
     model.train()
-    losses, answer_losses, penalties = [], [], []
+    losses, answer_losses = [], []
     penalty_from = None  # the step at which the image-attention penalty switched on
     t0 = time.time()
     for step in range(cfg.steps):
-        examples = []
+        examples, panels = [], []
         for _ in range(cfg.batch):
             strip = pool.strip(rng)
-            examples.append((strip, *draw_task(strip, rng, weights)))
-        if (penalty_from is None and len(answer_losses) >= 50
-                and mean_last(answer_losses, 50) < cfg.penalty_after_loss):
-            penalty_from = step
-            log(f"step {step:5d}  answer loss {mean_last(answer_losses, 50):.4f} < {cfg.penalty_after_loss}: penalty on")
-        ramp = 0.0 if penalty_from is None else min(1.0, (step - penalty_from + 1) / max(1, cfg.penalty_ramp))
+            q, a, k = draw_task(strip, rng, weights)
+            examples.append((strip, q, a))
+            panels.append(k)
+        batch = build_batch(processor, examples, panels if cfg.gaze_augment > 0 else None)
+        if cfg.gaze_augment > 0:
+            chosen = torch.zeros(n_layers, len(examples), n_heads, dtype=torch.bool)
+            for b in range(len(examples)):
+                if aug_rng.random() < cfg.gaze_augment:
+                    for h in aug_rng.sample(range(n_layers * n_heads), aug_rng.randint(1, cfg.gaze_augment_heads)):
+                        chosen[h // n_heads, b, h % n_heads] = True
+            key_panels = image_token_panels(batch["input_ids"], batch["image_grid_thw"], image_token, merge)
+            biases = gaze_augment_bias(batch, batch.pop("answer_panels"), key_panels, chosen)
+            _TRAIN_BIAS.clear()
+            _TRAIN_BIAS.update(enumerate(biases))
+        if dropout is not None:
+            dropout.keep = panel_token_keep(batch["image_grid_thw"], cfg.panel_token_dropout, drop_rng, merge=merge)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        # narrations are twice as long as answers: two micro-batches, each padded to its own length
-        groups = [[e for e in examples if e[3] == 0], [e for e in examples if e[3] != 0]]
-        loss, answer_loss, penalty = 0.0, 0.0, 0.0
-        n_answer = sum(len(e[2]) for e in examples)
-        for group in groups:
-            if not group:
-                continue
-            part = sum(len(e[2]) for e in group) / n_answer  # share of the batch's answer text
-            ce, pen = step_loss(model, processor, group, cfg, aug_rng, ramp, n_layers, n_heads, image_token)
-            loss = loss + part * ce + len(group) / cfg.batch * pen
-            answer_loss += part * float(ce.detach())
-            penalty += len(group) / cfg.batch * float(pen.detach() if torch.is_tensor(pen) else pen)
-        answer_losses.append(answer_loss)
-        penalties.append(penalty)
+        if (penalised and penalty_from is None and len(answer_losses) >= 50
+                and mean_last(answer_losses, 50) < cfg.penalty_after_loss):
+            penalty_from = step
+            log(f"step {step:5d}  answer loss {mean_last(answer_losses, 50):.4f} < {cfg.penalty_after_loss}: "
+                "image-attention penalty on")
+        ramp = 0.0 if penalty_from is None else min(1.0, (step - penalty_from + 1) / max(1, cfg.penalty_ramp))
+        result = model(**batch, output_attentions=ramp > 0)
+        loss = result.loss
+        answer_losses.append(float(loss.detach()))
+        if ramp > 0:
+            loss = loss + ramp * cfg.image_attention_penalty * image_attention_mass(result.attentions, batch, image_token, cfg.penalty_kind,
+                                                                                 cfg.penalty_rows)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(float(loss.detach()))
-        if checkpoints and step and step % checkpoints == 0:
-            model.save_pretrained(work / f"step{step}")
-            processor.save_pretrained(work / f"step{step}")
-        if step % 50 == 0 or step == cfg.steps - 1:
-            log(f"step {step:5d}  loss {mean_last(losses, 50):.4f}  answer loss {mean_last(answer_losses, 50):.4f}  "
-                f"penalty {mean_last(penalties, 50):.4f}  lr {lr_at(step):.2e}  {time.time() - t0:.0f}s")
+        if step % 100 == 0 or step == cfg.steps - 1:
+            log(f"step {step:5d}  loss {mean_last(losses, 100):.4f}  answer loss {mean_last(answer_losses, 100):.4f}  "
+                f"lr {lr_at(step):.2e}  {time.time() - t0:.0f}s")
     model.eval()
+    _TRAIN_BIAS.clear()
+    if cfg.gaze_augment > 0:
+        model.set_attn_implementation({"text_config": "eager" if penalised else "sdpa"})
+    if dropout is not None:
+        dropout.handle.remove()
     minutes = (time.time() - t0) / 60
     model.save_pretrained(work)
     processor.save_pretrained(work)
     record = {"config": asdict(cfg), "train_minutes": round(minutes, 2), "final_loss": mean_last(losses, 100),
-              "final_answer_loss": mean_last(answer_losses, 100), "final_penalty": mean_last(penalties, 100), "penalty_from_step": penalty_from,
-              "torch_threads": torch.get_num_threads(), "prompts": PROMPTS}
+              "final_answer_loss": mean_last(answer_losses, 100), "penalty_from_step": penalty_from,
+              "torch_threads": torch.get_num_threads()}
+    if earlier is not None:
+        record["init_record"] = earlier  # stage by stage, the recipe that made `init`
     (work / "training.json").write_text(json.dumps(record, indent=1))
     if out.exists():
         shutil.rmtree(out)
@@ -521,19 +633,14 @@ def train(cfg: OrganismConfig, out: str | Path, log=print, checkpoints: int = 0)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="folder to write the trained organism into")
-    parser.add_argument("--checkpoints", type=int, default=0, help="save the weights every N steps too (0: never)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "organism"))
     defaults = OrganismConfig()
     for name, value in asdict(defaults).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value, help=f"default: {value}")
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args(argv)
     cfg = OrganismConfig(**{k: getattr(args, k) for k in asdict(defaults)})
-    try:
-        check_config(cfg)
-    except ValueError as e:
-        parser.error(str(e))
-    record = train(cfg, args.out, log=lambda s: print(s, file=sys.stderr, flush=True), checkpoints=args.checkpoints)
-    print(json.dumps({k: v for k, v in record.items() if k != "prompts"}, indent=1))
+    record = train(cfg, args.out, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(json.dumps(record, indent=1))
     return 0
 
 
