@@ -2,12 +2,18 @@
 
     python -m gaze.organism.check --model gaze/organism/weights --n-strips 50 --out runs/organism-check
 
-Prints and writes (JSON): per-task accuracy on strips the organism never saw;
+Prints and writes (JSON) first the mechanism: for the top 3 heads of the
+ranking (the paper's score: last prompt row, raw mass), their mean 6x6 matrix
+(queried x attended panel), row by row whether the queried panel dominates
+(the largest entry and at least 3x the row's mean off-diagonal), and during
+free narration the share of tokens at which their summed mass peaks on the
+panel being described, against 3 random low-score heads (`--mechanism-only`
+stops there). Then per-task accuracy on strips the organism never saw;
 the gaze-score distribution (top heads, their layers, the median); and the
 whole-strip question's redirection when steering the top-K gaze heads to each
 panel, K random heads from the bottom of the score distribution, and all heads,
 with bootstrap 95% CIs, each steered at every row (the published default)
-and at the prompt's rows only (the prefill: `steer(..., prefill_only=True)`,
+and at the prompt's rows only (the prefill: `steer(..., phase="prefill")`,
 the answer going on unsteered from the steered cache); and, as a diagnostic, the top K steered at the first
 answer token only (the rest of the answer unsteered, from an unsteered prompt). A redirected answer is the TARGET panel's caption,
 exactly (the organism's caption: object, then character or scene, see
@@ -126,6 +132,65 @@ def first_token_redirection(loaded, strips, heads, strength: float = 1e4) -> dic
     return _rates(pairs)
 
 
+def mechanism(ranking, k: int = 3) -> dict:
+    """The top-k heads' mean 6x6 matrix and, row by row, whether the queried panel dominates."""
+    top = ranking.top(k)
+    m = torch.stack([ranking.matrices[l, h] for l, h in top]).mean(0)  # [6 queried, 6 attended]
+    rows = []
+    for q in range(m.shape[0]):
+        off = torch.cat([m[q, :q], m[q, q + 1:]])
+        rows.append({"panel": q + 1, "diagonal": round(float(m[q, q]), 4), "max_off": round(float(off.max()), 4),
+                     "mean_off": round(float(off.mean()), 4),
+                     "ratio": round(float(m[q, q] / off.mean().clamp_min(1e-9)), 2),
+                     "largest": bool(m[q, q] >= off.max())})
+    return {"heads": top, "matrix": [[round(float(v), 4) for v in r] for r in m],
+            "rows": rows, "diagonal_everywhere": all(r["largest"] and r["ratio"] >= 3 for r in rows),
+            "top_score": round(float(ranking.scores[top[0]]), 4)}
+
+
+def described_panels(pieces: list[str]) -> list[int]:
+    """The panel each generated token describes: that of the last "k:" or "Panel k:" marker written up to and
+    including it (0 before the first)."""
+    import re
+
+    out, text = [], ""
+    for p in pieces:
+        text += p
+        found = re.findall(r"(?:^|\s)([1-6])(?=:|$)", text)
+        out.append(int(found[-1]) if found and 1 <= int(found[-1]) <= 6 else 0)
+    return out
+
+
+def staircase(loaded, strips, heads, prompt: str, max_new_tokens: int = 80) -> dict:
+    """Share of narration tokens at which `heads`' summed mass peaks on the panel being described."""
+    from gaze.generation import generate, regions_for
+
+    agree = total = 0
+    for s in strips:
+        g = generate(loaded, s.image, prompt, track=list(heads), max_new_tokens=max_new_tokens)
+        traj = g.trajectory(regions_for(g.layout, s.panels))  # [tokens, 6]
+        for i, p in enumerate(described_panels(g.pieces)[: len(traj)]):
+            if p:
+                total += 1
+                agree += int(int(traj[i].argmax()) + 1 == p)
+    return {"share": round(agree / max(1, total), 4), "tokens": total}
+
+
+def show_mechanism(report: dict) -> None:
+    """The mechanism as a labelled table."""
+    m = report["mechanism"]
+    print(f"top heads (layer, head, gaze score): {report['top_heads']}   median score {report['median_score']}")
+    print(f"top-{report['k']} heads {m['heads']}: mean mass by queried panel (rows) x attended panel (columns)")
+    print("        " + "".join(f"  att {j}" for j in range(1, 7)) + "   ratio  largest")
+    for r, row in zip(m["rows"], m["matrix"]):
+        print(f"  ask {r['panel']}" + "".join(f"{v:7.3f}" for v in row) + f"  {r['ratio']:6.1f}  {r['largest']}")
+    print(f"diagonal dominant (largest, >= 3x mean off-diagonal) on every row: {m['diagonal_everywhere']}; "
+          f"top score {m['top_score']}")
+    s = report["staircase"]
+    print(f"narration: argmax panel = described panel on {s['top']['share']:.1%} of {s['top']['tokens']} tokens "
+          f"(top heads), {s['random']['share']:.1%} (random low-score heads)", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="organism")
@@ -139,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="when the bias applies: 'all' (prompt and answer rows, the published default) and/or "
                         "'prefill' (the prompt's rows only); each runs every condition")
     p.add_argument("--strength", type=float, default=1e4, help="steering bias B (default 1e4: saturating, as published)")
+    p.add_argument("--mechanism-only", action="store_true",
+                   help="only the mechanism: the top 3 heads' 6x6 matrix and the narration staircase")
     args = p.parse_args(argv)
     t0 = time.time()
     loaded = load(args.model, device="cpu")
@@ -148,18 +215,29 @@ def main(argv: list[str] | None = None) -> int:
     strips = held_out_strips(args.n_strips)
     n_heads = loaded.n_layers * loaded.n_heads
     scores = ranking.scores.flatten()
+    order = ranking.order()
+    bottom = order[int(len(order) * 0.5):]  # low-score half
+    rng = random.Random(args.seed)
+    low3 = rng.sample(bottom, 3)
+    narrated = strips[:20]
     report = {
         "model": args.model,
         "strength": args.strength,
         "heads": n_heads,
+        "k": 3,
         "top_heads": [(l, h, round(float(ranking.scores[l, h]), 4)) for l, h in ranking.top(8)],
         "median_score": float(scores.median()),
-        "tasks": task_accuracy(loaded, strips),
+        "mechanism": mechanism(ranking, 3),
+        "staircase": {"top": staircase(loaded, narrated, order[:3], NARRATION_PROMPT),
+                      "random": staircase(loaded, narrated, low3, NARRATION_PROMPT), "random_heads": low3},
     }
-    print(json.dumps(report, indent=1), flush=True)
-    order = ranking.order()
-    bottom = order[int(len(order) * 0.5):]  # low-score half
-    rng = random.Random(args.seed)
+    show_mechanism(report)
+    if args.mechanism_only:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "check.json").write_text(json.dumps(report, indent=1))
+        return 0
+    report["tasks"] = task_accuracy(loaded, strips)
+    print(json.dumps(report["tasks"], indent=1), flush=True)
     conditions = {f"top{k}": order[:k] for k in [int(x) for x in args.ks.split(",")]}
     conditions[f"random{args.k}"] = rng.sample(bottom, args.k)
     conditions["all"] = order

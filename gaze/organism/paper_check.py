@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from gaze.organism.check import described_panels, mechanism, show_mechanism, staircase
 from gaze.organism.paper import EVAL_SEED0, PROMPTS, ask, narration, strip_captions
 
 LAYOUTS = ("1x6", "2x3", "1x6@2x")
@@ -77,50 +78,6 @@ def bootstrap(hits) -> list[float]:
 
 def _norm(text: str) -> str:
     return text.strip().rstrip(".").strip().lower()
-
-
-def mechanism(ranking, k: int = 3) -> dict:
-    """The top-k heads' mean 6x6 matrix and, row by row, whether the queried panel dominates."""
-    top = ranking.top(k)
-    m = torch.stack([ranking.matrices[l, h] for l, h in top]).mean(0)  # [6 queried, 6 attended]
-    rows = []
-    for q in range(m.shape[0]):
-        off = torch.cat([m[q, :q], m[q, q + 1:]])
-        rows.append({"panel": q + 1, "diagonal": round(float(m[q, q]), 4), "max_off": round(float(off.max()), 4),
-                     "mean_off": round(float(off.mean()), 4),
-                     "ratio": round(float(m[q, q] / off.mean().clamp_min(1e-9)), 2),
-                     "largest": bool(m[q, q] >= off.max())})
-    return {"heads": top, "matrix": [[round(float(v), 4) for v in r] for r in m],
-            "rows": rows, "diagonal_everywhere": all(r["largest"] and r["ratio"] >= 3 for r in rows),
-            "top_score": round(float(ranking.scores[top[0]]), 4)}
-
-
-def described_panels(pieces: list[str]) -> list[int]:
-    """The panel each generated token describes: that of the last "Panel k" written up to and including it
-    (0 before the first)."""
-    import re
-
-    out, text = [], ""
-    for p in pieces:
-        text += p
-        found = re.findall(r"Panel (\d)", text)
-        out.append(int(found[-1]) if found and 1 <= int(found[-1]) <= 6 else 0)
-    return out
-
-
-def staircase(loaded, strips, heads, max_new_tokens: int = 80) -> dict:
-    """Share of narration tokens at which `heads`' summed mass peaks on the panel being described."""
-    from gaze.generation import generate, regions_for
-
-    agree = total = 0
-    for s in strips:
-        g = generate(loaded, s.image, PROMPTS["narration"], track=list(heads), max_new_tokens=max_new_tokens)
-        traj = g.trajectory(regions_for(g.layout, s.panels))  # [tokens, 6]
-        for i, p in enumerate(described_panels(g.pieces)[: len(traj)]):
-            if p:
-                total += 1
-                agree += int(int(traj[i].argmax()) + 1 == p)
-    return {"share": round(agree / max(1, total), 4), "tokens": total}
 
 
 def tasks(loaded, strips) -> dict:
@@ -221,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
                     "median_score": round(float(ranking.scores.flatten().median()), 5), "random_heads": low}
     report["mechanism"] = mechanism(ranking, args.k)
     nar = held_out("1x6", args.n_narration, geo=geo)
-    report["staircase"] = {"top": staircase(loaded, nar, order[: args.k]), "random": staircase(loaded, nar, low)}
-    _show(report)
+    report["staircase"] = {"top": staircase(loaded, nar, order[: args.k], PROMPTS["narration"]),
+                           "random": staircase(loaded, nar, low, PROMPTS["narration"])}
+    show_mechanism(report)
     for layout in layouts:
         strips = held_out(layout, args.n_strips, geo=geo)
         section = report.setdefault("layouts", {}).setdefault(layout, {})
@@ -245,21 +203,6 @@ def main(argv: list[str] | None = None) -> int:
     (out / "check.json").write_text(json.dumps(report, indent=1))
     print(f"written {out / 'check.json'} ({report['seconds']} s)")
     return 0
-
-
-def _show(report: dict) -> None:
-    """The mechanism as a labelled table."""
-    m = report["mechanism"]
-    print(f"top heads (layer, head, gaze score): {report['top_heads']}   median score {report['median_score']}")
-    print(f"top-{report['k']} heads {m['heads']}: mean mass by queried panel (rows) x attended panel (columns)")
-    print("        " + "".join(f"  att {j}" for j in range(1, 7)) + "   ratio  largest")
-    for r, row in zip(m["rows"], m["matrix"]):
-        print(f"  ask {r['panel']}" + "".join(f"{v:7.3f}" for v in row) + f"  {r['ratio']:6.1f}  {r['largest']}")
-    print(f"diagonal dominant (largest, >= 3x mean off-diagonal) on every row: {m['diagonal_everywhere']}; "
-          f"top score {m['top_score']}")
-    s = report["staircase"]
-    print(f"narration: argmax panel = described panel on {s['top']['share']:.1%} of {s['top']['tokens']} tokens "
-          f"(top heads), {s['random']['share']:.1%} (random low-score heads)", flush=True)
 
 
 if __name__ == "__main__":
