@@ -5,7 +5,7 @@
     ready = holder.get()                              # first call loads; every later call returns the same
 
 The ranking comes from, in order: `GAZE_RANKING` (a ranking.json or folder);
-the organism's shipped `gaze/organism/ranking.json`; a cached ranking under
+the organism's shipped `gaze/organism/weights/ranking.json`; a cached ranking under
 `$GAZE_CACHE/rankings/<model-id>/` (default `~/.cache/gaze`); else it is
 discovered on first use over the bundled example strips and cached there.
 
@@ -116,7 +116,7 @@ def resolve_ranking(settings: Settings, loaded: Loaded) -> tuple[Ranking, str]:
         return Ranking.load(settings.ranking).check(loaded.model), f"from {settings.ranking}"
     shipped = ORGANISM_DIR / "ranking.json"
     if settings.model == "organism" and shipped.exists():
-        return Ranking.load(shipped).check(loaded.model), "shipped with the organism (gaze/organism/ranking.json)"
+        return Ranking.load(shipped).check(loaded.model), "shipped with the organism (gaze/organism/weights/ranking.json)"
     folder = settings.cache_dir / "rankings" / cache_name(loaded.model_id)
     if (folder / "ranking.json").exists():
         return Ranking.load(folder).check(loaded.model), f"cached at {folder}"

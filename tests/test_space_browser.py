@@ -4,7 +4,7 @@ Clicks a panel and reads the streamed answer, runs a schedule and checks the
 tint of every span, enters a bad schedule and reads the error, clicks a word
 and a point, and saves a screenshot under pytest's tmp dir.
 
-The model is the organism once it exists (gaze/organism/config.json), else a
+The model is the organism once it exists (gaze/organism/weights/config.json), else a
 tiny random Qwen3-VL with a ranking discovered on two bundled strips: with
 random weights the text is gibberish, so only structure is asserted, and the
 "the answer describes the clicked panel" check runs on the organism only.

@@ -1,6 +1,6 @@
 """`gaze eval`: run the paper's evaluation protocols and write the report.
 
-    gaze eval --model organism --ranking gaze/organism --strips procedural:eval --n-strips 50 --out reports/organism
+    gaze eval --model organism --ranking gaze/organism/weights --strips procedural:eval --n-strips 50 --out reports/organism
     gaze eval ... --protocols vqa,sweep --conditions gaze,random,none --ks 1,2,4,8
     gaze eval --out reports/organism --report-only      # redraw README.md and figures from aggregate.json
 

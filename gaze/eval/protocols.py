@@ -1,6 +1,6 @@
 """Evaluation: the paper's protocols over many (strip, target) pairs, judged offline, resumable.
 
-    cfg = EvalConfig(model="organism", ranking="gaze/organism", strips="procedural:eval", n_strips=50,
+    cfg = EvalConfig(model="organism", ranking="gaze/organism/weights", strips="procedural:eval", n_strips=50,
                      out="reports/organism")
     aggregate = run_eval(cfg)                 # records.jsonl, aggregate.json, trajectories.json in cfg.out
     gaze.eval.report.write_report(cfg.out)    # README.md + figures/*.png

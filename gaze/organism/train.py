@@ -633,7 +633,7 @@ def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "organism"))
+    parser.add_argument("--out", default=str(Path(__file__).parent / "weights"))
     defaults = OrganismConfig()
     for name, value in asdict(defaults).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
