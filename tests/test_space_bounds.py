@@ -1,5 +1,6 @@
 """The Space's bounds: upload size, images refused from their header before decoding, sessions that expire
-and are capped, and bad numbers as readable page errors. No model is loaded."""
+and are capped, and bad numbers as readable page errors. No model is loaded, except by the page's load event in
+the browser test (which needs /usr/bin/chromium)."""
 
 from __future__ import annotations
 
@@ -137,3 +138,44 @@ def test_bad_numbers_are_readable_page_errors():
         with pytest.raises(gr.Error, match="not a finite number"):
             strength.preprocess(bad)
     assert k.preprocess(3) == 3 and strength.preprocess(5.0) == 5.0
+
+
+# ---------------------------------------------------------------- in a browser: refusals are shown on the page
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.mark.browser
+def test_refused_uploads_are_shown_in_the_page(bomb, tmp_path):
+    import os
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("Debian chromium is not installed (/usr/bin/chromium): `apt-get install -y chromium`")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    settings = Settings(max_upload_mb=1)
+    demo = build_demo(settings)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                        **launch_options(settings))
+    big = tmp_path / "big.png"
+    Image.effect_noise((1000, 1000), 128).convert("RGB").save(big)  # ~2-3 MB of noise: over 1 MB
+    assert big.stat().st_size > 1 << 20
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            page = browser.new_page(viewport={"width": 1400, "height": 1500})
+            page.set_default_timeout(30_000)
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.set_input_files("#upload input[type=file]", bomb)
+            page.locator(".toast-body", has_text="144 megapixels").first.wait_for()  # the handler's message
+            page.reload()
+            page.set_input_files("#upload input[type=file]", str(big))
+            # Gradio's upload refuses it in the page, before it reaches the server or a handler
+            page.locator(".toast-body", has_text="exceed the maximum allowed size of 1.0 Mb").first.wait_for()
+            browser.close()
+    finally:
+        demo.close()
