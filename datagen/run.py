@@ -45,7 +45,8 @@ from datagen.assemble import assemble, check_geometry
 from datagen.dataset import (FORMAT_VERSION, check_output, dataset_card, features_for, load_shards, mark_complete,
                              push_to_hub, rows_by_split, save_dataset, split_sizes, start_output, strip_to_row,
                              strips_from_folders, write_shard)
-from datagen.integrity import check_writable, identity_key, output_lock, record_path, verified_shards, write_record
+from datagen.integrity import (RECORD_SUFFIX, check_writable, identity_key, output_lock, verified_shards,
+                               write_record)
 from datagen.letters import overlay_letters
 from datagen.renderers import RENDERERS, Renderer, resolve_renderer
 from datagen.story import DatagenError, LMStoryWriter, Story, template_story
@@ -304,7 +305,7 @@ def _generate(config: GenerateConfig, out: Path, state: str, renderer: Renderer 
 def kept(out: str | Path) -> str:
     """What an interrupted job left in `out` that a rerun will reuse, in words."""
     work = Path(out) / "work"
-    records = sorted(work.glob("*.parquet" + ".json")) if work.is_dir() else []
+    records = sorted(work.glob("*.parquet" + RECORD_SUFFIX)) if work.is_dir() else []
     strips = 0
     for r in records:
         try:
