@@ -16,11 +16,17 @@ It is a measurement, not a test: RSS after the warm-up (model loaded, one
 request of each kind) and after the last request, their ratio, the same from
 the moment the session cap filled (memory held by sessions grows until then,
 by design), and what the kept sessions hold (`space.limits.session_nbytes`).
+"Trimmed" figures are taken after `gc.collect()` and glibc's `malloc_trim(0)`,
+which hands freed heap back to the system: growth that survives the trim is
+live memory, growth that does not was the allocator's. (A trim at each
+checkpoint also lowers the untrimmed figures after it: compare untrimmed runs
+only with untrimmed runs of an older version of this script.)
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import os
 import random
@@ -37,6 +43,16 @@ def rss_mb() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def trimmed_rss_mb() -> float:
+    """RSS after a garbage collection and glibc's `malloc_trim(0)`: freed heap handed back, so what is left is live."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: plain RSS
+        pass
+    return rss_mb()
 
 
 def main() -> None:
@@ -125,26 +141,31 @@ def main() -> None:
         request(i)
     gc.collect()
     start, t0 = rss_mb(), time.monotonic()
-    print(f"start: RSS {start:.1f} MB after {warm} warm-up requests (model {args.model} loaded)", flush=True)
+    start_trim = trimmed_rss_mb()
+    print(f"start: RSS {start:.1f} MB ({start_trim:.1f} MB trimmed) after {warm} warm-up requests "
+          f"(model {args.model} loaded)", flush=True)
     full = None  # (request, RSS) when the session cap first filled: from there on, memory should stay flat
     for i in range(warm, warm + args.requests):
         request(i)
         if full is None and len(states.session_data) >= settings.max_sessions:
-            full = (i - warm + 1, rss_mb())
+            full = (i - warm + 1, rss_mb(), trimmed_rss_mb())
         if (i - warm + 1) % max(1, args.requests // 10) == 0:
-            print(f"  {i - warm + 1:5d} requests  RSS {rss_mb():7.1f} MB  sessions kept {len(states.session_data)}",
-                  flush=True)
+            print(f"  {i - warm + 1:5d} requests  RSS {rss_mb():7.1f} MB  trimmed {trimmed_rss_mb():7.1f} MB  "
+                  f"sessions kept {len(states.session_data)}", flush=True)
     gc.collect()
     end = rss_mb()
+    end_trim = trimmed_rss_mb()
     kept = sum(session_nbytes(s.state_data.get(scene_id), s.state_data.get(record_id))
                for s in states.session_data.values())
     print(f"end:   RSS {end:.1f} MB after {args.requests} requests in {time.monotonic() - t0:.0f} s "
           f"({', '.join(f'{k} {v}' for k, v in counts.items())}; {args.visitors} visitors)")
     print(f"ratio end/start: {end / start:.3f}  ({(end - start) / args.requests * 1024:+.1f} KB per request)")
+    print(f"trimmed (after gc and malloc_trim): {start_trim:.1f} -> {end_trim:.1f} MB, ratio {end_trim / start_trim:.3f}")
     if full is not None:
-        n, at = full
+        n, at, at_trim = full
         print(f"once the session cap filled (request {n}): RSS {at:.1f} -> {end:.1f} MB over the last "
-              f"{args.requests - n} requests, ratio {end / at:.3f}")
+              f"{args.requests - n} requests, ratio {end / at:.3f}; trimmed {at_trim:.1f} -> {end_trim:.1f} MB, "
+              f"ratio {end_trim / at_trim:.3f}")
     print(f"sessions kept: {len(states.session_data)} (cap {settings.max_sessions}, ttl {settings.session_ttl:g} s), "
           f"holding {kept / 2**20:.1f} MB of images and attention")
     for p in tmp.iterdir():
