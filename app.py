@@ -7,6 +7,7 @@ the first request, not here. Other knobs (GAZE_DEVICE, GAZE_DTYPE, GAZE_RANKING,
 import argparse
 
 from space import CSS, Settings, build_demo
+from space.state import launch_options
 
 parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("--model", default=None, help="model id, folder or 'organism' (default: $GAZE_MODEL or organism)")
@@ -18,4 +19,5 @@ demo = build_demo(settings)
 if __name__ == "__main__":
     if settings.preload:  # ZeroGPU: place the model at start-up, as it asks
         demo.holder.get()
-    demo.queue(max_size=settings.queue_size, default_concurrency_limit=settings.concurrency).launch(css=CSS)
+    demo.queue(max_size=settings.queue_size, default_concurrency_limit=settings.concurrency).launch(
+        css=CSS, **launch_options(settings))

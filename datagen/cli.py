@@ -6,8 +6,10 @@
     push      upload a finished dataset folder to the Hub            -> PushConfig, datagen.dataset.push_to_hub
 
 Flags are the config fields with dashes (`n_strips` -> `--n-strips`); booleans
-come in pairs (`--letters` / `--no-letters`). Errors print one line that says
-what to change, and exit with status 2.
+come in pairs (`--letters` / `--no-letters`). Bad input prints one line that
+says what to change, and exits with status 2 before any work; Ctrl-C prints one
+line saying what was kept and how to resume, and exits with status 130; a bug
+keeps its traceback.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from pathlib import Path
 
 from datasets import DatasetDict, load_dataset, load_from_disk
 
+from gaze.strips import StripError
 from datagen.dataset import export_folders, push_to_hub
-from datagen.run import GenerateConfig, ImportConfig, import_folders, opt, run
+from datagen.integrity import check_writable
+from datagen.run import GenerateConfig, ImportConfig, import_folders, kept, opt, run
 from datagen.story import DatagenError
 
 
@@ -89,15 +93,31 @@ def main(argv: list[str] | None = None) -> int:
             dsd = run(config)
             print(f"{config.out}: " + ", ".join(f"{s} {len(ds)} strips" for s, ds in dsd.items()))
         elif tool == "import":
-            dsd = import_folders(config)
+            dsd = import_folders(config, progress=True)
             print(f"{config.out}: " + ", ".join(f"{s} {len(ds)} strips" for s, ds in dsd.items()))
         elif tool == "export":
-            folders = export_folders(open_dataset(config.dataset), config.out)
+            check_writable(Path(config.out), "--out")
+            folders = export_folders(open_dataset(config.dataset), config.out, progress=True)
             print(f"{config.out}: {len(folders)} comic folders")
         else:
             push_to_hub(config.dataset, config.repo, private=config.private)
             print(f"uploaded {config.dataset} to https://huggingface.co/datasets/{config.repo}")
-    except DatagenError as e:
+    except (DatagenError, StripError) as e:  # bad input or state: one line that says what to change
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {interrupted(tool, config)}", file=sys.stderr)
+        return 130
     return 0
+
+
+def interrupted(tool: str, config) -> str:
+    """What an interrupted tool kept, and how to go on."""
+    if tool == "generate":
+        return f"{kept(config.out)}; rerun the same command to resume"
+    if tool == "import":
+        return "the comic folders are untouched; rerun the same command to import them again"
+    if tool == "export":
+        done = sum(1 for p in Path(config.out).glob("comic*") if p.is_dir()) if config.out else 0
+        return f"{done} complete comic folders were written to {config.out}; delete it and rerun to export again"
+    return "the upload stopped (files already on the Hub stay there); rerun the same command to upload again"

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -41,9 +42,12 @@ from datasets import Dataset, DatasetDict, DatasetInfo, Features, Image, List, V
 from datasets.info import DatasetInfosDict
 from datasets.splits import SplitDict, SplitInfo
 from PIL import Image as PILImage
+from tqdm.auto import tqdm
 
-from gaze.strips import Strip, iter_comic_folders, open_image, panel_files, save_folder_strip, stitch_panels
+from gaze.strips import (Strip, StripError, iter_comic_folders, open_image, panel_files, save_folder_strip,
+                         stitch_panels)
 from datagen.assemble import assemble, reading_order
+from datagen.integrity import LOCK, atomic_path, atomic_write, safe_name
 from datagen.story import N_PANELS, DatagenError
 
 SCHEMAS = ("project", "paper")
@@ -160,10 +164,8 @@ def split_of(index: int, sizes: dict[str, int]) -> str:
 
 def write_shard(path: Path, rows: list[dict], features: Features) -> None:
     """Write rows as one Parquet file, atomically: a file that exists is complete."""
-    tmp = path.with_name(path.name + ".tmp")
-    with quiet_datasets():
+    with quiet_datasets(), atomic_path(path) as tmp:
         Dataset.from_list(rows, features=features).to_parquet(str(tmp))
-    os.replace(tmp, path)
 
 
 def load_shards(shards: dict[str, list[Path]], features: Features, cache_dir: Path) -> DatasetDict:
@@ -183,10 +185,18 @@ def check_output(out: Path, tool: str, config: dict) -> str:
     tool/config/format, so nothing of another dataset is ever overwritten.
     """
     if out.exists() and not out.is_dir():
-        raise DatagenError(f"{out} is a file; give a folder for the dataset")
+        raise DatagenError(f"--out {out} is a file; give --out a folder for the dataset (new or empty)")
     path = out / MANIFEST
     if path.exists():
-        found = json.loads(path.read_text())
+        try:
+            found = json.loads(path.read_text())
+            found["config"], found["complete"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DatagenError(f"{path} cannot be read as a datagen manifest ({e}); "
+                               "choose a new --out folder") from None
+        if (out / "work").exists() and not (out / "work").is_dir():
+            raise DatagenError(f"{out / 'work'} is a file where datagen keeps its work folder; "
+                               "move it away or choose a new --out folder")
         if found.get("format") != FORMAT_VERSION or found.get("tool") != tool:
             raise DatagenError(f"{out} holds a dataset written by datagen {found.get('tool')!r} (format "
                                f"{found.get('format')}); choose a new --out folder")
@@ -196,8 +206,8 @@ def check_output(out: Path, tool: str, config: dict) -> str:
             raise DatagenError(f"{out} holds another dataset ({changes}); choose a new --out folder, "
                                "or rerun with the same settings to resume it")
         return "complete" if found["complete"] else "resume"
-    if out.exists() and any(out.iterdir()):
-        names = sorted(p.name for p in out.iterdir())[:5]
+    if out.exists() and any(p.name != LOCK for p in out.iterdir()):
+        names = sorted(p.name for p in out.iterdir() if p.name != LOCK)[:5]
         raise DatagenError(f"{out} is not empty ({', '.join(names)}, ...) and was not written by datagen; "
                            "choose a new or empty --out folder")
     return "new"
@@ -215,9 +225,7 @@ def mark_complete(out: Path) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 # ---------------------------------------------------------------- card and files
@@ -326,9 +334,10 @@ def save_dataset(dsd: DatasetDict, out: Path, card: str) -> list[Path]:
             n = max(1, math.ceil(ds.data.nbytes / MAX_PARQUET_BYTES))
             for i in range(n):
                 path = out / "data" / f"{split}-{i:05d}-of-{n:05d}.parquet"
-                ds.shard(n, i, contiguous=True).to_parquet(str(path))
+                with atomic_path(path) as tmp:
+                    ds.shard(n, i, contiguous=True).to_parquet(str(tmp))
                 files.append(path)
-    (out / "README.md").write_text(card)
+    atomic_write(out / "README.md", card)
     return files
 
 
@@ -361,23 +370,49 @@ def push_to_hub(out: str | Path, repo_id: str, *, private: bool = False, token: 
 
 # ---------------------------------------------------------------- comic folders
 
-def export_folders(dsd: DatasetDict, dest: str | Path) -> list[Path]:
+def export_folders(dsd: DatasetDict, dest: str | Path, *, progress: bool = False) -> list[Path]:
     """Write every row as `dest/comicN/p1.png..p6.png` + `captions.json` (N = index + 1, or comic_id).
 
     `captions.json` carries captions, letters and everything else the row
     knows (boxes, story, split...), so `strips_from_folders` restores the rows.
+    Folder names come from the data, so they are checked first: an id that is
+    not a plain name ("../x", "/etc") or that two rows share is refused before
+    anything is written. Each folder is written under a temporary name, then
+    renamed: a `comicN/` that exists is complete.
     """
     dest = Path(dest)
+    if dest.exists() and not dest.is_dir():
+        raise DatagenError(f"--out {dest} is a file; give --out a new or empty folder")
     if dest.exists() and any(dest.iterdir()):
         raise DatagenError(f"{dest} is not empty; export into a new or empty folder")
-    folders = []
+    names: dict[str, str] = {}
     for split, ds in dsd.items():
-        for row in ds:
-            strip = row_to_strip(row)
-            number = row["comic_id"] if "comic_id" in row else row["index"] + 1
-            extra = {"split": split} if "comic_id" in row else {"split": split, "index": row["index"],
-                                                                 "strip_id": row["strip_id"]}
-            folders.append(save_folder_strip(replace(strip, meta={**strip.meta, **extra}), dest / f"comic{number}"))
+        ids = ds["comic_id"] if "comic_id" in ds.column_names else [i + 1 for i in ds["index"]]
+        for position, number in enumerate(ids):
+            where = f"row {position} of split {split!r}"
+            name = safe_name(f"comic{number}", f"{where}: folder name")
+            if name in names:
+                raise DatagenError(f"{where} and {names[name]} would both be written to {name}/; "
+                                   "give every row its own comic_id or index")
+            names[name] = where
+    dest.mkdir(parents=True, exist_ok=True)
+    folders = []
+    total = sum(len(ds) for ds in dsd.values())
+    with tqdm(total=total, unit="strip", desc="export", disable=not progress) as bar:
+        for split, ds in dsd.items():
+            for row in ds:
+                strip = row_to_strip(row)
+                number = row["comic_id"] if "comic_id" in row else row["index"] + 1
+                extra = {"split": split} if "comic_id" in row else {"split": split, "index": row["index"],
+                                                                     "strip_id": row["strip_id"]}
+                final = dest / f"comic{number}"
+                tmp = dest / f".comic{number}.tmp"
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                save_folder_strip(replace(strip, meta={**strip.meta, **extra}), tmp)
+                os.replace(tmp, final)
+                folders.append(final)
+                bar.update()
     return folders
 
 
@@ -392,7 +427,11 @@ def strips_from_folders(root: str | Path) -> Iterator[tuple[str | None, int, Str
     if not root.is_dir():
         raise DatagenError(f"{root} is not a folder of comicN/ folders")
     for position, folder in enumerate(iter_comic_folders(root)):
-        images = [open_image(p) for p in panel_files(folder, N_PANELS)]
+        try:
+            images = [open_image(p) for p in panel_files(folder, N_PANELS)]
+        except StripError as e:
+            raise DatagenError(f"cannot import comic {folder.name}: {e}; add the file, "
+                               f"or move {folder.name}/ out of {root}") from None
         data: dict = {}
         if (folder / "captions.json").exists():
             data = json.loads((folder / "captions.json").read_text())

@@ -13,10 +13,14 @@ long jobs:
 - strip i has its own seed, `strip_seed(config.seed, i)`, so any strip can be
   redrawn alone and the order of work does not matter;
 - strips are written in Parquet shards of `shard_size` rows under `out/work/`,
-  each file written atomically, so a file that exists is complete;
+  each file written atomically, with a record of what it was made from (the
+  run's settings, its split and strip range) and the hash of its bytes
+  (`datagen.integrity`);
 - an interrupted run, started again with the same config, skips finished
-  shards; finishing reads the shards in index order, so the dataset equals
-  that of an uninterrupted run;
+  shards whose record and bytes check out, and names and recomputes any
+  other (swapped, altered, truncated, stale); finishing reads the shards in
+  index order, so the dataset equals that of an uninterrupted run;
+- one process at a time: the output folder is locked (`datagen.lock`);
 - a strip whose rendering raises is retried (same seed, so the same pixels)
   and every failure is logged to `work/failures.jsonl` (kept as
   `out/failures.jsonl`); after `retries` retries the run stops with an error
@@ -28,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
 import shutil
 from dataclasses import asdict, dataclass, field, replace
@@ -38,9 +43,11 @@ from tqdm.auto import tqdm
 
 from gaze.strips import Strip
 from datagen.assemble import assemble, check_geometry
-from datagen.dataset import (check_output, dataset_card, features_for, load_shards, mark_complete, push_to_hub,
-                             rows_by_split, save_dataset, split_sizes, start_output, strip_to_row,
+from datagen.dataset import (FORMAT_VERSION, check_output, dataset_card, features_for, load_shards, mark_complete,
+                             push_to_hub, rows_by_split, save_dataset, split_sizes, start_output, strip_to_row,
                              strips_from_folders, write_shard)
+from datagen.integrity import (RECORD_SUFFIX, check_writable, identity_key, output_lock, verified_shards,
+                               write_record)
 from datagen.letters import overlay_letters
 from datagen.renderers import RENDERERS, Renderer, resolve_renderer
 from datagen.story import DatagenError, LMStoryWriter, Story, template_story
@@ -165,13 +172,48 @@ def check_config(config: GenerateConfig) -> None:
     if config.renderer == "procedural" and config.story_model:
         raise DatagenError("the procedural renderer draws only template stories; "
                            "use --renderer diffusers with --story-model, or drop --story-model")
-    if config.n_strips < 2 or config.shard_size < 1 or config.retries < 0 or config.batch_size < 1:
-        raise DatagenError("n_strips must be >= 2, shard_size and batch_size >= 1, retries >= 0")
+    check_counts(config, n_strips=2, shard_size=1, batch_size=1, steps=1, retries=0)
+    if not math.isfinite(config.guidance) or config.guidance < 0:
+        raise DatagenError(f"--guidance {config.guidance}: give a finite scale >= 0 (0 for turbo models, ~7 for SD 1.x)")
+    if config.dtype not in DTYPES:
+        raise DatagenError(f"--dtype {config.dtype!r}: choose one of {', '.join(DTYPES)}")
+    if config.letter_font is not None and not Path(config.letter_font).is_file():
+        what = "a folder" if Path(config.letter_font).is_dir() else "not found"
+        raise DatagenError(f"--letter-font {config.letter_font} is {what}; give a .ttf or .otf file, or drop the flag")
+    if config.renderer == "diffusers" or config.story_model:
+        check_device(config.device)
     check_geometry(config.panel_size, config.gap, config.layout, config.align)
     split_sizes(config.n_strips, config.eval_fraction)
     features_for(config.schema)
     if config.renderer == "procedural":
         resolve_renderer("procedural").check_size(config.panel_size)
+    check_writable(Path(config.out), "--out")
+
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def check_counts(config, **minimum: int) -> None:
+    """Each named count field of `config` is a whole number of at least its minimum (the error names the flag)."""
+    for name, low in minimum.items():
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            flag = "--" + name.replace("_", "-")
+            raise DatagenError(f"{flag} {value!r} is impossible; give a whole number of at least {low}")
+
+
+def check_device(device: str) -> None:
+    """A torch device that exists on this machine (checked before any model loads)."""
+    import torch
+
+    kind, _, index = str(device).partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and not index.isdigit()):
+        raise DatagenError(f"--device {device!r} is not a torch device; use cpu, cuda, cuda:N or mps")
+    if kind == "cuda" and (not torch.cuda.is_available() or (index and int(index) >= torch.cuda.device_count())):
+        have = f"{torch.cuda.device_count()} CUDA devices" if torch.cuda.is_available() else "no CUDA device"
+        raise DatagenError(f"--device {device}: this machine has {have}; use --device cpu or another index")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise DatagenError(f"--device {device}: MPS is not available here; use --device cpu")
 
 
 def build_renderer(config: GenerateConfig) -> Renderer:
@@ -233,6 +275,62 @@ def finish(out: Path, shards: dict[str, list[Path]], schema: str, license: str, 
     return load_from_disk(str(out / "disk"))
 
 
+def _generate(config: GenerateConfig, out: Path, state: str, renderer: Renderer | None,
+              story_writer: LMStoryWriter | None, progress: bool) -> DatasetDict:
+    """The body of `run` for a new or unfinished folder (the caller holds its lock)."""
+    # Models load before the manifest is written: a model that fails to load leaves nothing behind.
+    renderer = renderer or build_renderer(config)
+    renderer.check_size(config.panel_size)
+    writer = story_writer
+    if writer is None and config.story_model:
+        writer = LMStoryWriter(config.story_model, device=config.device)
+    if state == "new":
+        start_output(out, "generate", config.identity())
+    sizes = split_sizes(config.n_strips, config.eval_fraction)
+    plan = shard_plan(sizes, config.shard_size)
+    work = out / "work"
+    work.mkdir(exist_ok=True)
+    identity = identity_key({"format": FORMAT_VERSION, "tool": "generate", **config.identity()})
+    places = {shard_path(work, *s): {"split": s[0], "start": s[1], "stop": s[2]} for s in plan}
+    good = verified_shards(places, identity)
+    todo = [s for s in plan if shard_path(work, *s) not in good]
+    done = config.n_strips - sum(stop - start for _, start, stop in todo)
+    with tqdm(total=config.n_strips, initial=done, unit="strip", desc="strips", disable=not progress) as bar:
+        for split, start, stop in todo:
+            rows = []
+            for index in range(start, stop):
+                rows.append(strip_to_row(render_strip(config, index, renderer, writer, work / "failures.jsonl"),
+                                         index, config.schema))
+                bar.update()
+            path = shard_path(work, split, start, stop)
+            write_shard(path, rows, features_for(config.schema))
+            write_record(path, identity, places[path])
+    shards = {split: [shard_path(work, *s) for s in plan if s[0] == split] for split in sizes}
+    how = {"renderer": config.renderer, "model_id": config.model_id, "story": config.story_model or "template",
+           "strips": config.n_strips, "seed": config.seed, "panel_size": config.panel_size,
+           "layout": config.layout, "gap": config.gap, "align": config.align, "letters": config.letters,
+           "schema": config.schema}
+    if config.renderer == "diffusers":
+        how.update(steps=config.steps, guidance=config.guidance, dtype=config.dtype)
+    return finish(out, shards, config.schema, config.license, f"Gaze-heads comic strips ({config.renderer})", how)
+
+
+def kept(out: str | Path) -> str:
+    """What an interrupted job left in `out` that a rerun will reuse, in words."""
+    work = Path(out) / "work"
+    records = sorted(work.glob("*.parquet" + RECORD_SUFFIX)) if work.is_dir() else []
+    strips = 0
+    for r in records:
+        try:
+            data = json.loads(r.read_text())
+            strips += int(data["stop"]) - int(data["start"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    if not records:
+        return "no finished shard was kept"
+    return f"kept {len(records)} finished shard(s), {strips} strips, in {work}"
+
+
 def run(config: GenerateConfig, *, renderer: Renderer | None = None, story_writer: LMStoryWriter | None = None,
         progress: bool = True) -> DatasetDict:
     """Generate (or resume, or just reopen) the dataset described by `config`; return its splits.
@@ -243,42 +341,14 @@ def run(config: GenerateConfig, *, renderer: Renderer | None = None, story_write
     config = config.resolved()
     check_config(config)
     out = Path(config.out)
-    state = check_output(out, "generate", config.identity())
-    if state == "complete":
-        log.warning("%s already holds this dataset; nothing to do", out)
-        dsd = load_from_disk(str(out / "disk"))
-    else:
-        # Models load before the folder is created: a model that fails to load leaves nothing behind.
-        renderer = renderer or build_renderer(config)
-        renderer.check_size(config.panel_size)
-        writer = story_writer
-        if writer is None and config.story_model:
-            writer = LMStoryWriter(config.story_model, device=config.device)
-        if state == "new":
-            start_output(out, "generate", config.identity())
-        sizes = split_sizes(config.n_strips, config.eval_fraction)
-        plan = shard_plan(sizes, config.shard_size)
-        work = out / "work"
-        work.mkdir(exist_ok=True)
-        todo = [s for s in plan if not shard_path(work, *s).exists()]
-        done = config.n_strips - sum(stop - start for _, start, stop in todo)
-        with tqdm(total=config.n_strips, initial=done, unit="strip", disable=not progress) as bar:
-            for split, start, stop in todo:
-                rows = []
-                for index in range(start, stop):
-                    rows.append(strip_to_row(render_strip(config, index, renderer, writer, work / "failures.jsonl"),
-                                             index, config.schema))
-                    bar.update()
-                write_shard(shard_path(work, split, start, stop), rows, features_for(config.schema))
-        shards = {split: [shard_path(work, *s) for s in plan if s[0] == split] for split in sizes}
-        how = {"renderer": config.renderer, "model_id": config.model_id, "story": config.story_model or "template",
-               "strips": config.n_strips, "seed": config.seed, "panel_size": config.panel_size,
-               "layout": config.layout, "gap": config.gap, "align": config.align, "letters": config.letters,
-               "schema": config.schema}
-        if config.renderer == "diffusers":
-            how.update(steps=config.steps, guidance=config.guidance, dtype=config.dtype)
-        dsd = finish(out, shards, config.schema, config.license,
-                     f"Gaze-heads comic strips ({config.renderer})", how)
+    check_output(out, "generate", config.identity())  # a foreign folder is refused before the lock is written
+    with output_lock(out):
+        state = check_output(out, "generate", config.identity())
+        if state == "complete":
+            log.warning("%s already holds this dataset; nothing to do", out)
+            dsd = load_from_disk(str(out / "disk"))
+        else:
+            dsd = _generate(config, out, state, renderer, story_writer, progress)
     if config.push_to_hub:
         push_to_hub(out, config.push_to_hub, private=config.private)
     return dsd
@@ -296,25 +366,39 @@ class ImportConfig:
     shard_size: int = opt(32, "strips per work shard")
 
 
-def import_folders(config: ImportConfig) -> DatasetDict:
+def import_folders(config: ImportConfig, *, progress: bool = False) -> DatasetDict:
     """Read comic folders (split and metadata from their captions.json when present) into a dataset folder."""
     if not config.folders or not config.out:
         raise DatagenError("give --folders (a folder of comicN/ folders) and --out (a new dataset folder)")
+    check_counts(config, shard_size=1)
     features = features_for(config.schema)
+    split_sizes(2, config.eval_fraction)  # a fraction outside (0, 1) is refused before reading any folder
+    if not Path(config.folders).is_dir():
+        raise DatagenError(f"--folders {config.folders} is not a folder; give the folder holding the comicN/ folders")
     out = Path(config.out)
+    check_writable(out, "--out")
     if check_output(out, "import", asdict(config)) == "complete":
         return load_from_disk(str(out / "disk"))
-    groups = rows_by_split(strips_from_folders(config.folders), config.eval_fraction)
-    start_output(out, "import", asdict(config))
-    work = out / "work"
-    work.mkdir(exist_ok=True)
-    shards: dict[str, list[Path]] = {}
-    for split, items in groups.items():
-        for start in range(0, len(items), config.shard_size):
-            chunk = items[start:start + config.shard_size]
-            path = shard_path(work, split, chunk[0][0], chunk[-1][0] + 1)
-            write_shard(path, [strip_to_row(strip, index, config.schema) for index, strip in chunk], features)
-            shards.setdefault(split, []).append(path)
-    how = {"source": str(Path(config.folders).resolve()), "strips": sum(len(g) for g in groups.values()),
-           "schema": config.schema}
-    return finish(out, shards, config.schema, config.license, "Comic strips (imported)", how)
+    with output_lock(out):
+        if check_output(out, "import", asdict(config)) == "complete":
+            return load_from_disk(str(out / "disk"))
+        n = sum(1 for p in Path(config.folders).iterdir() if p.is_dir())
+        with tqdm(total=n, unit="strip", desc="import", disable=not progress) as bar:
+            items = []
+            for item in strips_from_folders(config.folders):  # every folder is read before anything is written
+                items.append(item)
+                bar.update()
+        groups = rows_by_split(items, config.eval_fraction)
+        start_output(out, "import", asdict(config))
+        work = out / "work"
+        work.mkdir(exist_ok=True)
+        shards: dict[str, list[Path]] = {}
+        for split, group in groups.items():
+            for start in range(0, len(group), config.shard_size):
+                chunk = group[start:start + config.shard_size]
+                path = shard_path(work, split, chunk[0][0], chunk[-1][0] + 1)
+                write_shard(path, [strip_to_row(strip, index, config.schema) for index, strip in chunk], features)
+                shards.setdefault(split, []).append(path)
+        how = {"source": str(Path(config.folders).resolve()), "strips": sum(len(g) for g in groups.values()),
+               "schema": config.schema}
+        return finish(out, shards, config.schema, config.license, "Comic strips (imported)", how)

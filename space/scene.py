@@ -6,7 +6,8 @@ captions when known). Everything here is pure geometry on pixels: no model.
     scene = example_scenes()["strip 1"]
     target = point_target(scene, x=100, y=30, box_size=96)   # Panel(2) on a strip, a Box on a picture
 
-Bounds that keep one visitor from taking the machine: images are downscaled
+Bounds that keep one visitor from taking the machine: uploads are checked
+by size and header before decoding (`space.limits`), images are downscaled
 to at most `MAX_SIDE` px a side, a strip has at most `MAX_PANELS` panels.
 """
 
@@ -23,6 +24,7 @@ from PIL import Image
 from gaze.regions import ImageLayout
 from gaze.steering import Box, Panel, Target, target_membership
 from gaze.strips import equal_panels
+from space.limits import MAX_UPLOAD_MB, MAX_UPLOAD_PIXELS, check_pixels, open_upload
 
 EXAMPLES_DIR = Path(__file__).parent / "examples"
 EXAMPLES_JSON = EXAMPLES_DIR / "examples.json"
@@ -116,10 +118,19 @@ def load_example(name: str) -> Scene:
     raise InputError(f"no example named {name!r}; choose one of {', '.join(example_names())}")
 
 
-def scene_from_upload(image: Image.Image | None, as_strip: bool, n_panels: int) -> Scene:
-    """An uploaded image: split into `n_panels` equal panels left to right, or a picture to steer by boxes."""
+def scene_from_upload(image: Image.Image | str | Path | None, as_strip: bool, n_panels: int, *,
+                      max_bytes: int = MAX_UPLOAD_MB << 20, max_pixels: int = MAX_UPLOAD_PIXELS) -> Scene:
+    """An uploaded image: split into `n_panels` equal panels left to right, or a picture to steer by boxes.
+
+    `image`: the uploaded file's path (its size and header are checked before
+    it is decoded: `space.limits.open_upload`), or an image already in memory.
+    """
     if image is None:
         raise InputError("upload an image first")
+    if isinstance(image, (str, Path)):
+        image = open_upload(image, max_bytes=max_bytes, max_pixels=max_pixels, max_side=MAX_SIDE)
+    else:
+        check_pixels(*image.size, max_pixels)
     image = bounded(image)
     if not as_strip:
         return Scene(image, "uploaded picture")
@@ -172,10 +183,10 @@ def point_target(scene: Scene, x: float, y: float, box_size: int) -> tuple[Scene
 
 def parse_box(text: str, image_size: tuple[int, int]) -> PixelBox:
     """'x0, y0, x1, y1' (pixels of the image) -> a box inside the image, or a readable error."""
-    parts = [p for p in text.replace(",", " ").split() if p]
+    parts = [p for p in (text or "").replace(",", " ").split() if p]
     try:
-        values = [round(float(p)) for p in parts]
-    except ValueError:
+        values = [round(float(p)) for p in parts]  # inf: OverflowError, nan: ValueError
+    except (ValueError, OverflowError):
         values = []
     if len(values) != 4:
         raise InputError(f"bad box {text!r}: give four pixel numbers x0, y0, x1, y1, e.g. 40, 10, 120, 60")
@@ -185,6 +196,14 @@ def parse_box(text: str, image_size: tuple[int, int]) -> PixelBox:
     if not (x0 < x1 and y0 < y1):
         raise InputError(f"box {text!r} is empty inside the {w}x{h} image: give x0 < x1 and y0 < y1")
     return (x0, y0, x1, y1)
+
+
+def live_scene(scene: Scene | None) -> Scene:
+    """The session's scene, or a readable error when the server has dropped it (expired or evicted)."""
+    if scene is None:
+        raise InputError("this page's session expired (idle too long, or the server was busy): "
+                         "pick an example or upload the image again")
+    return scene
 
 
 def target_cells(layout: ImageLayout, target: Target, panels) -> torch.Tensor:

@@ -25,6 +25,7 @@ from pathlib import Path
 from gaze.discovery import discover
 from gaze.models import ORGANISM_DIR, Loaded, load
 from gaze.ranking import Ranking
+from space.limits import MAX_SESSIONS, MAX_UPLOAD_MB, SESSION_TTL
 
 DEFAULT_CACHE = Path.home() / ".cache" / "gaze"
 
@@ -45,6 +46,13 @@ class Settings:
     preload: bool = False  # [GAZE_PRELOAD=1] load at start-up instead of on first use (ZeroGPU wants this)
     concurrency: int = 2  # [GAZE_CONCURRENCY] answers generated at once (each in its own thread)
     queue_size: int = 64  # [GAZE_QUEUE_SIZE] visitors waiting at most; more get "queue full"
+    max_upload_mb: int = MAX_UPLOAD_MB  # [GAZE_MAX_UPLOAD_MB] larger uploads are refused (at the upload and in the handler)
+    max_sessions: int = MAX_SESSIONS  # [GAZE_MAX_SESSIONS] visitors' states kept at most (least recently used dropped)
+    session_ttl: float = SESSION_TTL  # [GAZE_SESSION_TTL] s after its last change that a visitor's state is dropped
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb) << 20
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -61,6 +69,9 @@ class Settings:
             preload=env.get("GAZE_PRELOAD", "") == "1",
             concurrency=int(env.get("GAZE_CONCURRENCY", cls.concurrency)),
             queue_size=int(env.get("GAZE_QUEUE_SIZE", cls.queue_size)),
+            max_upload_mb=int(env.get("GAZE_MAX_UPLOAD_MB", cls.max_upload_mb)),
+            max_sessions=int(env.get("GAZE_MAX_SESSIONS", cls.max_sessions)),
+            session_ttl=float(env.get("GAZE_SESSION_TTL", cls.session_ttl)),
         )
         return replace(s, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -184,6 +195,17 @@ class StopSwitches:
         with self._lock:
             if self._events.get(session) is event:
                 del self._events[session]
+
+
+def launch_options(settings: Settings) -> dict:
+    """`demo.launch(**launch_options(settings))`: the server-side bounds (upload size, sessions kept).
+
+    `show_error`: an error raised inside Gradio before a handler runs (an
+    upload that is not an image, one beyond PIL's own pixel limit) is shown in
+    the page with its message; handlers' own errors are short `gr.Error`s anyway.
+    """
+    return {"max_file_size": settings.max_upload_bytes, "state_session_capacity": settings.max_sessions,
+            "show_error": True}
 
 
 def on_gpu(fn, duration: int = 120):

@@ -22,9 +22,11 @@ from gaze.prompts import PRESETS, STRIP_QUESTION
 from gaze.steering import MODES, Box
 from space import handlers as h
 from space.render import PANEL_COLOURS, answer_html, legend_html
-from space.scene import (MAX_PANELS, Scene, example_names, load_example, parse_box, point_target,
+from space.limits import MAX_UPLOAD_PIXELS
+from space.scene import (MAX_PANELS, Scene, example_names, live_scene, load_example, parse_box, point_target,
                          scene_from_upload)
 from space.state import ModelHolder, Settings, StopSwitches, default_k, on_gpu
+from space.widgets import Number, Slider
 
 log = logging.getLogger("gaze.space")
 
@@ -99,10 +101,16 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
     switches = StopSwitches()
     first = load_example(example_names()[0])
 
-    with gr.Blocks(title="Gaze heads") as demo:
+    ttl = settings.session_ttl
+    # Uploaded files and rendered images in Gradio's cache are deleted once older than a session lives.
+    with gr.Blocks(title="Gaze heads", delete_cache=(max(60, int(ttl) // 4), max(60, int(ttl)))) as demo:
         demo.holder = holder  # app.py preloads through it when asked (GAZE_PRELOAD=1)
-        scene_state = gr.State(first)
-        record_state = gr.State(None)
+        demo.settings = settings
+        # Per-visitor state, dropped `ttl` s after its last change (and, beyond `max_sessions` visitors, least
+        # recently used first: `launch_options`). The scene starts empty and is set when the page loads, so a
+        # dropped one is a readable "session expired" (`live_scene`) rather than a silent switch to the example.
+        scene_state = gr.State(None, time_to_live=ttl)
+        record_state = gr.State(None, time_to_live=ttl)
 
         gr.Markdown(f"# {TITLE}\n{INTRO}")
         model_info = gr.Markdown("*The model loads on first use...*", elem_id="model-info")
@@ -134,16 +142,16 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
                         schedule = gr.Textbox("4,2,1,6,5,3", label="Panels in order", max_lines=1,
                                               info="the answer to the question above moves between them "
                                                    "(try the narrate prompt)", elem_id="schedule", scale=3)
-                        every = gr.Number(8, label="Switch every (tokens)", precision=0, minimum=1,
+                        every = Number(8, label="Switch every (tokens)", precision=0, minimum=1,
                                           maximum=h.MAX_EVERY, elem_id="every", scale=1)
                     run_schedule = gr.Button("Run this schedule", elem_id="run-schedule")
                 with gr.Accordion("Steering controls", open=True):
-                    top_k = gr.Slider(1, 64, value=settings.default_k or 4, step=1, label="K gaze heads",
+                    top_k = Slider(1, 64, value=settings.default_k or 4, step=1, label="K gaze heads",
                                       elem_id="top-k")
-                    strength = gr.Number(1e4, label="Strength (bias before softmax)", minimum=0,
+                    strength = Number(1e4, label="Strength (bias before softmax)", minimum=0,
                                          maximum=h.MAX_STRENGTH, elem_id="strength")
                     mode = gr.Radio(list(MODES), value="boost", label="Mode", elem_id="mode")
-                    max_tokens = gr.Slider(1, h.MAX_NEW_TOKENS, value=64, step=1, label="Max new tokens",
+                    max_tokens = Slider(1, h.MAX_NEW_TOKENS, value=64, step=1, label="Max new tokens",
                                            elem_id="max-tokens")
                     prefill = gr.Checkbox(bool(settings.prefill_only),
                                           label="Steer the prompt only: a panel or box biases the prompt's rows, the "
@@ -151,13 +159,15 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
                                           elem_id="prefill-only")
                 with gr.Accordion("Image: examples, upload, boxes", open=True):
                     example = gr.Dropdown(example_names(), value=first.name, label="Example", elem_id="example")
-                    upload = gr.Image(None, type="pil", sources=["upload", "clipboard"], label="Or upload an image",
+                    upload = gr.Image(None, type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                                           label=f"Or upload an image (at most {settings.max_upload_mb} MB, "
+                                                 f"{MAX_UPLOAD_PIXELS // 1_000_000} megapixels)",
                                       elem_id="upload", height=160)
                     with gr.Row():
                         upload_as = gr.Radio(list(UPLOAD_AS), value=UPLOAD_AS[0], label="Use it as",
                                              elem_id="upload-as")
-                        n_panels = gr.Slider(1, MAX_PANELS, value=6, step=1, label="Panels", elem_id="n-panels")
-                    box_size = gr.Slider(16, 512, value=96, step=8, label="Box size for a click on a picture (px)",
+                        n_panels = Slider(1, MAX_PANELS, value=6, step=1, label="Panels", elem_id="n-panels")
+                    box_size = Slider(16, 512, value=96, step=8, label="Box size for a click on a picture (px)",
                                          elem_id="box-size")
                     with gr.Row():
                         box = gr.Textbox("", label="Or a box: x0, y0, x1, y1 (px)", max_lines=1, elem_id="box",
@@ -172,6 +182,7 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
 
         def stream(scene: Scene, target, question_text: str, k, strength_, mode_, n_tokens, prefill_, request):
             """Run one answer and map its frames onto the page (the first frame also redraws the image)."""
+            scene = live_scene(scene)
             ready = holder.get()
             session = getattr(request, "session_hash", None) or "anonymous"
             stop_event = switches.start(session)  # also stops this visitor's previous answer, if still running
@@ -197,7 +208,7 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
             @on_gpu
             @readable
             def on_panel(scene, question_text, k_heads, strength_, mode_, n_tokens, prefill_, request: gr.Request):
-                target = h.panel_target(k, scene)
+                target = h.panel_target(k, live_scene(scene))
                 yield from stream(scene.with_mark(None), target, question_text, k_heads, strength_, mode_, n_tokens,
                                   prefill_, request)
             on_panel.__name__ = f"panel_{k}"
@@ -217,7 +228,7 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
         @readable
         def on_schedule(scene, question_text, k_heads, strength_, mode_, n_tokens, prefill_, text, interval,
                         request: gr.Request):
-            target = h.schedule_target(text, interval, scene)
+            target = h.schedule_target(text, interval, live_scene(scene))
             yield from stream(scene, target, question_text, k_heads, strength_, mode_, n_tokens, prefill_, request)
 
         run_schedule.click(on_schedule, inputs=inputs + [schedule, every], api_name="schedule", **common)
@@ -225,7 +236,7 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
         @on_gpu
         @readable
         def on_box(scene, question_text, k_heads, strength_, mode_, n_tokens, prefill_, text, request: gr.Request):
-            b = parse_box(text, scene.image.size)
+            b = parse_box(text, live_scene(scene).image.size)
             yield from stream(scene.with_mark(b), Box(tuple(float(v) for v in b)), question_text, k_heads,
                               strength_, mode_, n_tokens, prefill_, request)
 
@@ -236,6 +247,7 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
         def on_point(scene, question_text, k_heads, strength_, mode_, n_tokens, prefill_, size, evt: gr.SelectData,
                      request: gr.Request):
             x, y = evt.index  # pixels of the displayed (upscaled) image
+            scene = live_scene(scene)
             scene, target = point_target(scene, x / scene.scale, y / scene.scale, int(size))
             yield from stream(scene, target, question_text, k_heads, strength_, mode_, n_tokens, prefill_, request)
 
@@ -273,7 +285,7 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
         def on_upload(image, use_as, n):
             if image is None:
                 return tuple(gr.skip() for _ in scene_outputs)
-            return show(scene_from_upload(image, use_as == UPLOAD_AS[0], n))
+            return show(scene_from_upload(image, use_as == UPLOAD_AS[0], n, max_bytes=settings.max_upload_bytes))
 
         for event in (upload.upload, upload_as.change, n_panels.release):
             event(on_upload, inputs=[upload, upload_as, n_panels], outputs=scene_outputs, api_visibility="private")
@@ -287,6 +299,7 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
             k = default_k(settings, ready)
             return h.model_markdown(ready, k), gr.update(maximum=ready.n_heads_total, value=k)
 
+        demo.load(lambda: first, outputs=scene_state, queue=False, api_visibility="private")  # the example shown
         demo.load(on_load, outputs=[model_info, top_k], api_visibility="private")
     return demo
 
