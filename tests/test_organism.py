@@ -286,17 +286,24 @@ def test_answer_panels_split_a_narration_caption_by_caption():
 
 
 def test_gaze_augmentation_forces_the_chosen_heads_onto_the_described_panel(tmp_path):
+    """The augmentation is steering's bias (`key_bias`) through the project's attention hook: the chosen heads
+    read only the described panel at the rows that predict an answer token; other heads and rows, and every
+    recorded attention row without a bias, are eager attention's."""
     import random
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    import gaze.testing  # noqa: F401
-    from gaze.organism.train import (_TRAIN_BIAS, TRAIN_ATTENTION, PanelPool, build, build_batch, draw_task,
-                                     gaze_augment_bias, image_token_panels, register_train_attention)
+    from gaze.attention import active, prepare
+    from gaze.families import register_image_only_processors
+    from gaze.organism.train import (PanelPool, TrainingHook, augment_bias, build, build_batch, draw_task,
+                                     example_layouts, image_token_panels)
+    from gaze.steering import key_bias
 
+    register_image_only_processors()
     cfg = OrganismConfig(**SMALL)
     build(cfg, tmp_path / "m")
-    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "m", attn_implementation="eager").eval()
+    eager = AutoModelForImageTextToText.from_pretrained(tmp_path / "m", attn_implementation="eager").eval()
+    model = prepare(AutoModelForImageTextToText.from_pretrained(tmp_path / "m").eval())
     processor = AutoProcessor.from_pretrained(tmp_path / "m")
     pool, rng = PanelPool(cfg), random.Random(0)
     examples, panels = [], []
@@ -306,43 +313,52 @@ def test_gaze_augmentation_forces_the_chosen_heads_onto_the_described_panel(tmp_
         examples.append((strip, q, a))
         panels.append(k)
     batch = build_batch(processor, examples, panels)
-    described = batch.pop("answer_panels")
     image_token = model.config.image_token_id
+    info = example_layouts(batch, image_token, 32, 2, [s.image.size for s, _, _ in examples])
+    described = batch.pop("answer_panels")
     keys = image_token_panels(batch["input_ids"], batch["image_grid_thw"], image_token, merge=2)
     assert [sorted(set(keys[b].tolist()) - {0}) for b in range(2)] == [list(range(1, 7))] * 2
     assert keys.gt(0).eq(batch["input_ids"] == image_token).all()
     with torch.no_grad():
-        plain = model(**batch, output_attentions=True)
+        plain = eager(**batch, output_attentions=True)
     chosen = torch.zeros(2, 2, 4, dtype=torch.bool)
     chosen[1, 0, 2] = chosen[1, 1, 0] = True  # layer 1: head 2 of the panel question, head 0 of the narration
-    register_train_attention()
-    model.set_attn_implementation({"text_config": TRAIN_ATTENTION})
-    try:
-        with torch.no_grad():
-            same = model(**batch, output_attentions=True)  # no bias set: plain eager
-            _TRAIN_BIAS.update(enumerate(gaze_augment_bias(batch, described, keys, chosen)))
-            forced = model(**batch, output_attentions=True)
-    finally:
-        _TRAIN_BIAS.clear()
-    assert torch.equal(same.logits, plain.logits)
-    assert torch.equal(forced.attentions[0], plain.attentions[0])  # nothing chosen in layer 0
+    seq = batch["input_ids"].shape[1]
+    biases = augment_bias(info, chosen, seq)
+    assert biases[0] is None
     rows = torch.zeros_like(described)
     rows[:, :-1] = described[:, 1:]  # the row before an answer token predicts it
+    for b, h in ((0, 2), (1, 0)):
+        n, layout = info[b][0], info[b][1]
+        for r in rows[b].nonzero().flatten().tolist():  # steering's own bias towards the described panel
+            assert torch.equal(biases[1][b, h, r], key_bias(keys[b, layout.positions] == rows[b, r], layout, n, seq,
+                                                            1e4, "boost"))
+    same, forced = TrainingHook([], record_rows=True), TrainingHook(biases, record_rows=True)
+    with torch.no_grad():
+        with active(same):
+            unbiased = model(**batch)
+        with active(forced):
+            model(**batch)
+    valid = batch["attention_mask"].bool()[:, None, :, None]
+    for got, ref in zip(same.attentions, plain.attentions):
+        assert torch.allclose(got * valid, ref * valid, atol=1e-5)  # the hook's rows are eager attention's
+    assert torch.allclose(unbiased.logits, plain.logits, atol=1e-4)
+    assert torch.allclose(forced.attentions[0], same.attentions[0])  # nothing chosen in layer 0
     for b, h in ((0, 2), (1, 0)):
         att = forced.attentions[1][b, h]
         for r in rows[b].nonzero().flatten().tolist():
             on = keys[b] == rows[b, r]
             assert float(att[r, on].sum()) > 0.999  # the described panel's tokens
-        assert torch.allclose(att[rows[b] == 0], plain.attentions[1][b, h][rows[b] == 0])  # other rows untouched
+        assert torch.allclose(att[rows[b] == 0], same.attentions[1][b, h][rows[b] == 0], atol=1e-6)  # other rows
         other = 2 if h == 0 else 0
-        assert torch.allclose(forced.attentions[1][b, other], plain.attentions[1][b, other])  # other heads untouched
+        assert torch.allclose(forced.attentions[1][b, other], same.attentions[1][b, other], atol=1e-6)  # other heads
     assert panels == [panels[0], 0] and set(rows[1].tolist()) == set(range(7))  # the narration reads each panel
 
 
 def test_training_with_gaze_augmentation_saves_a_plain_model(tmp_path):
     train(OrganismConfig(steps=2, gaze_augment=1.0, **SMALL), tmp_path / "org", log=lambda s: None)
     config = json.loads((tmp_path / "org" / "config.json").read_text())
-    assert "organism_eager" not in json.dumps(config)
+    assert "gaze_sdpa" not in json.dumps(config) and "organism_eager" not in json.dumps(config)
     loaded = load(str(tmp_path / "org"), device="cpu")
     assert loaded.model.config.model_type == "qwen3_vl"
     with pytest.raises(ValueError, match="gaze-augment"):

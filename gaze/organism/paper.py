@@ -70,6 +70,7 @@ from pathlib import Path
 import torch
 
 from gaze.attention import ALL_ROWS, Hook, active, prepare
+from gaze.organism.train import augment_bias
 
 EVAL_SEED0 = 1_000_000  # held-out strips: datagen.make_strip(EVAL_SEED0 + i); training never uses these seeds
 
@@ -314,27 +315,6 @@ def build_batch(processor, examples) -> tuple[dict, list]:
         "image_grid_thw": enc["image_grid_thw"],
     }
     return batch, info
-
-
-def augment_bias(info: list, chosen: torch.Tensor, seq_len: int, strength: float = 1e4) -> list[torch.Tensor | None]:
-    """Per layer, the bias [B, H, S, S] forcing the `chosen` heads ([L, B, H] bool) of each example onto the
-    described panel at every row that predicts an answer token: steering's own key bias (`key_bias`, mode
-    "boost"), row by row; None for a layer with no chosen head."""
-    from gaze.steering import key_bias
-
-    n_layers, b, n_heads = chosen.shape
-    pattern = torch.zeros(b, seq_len, seq_len)  # [B, S(rows), S(keys)]
-    for i, (n, layout, membership, described) in enumerate(info):
-        if not chosen[:, i].any():
-            continue
-        for p in range(1, membership.shape[0] + 1):
-            rows = (described[1:] == p).nonzero().flatten()  # row r predicts the token at r + 1
-            if len(rows):
-                pattern[i, rows] = key_bias(membership[p - 1], layout, n, seq_len, strength, "boost")
-    out = []
-    for sel in chosen:  # [B, H]
-        out.append(None if not sel.any() else pattern[:, None] * sel[:, :, None, None].float())
-    return out
 
 
 class TrainingHook(Hook):

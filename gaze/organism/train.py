@@ -60,6 +60,8 @@ from pathlib import Path
 
 import torch
 
+from gaze.attention import ALL_ROWS, Hook, active, prepare, restore
+
 EVAL_SEED0 = 1_000_000  # held-out strips: datagen.make_strip(EVAL_SEED0 + i); training never uses these seeds
 
 
@@ -298,47 +300,63 @@ def image_token_panels(input_ids: torch.Tensor, image_grid_thw: torch.Tensor, im
     return out
 
 
-def gaze_augment_bias(batch: dict, row_panels: torch.Tensor, key_panels: torch.Tensor, chosen: torch.Tensor,
-                      strength: float = 1e4) -> list[torch.Tensor | None]:
-    """Per layer, the additive bias [B, H, S, S] that forces the `chosen` heads ([L, B, H] bool) of each
-    example onto the described panel's image tokens at the rows that predict an answer token.
+def example_layouts(batch: dict, image_token: int, patch: int, merge: int, sizes) -> list[tuple]:
+    """Per example of a batch built with `panels`: (prompt length, image layout, [6, T] panel membership of
+    the image tokens, [S] panel described by the token at each position), what `augment_bias` reads."""
+    from gaze.regions import find_image_span, grid_layout
 
-    `row_panels` [B, S]: the panel the token AT each position describes (0: not an answer token); the row
-    before it predicts it, so it is that row that reads the panel."""
-    rows = torch.zeros_like(row_panels)
-    rows[:, :-1] = row_panels[:, 1:]
-    pattern = (rows[:, :, None] == key_panels[:, None, :]) & (rows[:, :, None] > 0)  # [B, S(rows), S(keys)]
-    pattern = pattern & batch["attention_mask"].bool()[:, None, :]
-    out = []
-    for sel in chosen:
-        if not sel.any():
-            out.append(None)
+    key_panels = image_token_panels(batch["input_ids"], batch["image_grid_thw"], image_token, merge)
+    info = []
+    for b, size in enumerate(sizes):
+        start, _ = find_image_span(batch["input_ids"][b], image_token)
+        _, h, w = batch["image_grid_thw"][b].tolist()
+        layout = grid_layout(start, (h // merge, w // merge), (w * patch, h * patch), size)
+        panels = key_panels[b, layout.positions]  # [T]
+        n = int((batch["labels"][b] != -100).nonzero()[0])  # the prompt: every position before the first label
+        info.append((n, layout, torch.stack([panels == p for p in range(1, 7)]), batch["answer_panels"][b]))
+    return info
+
+
+def augment_bias(info: list, chosen: torch.Tensor, seq_len: int, strength: float = 1e4) -> list[torch.Tensor | None]:
+    """Per layer, the bias [B, H, S, S] forcing the `chosen` heads ([L, B, H] bool) of each example onto the
+    described panel at every row that predicts an answer token: steering's own key bias (`key_bias`, mode
+    "boost"), row by row; None for a layer with no chosen head. `info`: `example_layouts`."""
+    from gaze.steering import key_bias
+
+    b = chosen.shape[1]
+    pattern = torch.zeros(b, seq_len, seq_len)  # [B, S(rows), S(keys)]
+    for i, (n, layout, membership, described) in enumerate(info):
+        if not chosen[:, i].any():
             continue
-        out.append(strength * (sel[:, :, None, None] & pattern[:, None]).float())
-    return out
+        for p in range(1, membership.shape[0] + 1):
+            rows = (described[1:] == p).nonzero().flatten()  # row r predicts the token at r + 1
+            if len(rows):
+                pattern[i, rows] = key_bias(membership[p - 1], layout, n, seq_len, strength, "boost")
+    return [None if not sel.any() else pattern[:, None] * sel[:, :, None, None].float() for sel in chosen]
 
 
-_TRAIN_BIAS: dict[int, torch.Tensor | None] = {}  # layer -> the bias the next forward adds (gaze augmentation)
-TRAIN_ATTENTION = "organism_eager"
+class TrainingHook(Hook):
+    """A training step's attention hook (the project's one attention function, `gaze.attention`): the gaze
+    augmentation's bias, and every row's post-softmax attention for the image-attention penalty
+    (recomputed by `attention_weights`, differentiable)."""
 
+    def __init__(self, biases: list, record_rows: bool):
+        self.biases = biases  # per layer [B, H, S, S] or None
+        self.record_rows = record_rows
+        self.attentions: list[torch.Tensor] = []  # per layer [B, H, S, S], when recorded
 
-def organism_eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Eager attention (its post-softmax weights feed the image-attention penalty) plus `_TRAIN_BIAS`."""
-    from transformers.models.qwen3_vl.modeling_qwen3_vl import eager_attention_forward
+    def bias(self, layer, query, key):
+        b = self.biases[layer] if self.biases else None
+        return None if b is None else b[:, :, -query.shape[2]:, :key.shape[2]]
 
-    bias = _TRAIN_BIAS.get(getattr(module, "layer_idx", -1))
-    if bias is not None:
-        bias = bias.to(query.dtype)[:, :, -query.shape[2]:, :key.shape[2]]
-        attention_mask = bias if attention_mask is None else attention_mask + bias
-    return eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    def wants(self, layer):
+        return self.record_rows
 
+    def query_rows(self, query_len):
+        return ALL_ROWS
 
-def register_train_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
-
-    AttentionInterface.register(TRAIN_ATTENTION, organism_eager_attention)
-    AttentionMaskInterface.register(TRAIN_ATTENTION, eager_mask)
+    def record(self, layer, rows, value):
+        self.attentions.append(rows)
 
 
 def build_batch(processor, examples, panels: list[int] | None = None) -> dict:
@@ -525,10 +543,7 @@ def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
     penalised = cfg.image_attention_penalty > 0
     if not 0 <= cfg.gaze_augment <= 1 or cfg.gaze_augment_heads < 1:
         raise ValueError("--gaze-augment is a share in [0, 1] and --gaze-augment-heads at least 1")
-    model = AutoModelForImageTextToText.from_pretrained(work, attn_implementation="eager" if penalised else "sdpa")
-    if cfg.gaze_augment > 0:
-        register_train_attention()
-        model.set_attn_implementation({"text_config": TRAIN_ATTENTION})
+    model = prepare(AutoModelForImageTextToText.from_pretrained(work))  # the gaze attention: SDPA + hooks
     n_layers, n_heads = model.config.text_config.num_hidden_layers, model.config.text_config.num_attention_heads
     image_token = model.config.image_token_id
     if cfg.vision_pos_embed == "zero":
@@ -540,6 +555,7 @@ def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
         raise ValueError(f"--vision-pos-embed is 'zero' or 'learned', not {cfg.vision_pos_embed!r}")
     processor = AutoProcessor.from_pretrained(work)
     merge = int(processor.image_processor.merge_size)
+    patch = int(processor.image_processor.patch_size)
     if cfg.max_image_tokens:
         token_pixels = (int(processor.image_processor.patch_size) * merge) ** 2
         processor.image_processor.size = {"shortest_edge": token_pixels, "longest_edge": cfg.max_image_tokens * token_pixels}
@@ -576,16 +592,16 @@ def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
             examples.append((strip, q, a))
             panels.append(k)
         batch = build_batch(processor, examples, panels if cfg.gaze_augment > 0 else None)
+        biases = []
         if cfg.gaze_augment > 0:
             chosen = torch.zeros(n_layers, len(examples), n_heads, dtype=torch.bool)
             for b in range(len(examples)):
                 if aug_rng.random() < cfg.gaze_augment:
                     for h in aug_rng.sample(range(n_layers * n_heads), aug_rng.randint(1, cfg.gaze_augment_heads)):
                         chosen[h // n_heads, b, h % n_heads] = True
-            key_panels = image_token_panels(batch["input_ids"], batch["image_grid_thw"], image_token, merge)
-            biases = gaze_augment_bias(batch, batch.pop("answer_panels"), key_panels, chosen)
-            _TRAIN_BIAS.clear()
-            _TRAIN_BIAS.update(enumerate(biases))
+            info = example_layouts(batch, image_token, patch, merge, [s.image.size for s, _, _ in examples])
+            biases = augment_bias(info, chosen, batch["input_ids"].shape[1])
+            batch.pop("answer_panels")
         if dropout is not None:
             dropout.keep = panel_token_keep(batch["image_grid_thw"], cfg.panel_token_dropout, drop_rng, merge=merge)
         for g in opt.param_groups:
@@ -596,11 +612,13 @@ def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
             log(f"step {step:5d}  answer loss {mean_last(answer_losses, 50):.4f} < {cfg.penalty_after_loss}: "
                 "image-attention penalty on")
         ramp = 0.0 if penalty_from is None else min(1.0, (step - penalty_from + 1) / max(1, cfg.penalty_ramp))
-        result = model(**batch, output_attentions=ramp > 0)
+        hook = TrainingHook(biases, record_rows=ramp > 0)
+        with active(hook):
+            result = model(**batch)
         loss = result.loss
         answer_losses.append(float(loss.detach()))
         if ramp > 0:
-            loss = loss + ramp * cfg.image_attention_penalty * image_attention_mass(result.attentions, batch, image_token, cfg.penalty_kind,
+            loss = loss + ramp * cfg.image_attention_penalty * image_attention_mass(hook.attentions, batch, image_token, cfg.penalty_kind,
                                                                                  cfg.penalty_rows)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -611,9 +629,7 @@ def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
             log(f"step {step:5d}  loss {mean_last(losses, 100):.4f}  answer loss {mean_last(answer_losses, 100):.4f}  "
                 f"lr {lr_at(step):.2e}  {time.time() - t0:.0f}s")
     model.eval()
-    _TRAIN_BIAS.clear()
-    if cfg.gaze_augment > 0:
-        model.set_attn_implementation({"text_config": "eager" if penalised else "sdpa"})
+    restore(model)
     if dropout is not None:
         dropout.handle.remove()
     minutes = (time.time() - t0) / 60
