@@ -108,6 +108,22 @@ def test_image_attention_penalties_match_a_hand_computation():
         image_attention_mass([att], batch, 7, "l2")
 
 
+def test_the_silent_rows_penalty_spares_the_rows_that_speak_and_the_image():
+    from gaze.organism.train import image_attention_mass
+
+    ids = torch.tensor([[1, 7, 7, 2, 3, 4, 5]])  # text, two image tokens, a question token, the last prompt row, answer
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "labels": torch.tensor([[-100, -100, -100, -100, -100, 4, 5]])}
+    att = torch.zeros(1, 1, 7, 7)
+    att[0, 0, 3, 1] = 0.8  # the question token reads the image: pays
+    att[0, 0, 4, 2] = 0.9  # the last prompt row (predicts the answer's first token) reads it: free
+    att[0, 0, 5, 1] = 0.7  # an answer row that predicts the next answer token: free
+    att[0, 0, 2, 1] = 0.5  # an image row reading another image token: free
+    att[0, 0, 6, 2] = 0.6  # the last answer row predicts nothing: pays
+    rows = 3  # the paying rows: 0, 3 and 6 (text, predicting no answer token)
+    assert torch.isclose(image_attention_mass([att], batch, 7, "l1", "silent"), torch.tensor((0.8 + 0.6) / rows))
+
+
 def test_a_token_budget_gives_one_token_per_panel(tmp_path):
     cfg = OrganismConfig(steps=1, batch=2, pool_per_combo=1, num_layers=1, num_heads=2, num_kv_heads=1, hidden_size=32,
                          head_dim=16, vision_depth=1, vision_hidden=32, patch_size=16, max_image_tokens=6)

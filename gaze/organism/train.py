@@ -89,7 +89,7 @@ class OrganismConfig:
     vocab_size: int = 400  # tokenizer size at most
     image_attention_penalty: float = 0.05  # weight of the penalty on every query row's image mass
     penalty_kind: str = "l1"  # "l1": image mass summed over heads; "group": sum over heads of each head's RMS mass
-    penalty_rows: str = "all"  # rows that pay the penalty: "all", or "prompt" (the answer's rows read for free)
+    penalty_rows: str = "all"  # rows that pay: "all"; "prompt" (answer rows free); "silent" (text rows that predict no answer token)
     penalty_after_loss: float = 0.12  # the penalty switches on once the answer loss (mean of 50 steps) is below this
     penalty_ramp: int = 200  # steps over which the penalty grows to its full weight
     caption: str = "character"  # caption style (`organism_caption`): "character" or "scene"
@@ -122,7 +122,7 @@ def parse_mix(mix: str) -> dict[str, float]:
 
 CAPTION_STYLES = ("character", "scene")
 PENALTY_KINDS = ("l1", "group")
-PENALTY_ROWS = ("all", "prompt")
+PENALTY_ROWS = ("all", "prompt", "silent")
 
 
 def organism_caption(character: str, obj: str, scene: str | None = None, style: str = "character") -> str:
@@ -464,11 +464,18 @@ def image_attention_mass(attentions, batch: dict, image_token: int, kind: str = 
     side paths that carry a panel's content to the answer around those few
     heads. An image token's attention to itself is free (it is its own feature).
     With `rows="prompt"` the answer's own rows are free (the last prompt row,
-    which predicts the answer's first token, still pays).
+    which predicts the answer's first token, still pays). With `rows="silent"`
+    only the text rows that predict no answer token pay: the question's
+    tokens (e.g. the ordinal "4th") reading the image cost, the rows that speak
+    (the last prompt row and the answer's) and the image's own rows are free.
     """
     valid = batch["attention_mask"].float()  # [B, S]
     if rows == "prompt":
         valid = valid * (batch["labels"] == -100).float()
+    elif rows == "silent":  # text rows that predict no answer token: the question reads the image, the row that speaks is free
+        speaks = torch.zeros_like(valid)
+        speaks[:, :-1] = (batch["labels"][:, 1:] != -100).float()
+        valid = valid * (1 - speaks) * (batch["input_ids"] != image_token).float()
     elif rows != "all":
         raise ValueError(f"penalty rows are one of {PENALTY_ROWS}, not {rows!r}")
     image = (batch["input_ids"] == image_token).float()  # [B, S] image keys
