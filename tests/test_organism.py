@@ -209,13 +209,16 @@ def test_panel_token_dropout_keeps_one_token_of_each_chosen_panel_and_zeroes_the
     loaded = load(str(build_tiny_vlm("qwen3_vl", tmp_path / "m")), device="cpu")  # 2x2 tokens per 64 px panel
     strip = make_strip(3, panel_size=64)
     enc, layout = prepare_inputs(loaded, strip.image, "x")
-    keep = panel_token_keep(enc["image_grid_thw"], 1.0, random.Random(0))
+    from gaze.regions import panel_regions
+
+    of_panel = [panel_regions(layout, strip.panels).assignment() + 1]
+    keep = panel_token_keep(of_panel, 1.0, random.Random(0))
     assert keep.shape == (layout.n_tokens,)
     centres = layout.centres
     for x0, y0, x1, y1 in strip.panels:  # the project's own token -> pixel layout as the reference
         inside = (centres[:, 0] >= x0) & (centres[:, 0] < x1) & (centres[:, 1] >= y0) & (centres[:, 1] < y1)
         assert int(inside.sum()) == 4 and float(keep[inside].sum()) == 1.0
-    assert panel_token_keep(enc["image_grid_thw"], 0.0, random.Random(0)).eq(1).all()
+    assert panel_token_keep(of_panel, 0.0, random.Random(0)).eq(1).all()
 
     model = loaded.model
     plain = model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"])
@@ -312,7 +315,7 @@ def test_gaze_augmentation_forces_the_chosen_heads_onto_the_described_panel(tmp_
     from gaze.attention import active, prepare
     from gaze.families import register_image_only_processors
     from gaze.organism.train import (PanelPool, TrainingHook, augment_bias, build, build_batch, draw_task,
-                                     example_layouts, image_token_panels)
+                                     example_layouts, image_panels, image_token_panels)
     from gaze.steering import key_bias
 
     register_image_only_processors()
@@ -330,9 +333,10 @@ def test_gaze_augmentation_forces_the_chosen_heads_onto_the_described_panel(tmp_
         panels.append(k)
     batch = build_batch(processor, examples, panels)
     image_token = model.config.image_token_id
-    info = example_layouts(batch, image_token, 32, 2, [s.image.size for s, _, _ in examples])
+    maps = image_panels(batch, examples, image_token, 32, 2)
+    info = example_layouts(batch, maps)
     described = batch.pop("answer_panels")
-    keys = image_token_panels(batch["input_ids"], batch["image_grid_thw"], image_token, merge=2)
+    keys = image_token_panels(batch["input_ids"], maps)
     assert [sorted(set(keys[b].tolist()) - {0}) for b in range(2)] == [list(range(1, 7))] * 2
     assert keys.gt(0).eq(batch["input_ids"] == image_token).all()
     with torch.no_grad():

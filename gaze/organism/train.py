@@ -288,32 +288,36 @@ def answer_panels(tokenizer, answer: str, panel: int) -> list[int]:
     return [max(1, sum(1 for s in starts if s <= start)) for start, _ in enc["offset_mapping"]]
 
 
-def image_token_panels(input_ids: torch.Tensor, image_grid_thw: torch.Tensor, image_token: int, merge: int,
-                       panels: int = 6) -> torch.Tensor:
-    """[B, S]: the panel (1..6) of each image token (side-by-side panels of equal width), 0 elsewhere."""
-    out = torch.zeros_like(input_ids)
-    for b, of_panel in enumerate(grid_panels(image_grid_thw, merge, panels)):
-        where = (input_ids[b] == image_token).nonzero().flatten()
-        if len(where) != len(of_panel):
-            raise ValueError(f"example {b} has {len(where)} image tokens, its grid {len(of_panel)}; one image per example")
-        out[b, where] = of_panel.to(out)
+def image_panels(batch: dict, examples, image_token: int, patch: int, merge: int) -> list[tuple]:
+    """Per example: (its image layout, [T] the panel 1..6 of each image token, 0 for none), the one token ->
+    panel map of the project (`regions.panel_regions`: a token belongs to the panel its cell centre is in)."""
+    from gaze.regions import find_image_span, grid_layout, panel_regions
+
+    out = []
+    for b, (strip, *_rest) in enumerate(examples):
+        start, _ = find_image_span(batch["input_ids"][b], image_token)
+        _, h, w = batch["image_grid_thw"][b].tolist()
+        layout = grid_layout(start, (h // merge, w // merge), (w * patch, h * patch), strip.image.size)
+        out.append((layout, panel_regions(layout, strip.panels).assignment() + 1))
     return out
 
 
-def example_layouts(batch: dict, image_token: int, patch: int, merge: int, sizes) -> list[tuple]:
-    """Per example of a batch built with `panels`: (prompt length, image layout, [6, T] panel membership of
-    the image tokens, [S] panel described by the token at each position), what `augment_bias` reads."""
-    from gaze.regions import find_image_span, grid_layout
+def image_token_panels(input_ids: torch.Tensor, panels: list[tuple]) -> torch.Tensor:
+    """[B, S]: the panel (1..6) of each image token (`image_panels`), 0 elsewhere."""
+    out = torch.zeros_like(input_ids)
+    for b, (layout, of_panel) in enumerate(panels):
+        out[b, layout.positions] = of_panel.to(out)
+    return out
 
-    key_panels = image_token_panels(batch["input_ids"], batch["image_grid_thw"], image_token, merge)
+
+def example_layouts(batch: dict, panels: list[tuple]) -> list[tuple]:
+    """Per example of a batch built with `panels`: (prompt length, image layout, [6, T] panel membership of
+    the image tokens, [S] panel described by the token at each position), what `augment_bias` reads.
+    `panels`: `image_panels` of the batch."""
     info = []
-    for b, size in enumerate(sizes):
-        start, _ = find_image_span(batch["input_ids"][b], image_token)
-        _, h, w = batch["image_grid_thw"][b].tolist()
-        layout = grid_layout(start, (h // merge, w // merge), (w * patch, h * patch), size)
-        panels = key_panels[b, layout.positions]  # [T]
+    for b, (layout, of_panel) in enumerate(panels):
         n = int((batch["labels"][b] != -100).nonzero()[0])  # the prompt: every position before the first label
-        info.append((n, layout, torch.stack([panels == p for p in range(1, 7)]), batch["answer_panels"][b]))
+        info.append((n, layout, torch.stack([of_panel == p for p in range(1, 7)]), batch["answer_panels"][b]))
     return info
 
 
@@ -402,28 +406,14 @@ def build_batch(processor, examples, panels: list[int] | None = None) -> dict:
     return batch
 
 
-def grid_panels(image_grid_thw: torch.Tensor, merge: int, panels: int = 6) -> list[torch.Tensor]:
-    """Per image, the panel (1..`panels`) of each merged image token, in the processor's order (row by row),
-    for side-by-side panels of equal widths."""
-    out = []
-    for t, h, w in image_grid_thw.tolist():
-        rows, cols = h // merge, w // merge
-        if cols % panels:
-            raise ValueError(f"{cols} token columns do not split into {panels} panels; use a panel size that is "
-                             f"a multiple of the merged token (patch size x {merge} px)")
-        out.append((torch.arange(t * rows * cols) % cols // (cols // panels) + 1))
-    return out
-
-
-def panel_token_keep(image_grid_thw: torch.Tensor, share: float, rng: random.Random, panels: int = 6,
-                     merge: int = 2) -> torch.Tensor:
+def panel_token_keep(panels: list[torch.Tensor], share: float, rng: random.Random, n_panels: int = 6) -> torch.Tensor:
     """1 or 0 for every merged image token of a batch (the processor's order: image by image, each row by
-    row): for a `share` of each image's panels (side by side, equal widths), ONE random token of the panel
-    is kept and its others are 0; every other panel keeps all its tokens."""
+    row), from each image's token -> panel map (`image_panels`): for a `share` of each image's panels, ONE
+    random token of the panel is kept and its others are 0; every other panel keeps all its tokens."""
     keep = []
-    for of_panel in grid_panels(image_grid_thw, merge, panels):
+    for of_panel in panels:
         mask = torch.ones(len(of_panel))
-        for p in range(1, panels + 1):
+        for p in range(1, n_panels + 1):
             if rng.random() < share:
                 cells = (of_panel == p).nonzero().flatten().tolist()
                 kept = rng.choice(cells)
@@ -606,11 +596,12 @@ def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
                 if aug_rng.random() < cfg.gaze_augment:
                     for h in aug_rng.sample(range(n_layers * n_heads), aug_rng.randint(1, cfg.gaze_augment_heads)):
                         chosen[h // n_heads, b, h % n_heads] = True
-            info = example_layouts(batch, image_token, patch, merge, [s.image.size for s, _, _ in examples])
+            info = example_layouts(batch, image_panels(batch, examples, image_token, patch, merge))
             biases = augment_bias(info, chosen, batch["input_ids"].shape[1])
             batch.pop("answer_panels")
         if dropout is not None:
-            dropout.keep = panel_token_keep(batch["image_grid_thw"], cfg.panel_token_dropout, drop_rng, merge=merge)
+            maps = [of_panel for _, of_panel in image_panels(batch, examples, image_token, patch, merge)]
+            dropout.keep = panel_token_keep(maps, cfg.panel_token_dropout, drop_rng)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         if (penalised and penalty_from is None and len(answer_losses) >= 50
