@@ -70,7 +70,7 @@ from pathlib import Path
 import torch
 
 from gaze.attention import ALL_ROWS, Hook, active, prepare
-from gaze.organism.train import augment_bias
+from gaze.organism.train import augment_bias, mean_last, organism_caption
 
 EVAL_SEED0 = 1_000_000  # held-out strips: datagen.make_strip(EVAL_SEED0 + i); training never uses these seeds
 
@@ -145,12 +145,6 @@ def parse_mix(mix: str) -> dict[str, float]:
     if unknown:
         raise ValueError(f"unknown tasks {sorted(unknown)} in --mix; use {', '.join(TASKS)}")
     return out
-
-
-def organism_caption(character: str, obj: str) -> str:
-    """What the organism says about a panel: its object first (so the first answer token depends on the
-    panel, where discovery looks), then its character."""
-    return f"{obj} with the {character}"
 
 
 def strip_captions(strip) -> tuple[str, ...]:
@@ -352,11 +346,6 @@ def penalty_weights(batch: dict, image_token: int, cfg: OrganismConfig) -> torch
     speaks[:, :-1] = (batch["labels"][:, 1:] != -100).float()
     text = valid * (batch["input_ids"] != image_token).float()
     return text * (speaks * cfg.answer_penalty + (1 - speaks) * cfg.penalty)
-
-
-def mean_last(values: list[float], n: int) -> float:
-    tail = values[-n:]
-    return sum(tail) / max(1, len(tail))
 
 
 def build(cfg: OrganismConfig, out: Path) -> None:
