@@ -198,3 +198,71 @@ def test_llm_judge_key_is_never_required_offline(monkeypatch):
     assert isinstance(make_judge("letter"), LetterJudge)
     with pytest.raises(JudgeError, match="unknown judge"):
         make_judge("oracle")
+
+
+@pytest.mark.parametrize("endpoint, allowed", [
+    ("https://judge.example/v1", True),
+    ("http://127.0.0.1:8000/v1", True),  # loopback
+    ("http://localhost:8000/v1", True),
+    ("http://judge.example/v1", False),  # plain http to another host: the key would travel in the clear
+    ("http://user:pw@judge.example/v1", False),
+])
+def test_the_api_key_goes_only_to_https_or_loopback_unless_allowed(monkeypatch, endpoint, allowed):
+    from gaze.eval.judges import JudgeError, LLMJudge
+
+    monkeypatch.setenv("TEST_JUDGE_KEY", "sk-secret")
+    sent = []
+    post = lambda url, headers, body: sent.append(headers) or {"choices": [{"message": {"content": "1"}}]}  # noqa: E731
+    if allowed:
+        LLMJudge.openai("m", base_url=endpoint, api_key_env="TEST_JUDGE_KEY", post=post).complete([])
+        assert sent[0]["Authorization"] == "Bearer sk-secret"
+    else:
+        with pytest.raises(JudgeError, match="plain http") as err:
+            LLMJudge.openai("m", base_url=endpoint, api_key_env="TEST_JUDGE_KEY", post=post)
+        assert "pw" not in str(err.value) and "sk-secret" not in str(err.value)
+        LLMJudge.openai("m", base_url=endpoint, api_key_env="TEST_JUDGE_KEY", post=post, allow_http=True).complete([])
+    with pytest.raises(JudgeError, match="not an http"):
+        LLMJudge.openai("m", base_url="file:///etc/passwd", api_key_env="TEST_JUDGE_KEY", post=post)
+
+
+def test_the_endpoint_is_shown_and_recorded_without_credentials(monkeypatch):
+    from gaze.eval.judges import LLMJudge, public_url
+
+    assert public_url("https://user:pw@judge.example:8443/v1?key=sk-1") == "https://judge.example:8443/v1"
+    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+    judge = LLMJudge.openai("m", base_url="http://u:p@127.0.0.1:9/v1?token=t", api_key_env="NO_SUCH_KEY_VAR",
+                            post=lambda u, h, b: {})
+    assert judge.model_id == "m@http://127.0.0.1:9/v1"
+
+
+def test_a_redirect_is_refused_and_the_key_does_not_follow_it(monkeypatch):
+    """A local stub server answers 307 to another address; the judge stops there and names the fix."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from gaze.eval.judges import JudgeError, LLMJudge
+
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            seen.append((self.path, self.headers.get("Authorization")))
+            self.send_response(307)
+            self.send_header("Location", f"http://127.0.0.1:{self.server.server_port}/elsewhere")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("TEST_JUDGE_KEY", "sk-secret")
+        judge = LLMJudge.openai("m", base_url=f"http://127.0.0.1:{server.server_port}/v1", api_key_env="TEST_JUDGE_KEY",
+                                timeout=5)
+        with pytest.raises(JudgeError, match="redirect"):
+            judge.complete([{"role": "user", "content": "x"}])
+    finally:
+        server.shutdown()
+    assert [p for p, _ in seen] == ["/v1/chat/completions"]  # the redirect's target never got a request

@@ -78,7 +78,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="caption (offline, default) | letter (exact; asks for the overlaid letter) | embedding | llm")
     p.add_argument("--judge-model", default=None, help="embedding model, or LLM (endpoint model name or local folder)")
     p.add_argument("--judge-endpoint", default=None,
-                   help="OpenAI-compatible base URL for --judge llm; the key comes from $OPENAI_API_KEY")
+                   help="OpenAI-compatible base URL for --judge llm; the key comes from $OPENAI_API_KEY and is sent "
+                        "only over https or to a loopback server (default: none)")
+    p.add_argument("--judge-allow-http", action="store_true",
+                   help="send the judge's API key over plain http to a non-loopback --judge-endpoint (default: off)")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="short answers (vqa, sweep, region)")
     p.add_argument("--narration-tokens", type=int, default=d.narration_tokens, help="static narration answers")
     p.add_argument("--strength", type=float, default=d.strength, help="steering bias B")
@@ -115,7 +118,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         protocols=tuple(args.protocols), conditions=tuple(args.conditions), top_k=args.top_k, ks=tuple(args.ks),
         targets=tuple(args.targets) if args.targets else None, every=args.every, at_sentence=args.at_sentence,
         seed=args.seed, judge=args.judge,
-        judge_model=args.judge_model, judge_endpoint=args.judge_endpoint, max_new_tokens=args.max_new_tokens,
+        judge_model=args.judge_model, judge_endpoint=args.judge_endpoint, judge_allow_http=args.judge_allow_http,
+        max_new_tokens=args.max_new_tokens,
         narration_tokens=args.narration_tokens, strength=args.strength, mode=args.mode,
         phase=args.phase, random_percentile=args.random_percentile, prior_strips=args.prior_strips, scenes=args.scenes,
         n_scenes=args.n_scenes, n_objects=args.n_objects, scene_size=tuple(args.scene_size),

@@ -57,6 +57,7 @@ class EvalConfig:
     judge: str = "caption"  # caption | letter | embedding | llm
     judge_model: str | None = None  # embedding model / LLM (endpoint model name or local folder)
     judge_endpoint: str | None = None  # OpenAI-compatible base URL for --judge llm (key from $OPENAI_API_KEY)
+    judge_allow_http: bool = False  # send the judge's API key over plain http to a non-loopback host
     max_new_tokens: int = 24  # short answers: vqa, sweep, region
     narration_tokens: int = 64  # static narration answers
     strength: float = 1e4  # steering bias B

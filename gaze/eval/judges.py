@@ -331,6 +331,28 @@ def parse_llm_reply(reply: str, n: int) -> int | None:
 
 
 Post = Callable[[str, dict, bytes], dict]  # (url, headers, body) -> decoded JSON response
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+def public_url(url: str) -> str:
+    """`url` without credentials or query (scheme://host[:port]/path): what may be shown or written to disk."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _no_redirects():
+    """A urllib opener that refuses redirects: a redirect would carry the Authorization header elsewhere."""
+    import urllib.request
+
+    class Refuse(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            return None  # urllib then raises HTTPError for the 3xx
+
+    return urllib.request.build_opener(Refuse)
 
 
 def _urllib_post(url: str, headers: dict, body: bytes, timeout: float = 60.0) -> dict:
@@ -338,13 +360,17 @@ def _urllib_post(url: str, headers: dict, body: bytes, timeout: float = 60.0) ->
     import urllib.request
 
     req = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    shown = public_url(url)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with _no_redirects().open(req, timeout=timeout) as resp:
             return json.loads(resp.read().decode("utf-8"))
     except urllib.error.HTTPError as e:
-        raise JudgeError(f"LLM judge endpoint {url} answered HTTP {e.code}: {e.read()[:200]!r}") from None
+        if 300 <= e.code < 400:
+            raise JudgeError(f"LLM judge endpoint {shown} answered a redirect (HTTP {e.code}), which is not followed "
+                             "(it would carry the API key elsewhere): give --judge-endpoint the final URL") from None
+        raise JudgeError(f"LLM judge endpoint {shown} answered HTTP {e.code}: {e.read()[:200]!r}") from None
     except urllib.error.URLError as e:
-        raise JudgeError(f"cannot reach the LLM judge endpoint {url} ({e.reason}): check --judge-endpoint, "
+        raise JudgeError(f"cannot reach the LLM judge endpoint {shown} ({e.reason}): check --judge-endpoint, "
                          "or use --judge caption (offline)") from None
 
 
@@ -371,17 +397,29 @@ class LLMJudge(CandidateJudge):
 
     @classmethod
     def openai(cls, model: str, *, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
-               post: Post | None = None, timeout: float = 60.0) -> "LLMJudge":
+               post: Post | None = None, timeout: float = 60.0, allow_http: bool = False) -> "LLMJudge":
         """A judge on an OpenAI-compatible `/chat/completions` endpoint (OpenAI, vLLM, llama.cpp, Ollama ...).
 
-        The key is read from `api_key_env` (never from a flag or a file); a
-        local endpoint may need none. `post` replaces the HTTP call (tests).
+        The key is read from `api_key_env` (never from a flag or a file) and is
+        sent only over https, or to a loopback server, unless `allow_http`;
+        redirects are not followed; the endpoint is shown and recorded without
+        credentials or query (`public_url`). A local endpoint may need no key.
+        `post` replaces the HTTP call (tests).
         """
+        from urllib.parse import urlsplit
+
         base = (base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/")
         key = os.environ.get(api_key_env)
+        parts = urlsplit(base)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise JudgeError(f"--judge-endpoint {public_url(base)!r} is not an http(s) URL: give e.g. "
+                             "https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
         if key is None and "api.openai.com" in base:
-            raise JudgeError(f"the LLM judge on {base} needs an API key in ${api_key_env}: set it, point "
+            raise JudgeError(f"the LLM judge on {public_url(base)} needs an API key in ${api_key_env}: set it, point "
                              "--judge-endpoint at a local server, or use --judge caption (offline, the default)")
+        if key and parts.scheme != "https" and parts.hostname not in LOOPBACK and not allow_http:
+            raise JudgeError(f"refusing to send the API key in ${api_key_env} over plain http to {public_url(base)}: "
+                             "use an https endpoint, a loopback server, or --judge-allow-http if you mean it")
         url = base + "/chat/completions"
         headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
         send = post or (lambda u, h, b: _urllib_post(u, h, b, timeout))
@@ -392,9 +430,9 @@ class LLMJudge(CandidateJudge):
             try:
                 return str(data["choices"][0]["message"]["content"])
             except (KeyError, IndexError, TypeError):
-                raise JudgeError(f"unexpected reply from {url}: {str(data)[:200]}") from None
+                raise JudgeError(f"unexpected reply from {public_url(url)}: {str(data)[:200]}") from None
 
-        return cls(complete, model_id=f"{model}@{base}")
+        return cls(complete, model_id=f"{model}@{public_url(base)}")
 
     @classmethod
     def local(cls, model: str, *, device: str = "cpu", max_new_tokens: int = 8) -> "LLMJudge":
@@ -426,7 +464,7 @@ JUDGES = ("caption", "letter", "embedding", "llm")
 
 
 def make_judge(name: str, *, model: str | None = None, endpoint: str | None = None,
-               api_key_env: str = "OPENAI_API_KEY", device: str = "cpu") -> Judge:
+               api_key_env: str = "OPENAI_API_KEY", device: str = "cpu", allow_http: bool = False) -> Judge:
     """A judge from its CLI name. `model`: embedding model, or LLM (endpoint model name or local folder)."""
     if name == "caption":
         return CaptionJudge()
@@ -436,7 +474,8 @@ def make_judge(name: str, *, model: str | None = None, endpoint: str | None = No
         return EmbeddingJudge(model or "sentence-transformers/all-MiniLM-L6-v2", device=device)
     if name == "llm":
         if endpoint:
-            return LLMJudge.openai(model or "gpt-4o-mini", base_url=endpoint, api_key_env=api_key_env)
+            return LLMJudge.openai(model or "gpt-4o-mini", base_url=endpoint, api_key_env=api_key_env,
+                                   allow_http=allow_http)
         if model:
             return LLMJudge.local(model, device=device)
         return LLMJudge.openai("gpt-4o-mini", api_key_env=api_key_env)

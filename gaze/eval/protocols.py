@@ -49,7 +49,7 @@ import numpy as np
 from gaze.eval.config import (AGGREGATE, MANIFEST, PRIOR, PROTOCOL_ORDER, PROTOCOLS, RECORDS,
                               SIZE_CLASSES, SPLIT_SEEDS, TRAJECTORIES, EvalConfig, EvalError)
 from gaze.eval.heads import PriorScores, head_sets, prior_scores, random_pool, resolve_top_k
-from gaze.eval.judges import CaptionJudge, CandidateJudge, Judge, make_judge
+from gaze.eval.judges import CaptionJudge, CandidateJudge, Judge, make_judge, public_url
 from gaze.eval.records import RecordLog, record_key
 from gaze.eval.statistics import bootstrap_ci, spearman
 from gaze.discovery import manifest_diff, write_manifest
@@ -488,7 +488,7 @@ def run_eval(cfg: EvalConfig, *, loaded=None, ranking: Ranking | None = None, li
     kinds = [c for c in cfg.conditions]
     prior = _prior(cfg, loaded, strips, out) if {"image", "localization"} & set(kinds) else None
     sets = head_sets(ranking, k, cfg.seed, kinds, prior=prior, percentile=cfg.random_percentile)
-    judge = make_judge(cfg.judge, model=cfg.judge_model, endpoint=cfg.judge_endpoint,
+    judge = make_judge(cfg.judge, model=cfg.judge_model, endpoint=cfg.judge_endpoint, allow_http=cfg.judge_allow_http,
                        device=str(loaded.model.device))
     candidate = judge if isinstance(judge, CandidateJudge) else CaptionJudge()
     ctx = Context(loaded, cfg, judge, candidate, track_heads=sets.get("gaze") or ranking.top(k))
@@ -545,7 +545,8 @@ def run_eval(cfg: EvalConfig, *, loaded=None, ranking: Ranking | None = None, li
         "chance": 1 / strips[0].n_panels, "ranking_strips": ranking.n_strips,
         "ranking_source": ranking.meta.get("source", ""),
         "complete": not stopped, "size_classes": {n: (None if math.isinf(u) else u) for n, u in SIZE_CLASSES},
-        "config": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)},
+        "config": {**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)},  # no credentials on disk
+                   "judge_endpoint": public_url(cfg.judge_endpoint) if cfg.judge_endpoint else None},
     }
     agg = aggregate(log.records.values(), n_boot=cfg.n_boot, seed=cfg.seed, meta=meta)
     agg["cost"] = {"generation_seconds": round(sum(r.get("seconds", 0.0) for r in log.records.values()), 1),
