@@ -23,9 +23,61 @@ if TYPE_CHECKING:
     from gaze.regions import ImageLayout, RegionMap
 
 
+def _at_least(low: int):
+    """An argparse type: an integer >= `low`, refused at parse time with the fix."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is too small: give a whole number >= {low}")
+        return value
+    return parse
+
+
+MAX_STRENGTH = 1e6  # past this the bias only loses float precision (1e4 already saturates the softmax)
+
+
+def strength_arg(text: str) -> float:
+    """An argparse type: a finite steering strength |B| <= MAX_STRENGTH."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or abs(value) > MAX_STRENGTH:
+        raise argparse.ArgumentTypeError(f"{text} is not a usable strength: give a finite number within "
+                                         f"+-{MAX_STRENGTH:g} (1e4, the default, saturates the softmax)")
+    return value
+
+
+def device_arg(text: str) -> str:
+    """An argparse type: a torch device this machine has (checked before any model is loaded)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device: use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device; use --device cpu")
+        if device.index is not None and device.index >= n:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: MPS is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise argparse.ArgumentTypeError(f"{text}: not a device gaze runs on; use cpu, cuda, cuda:N or mps")
+    return text
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="organism", help="hub id, local folder, or 'organism' (default)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--device", default=None, type=device_arg,
+                   help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--device-map", default=None, help="'auto' to spread a large model over all GPUs")
 
@@ -205,16 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("discover", help="rank heads by gaze score")
     _add_model_args(d)
     d.add_argument("--strips", required=True, help="comic folders, a dataset (folder or hub id), or one image")
-    d.add_argument("--n-strips", type=int, default=None, help="how many strips (default: all)")
-    d.add_argument("--start", type=int, default=0, help="first strip / row index")
+    d.add_argument("--n-strips", type=_at_least(1), default=None, help="how many strips (default: all)")
+    d.add_argument("--start", type=_at_least(0), default=0, help="first strip / row index")
     d.add_argument("--split", default=None, help="dataset split")
     d.add_argument("--out", required=True, help="output folder (resumable)")
     d.add_argument("--prompt", default=PANEL_QUESTION, help="panel question template with {ordinal}")
-    d.add_argument("--gap", type=int, default=0, help="pixels between stitched panels")
+    d.add_argument("--gap", type=_at_least(0), default=0, help="pixels between stitched panels")
     d.add_argument("--panel-box", action="append", default=None, metavar="x0,y0,x1,y1",
                    help="with a single image: a panel box in reading order (repeat for each panel)")
     d.add_argument("--skip-bad", action="store_true", help="skip (and report) strips with missing or unreadable panels")
-    d.add_argument("--top", type=int, default=10, help="how many top heads to print")
+    d.add_argument("--top", type=_at_least(0), default=10, help="how many top heads to print")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.add_argument("--variant", default="raw", help="score: raw (paper), selectivity, value_weighted, sink_excluded")
     d.add_argument("--push-to-hub", default=None, metavar="OWNER/NAME", help="upload the ranking folder (HF_TOKEN)")
@@ -225,22 +277,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(s)
     s.add_argument("--ranking", required=True, help="ranking folder or ranking.json from `gaze discover`")
     s.add_argument("--image", required=True)
-    s.add_argument("--panels", type=int, default=6, help="split the image into N equal panels, left to right")
-    s.add_argument("--target", type=int, default=None, help="panel to steer to (1-based)")
+    s.add_argument("--panels", type=_at_least(1), default=6, help="split the image into N equal panels, left to right")
+    s.add_argument("--target", type=_at_least(1), default=None, help="panel to steer to (1-based)")
     s.add_argument("--box", default=None, help="pixel box x0,y0,x1,y1 to steer to")
     s.add_argument("--schedule", default=None, help="panels in order, e.g. 2,4,3,5,1,6")
-    s.add_argument("--every", type=int, default=50, help="tokens per schedule entry")
+    s.add_argument("--every", type=_at_least(1), default=50, help="tokens per schedule entry")
     s.add_argument("--at-sentence", action="store_true", help="switch at the next sentence end after --every tokens")
-    s.add_argument("--top-k", type=int, default=None,
+    s.add_argument("--top-k", type=_at_least(1), default=None,
                    help="number of gaze heads to steer (default: the paper's share of the model's heads, "
                         "ceil(heads x 100 / 1152), at least 1)")
-    s.add_argument("--strength", type=float, default=1e4)
+    s.add_argument("--strength", type=strength_arg, default=1e4, help="steering bias B (default: 1e4)")
     s.add_argument("--mode", default="boost", choices=["boost", "suppress", "suppress_text"])
     s.add_argument("--phase", default="all", choices=["all", "prefill", "decode"],
                    help="when to bias: every row (default), the prompt's rows only (the answer then goes on "
                         "unsteered), or the answer's rows only")
     s.add_argument("--prompt", default=STRIP_QUESTION)
-    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--max-new-tokens", type=_at_least(1), default=64)
     s.add_argument("--repetition-penalty", type=float, default=None)
     s.add_argument("--no-repeat-ngram-size", type=int, default=None)
     s.add_argument("--trajectory-out", default=None, help="save the trajectory as JSON (+ PNG beside it)")
@@ -250,12 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(i)
     i.add_argument("--ranking", required=True)
     i.add_argument("--image", required=True)
-    i.add_argument("--panels", type=int, default=6)
+    i.add_argument("--panels", type=_at_least(1), default=6, help="split the image into N equal panels")
     i.add_argument("--prompt", default=STRIP_QUESTION)
-    i.add_argument("--top-k", type=int, default=8)
-    i.add_argument("--target", type=int, default=None, help="steer to this panel while inspecting")
+    i.add_argument("--top-k", type=_at_least(1), default=8, help="gaze heads to inspect (default: 8)")
+    i.add_argument("--target", type=_at_least(1), default=None, help="steer to this panel while inspecting")
     i.add_argument("--word", action="append", default=None, help="write a PNG for this word (repeatable)")
-    i.add_argument("--max-new-tokens", type=int, default=64)
+    i.add_argument("--max-new-tokens", type=_at_least(1), default=64)
     i.add_argument("--out", default="inspect")
     i.set_defaults(func=cmd_inspect)
 
@@ -266,8 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     doc = sub.add_parser("doctor", help="draw the image-token grid and the panel/box assignment over an image")
     _add_model_args(doc)
     doc.add_argument("--image", required=True)
-    doc.add_argument("--panels", type=int, default=6, help="split into N equal panels")
-    doc.add_argument("--rows", type=int, default=1, help="panel rows (e.g. 2 for a 2x3 grid)")
+    doc.add_argument("--panels", type=_at_least(1), default=6, help="split into N equal panels")
+    doc.add_argument("--rows", type=_at_least(1), default=1, help="panel rows (e.g. 2 for a 2x3 grid)")
     doc.add_argument("--box", action="append", default=None, help="x0,y0,x1,y1 (repeatable) instead of panels")
     doc.add_argument("--out", default="doctor.png")
     doc.set_defaults(func=cmd_doctor)

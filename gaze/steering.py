@@ -133,6 +133,9 @@ class Schedule:
 def parse_schedule(text: str, every: int | None = None, *, steps: str | Sequence[int] | None = None,
                    at_sentence: bool = False, n_panels: int | None = None, max_len: int = 64) -> Schedule:
     """"4,2,1,6,5,3" (1-based panels) -> Schedule; a readable ValueError for bad input."""
+    if re.search(r"(^|[,;])\s*([,;]|$)", text.strip()) and text.strip():
+        raise SteeringError(f"schedule {text!r} has an empty entry: give panel numbers separated by single commas, "
+                         "e.g. 4,2,1,6,5,3")
     items = [t for t in re.split(r"[\s,;]+", text.strip()) if t]
     if not items:
         raise SteeringError("empty schedule: give panel numbers separated by commas, e.g. 4,2,1,6,5,3")
