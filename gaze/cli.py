@@ -333,6 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     except GazeError as e:
         print(f"gaze {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        kept = (f"what was finished is kept in {out}; rerun the same command to resume" if out and args.command in
+                ("discover", "eval") else "nothing was written")
+        print(f"gaze {args.command}: interrupted: {kept}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

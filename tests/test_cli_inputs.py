@@ -45,3 +45,26 @@ def test_a_schedule_with_an_empty_entry_is_refused(schedule):
     with pytest.raises(GazeError, match="empty entry"):
         parse_schedule(schedule, every=4)
     assert len(parse_schedule("4, 2 ,1", every=4).targets) == 3
+
+
+@pytest.mark.parametrize("command, kept", [("discover", "rerun the same command to resume"), ("steer", "nothing")])
+def test_ctrl_c_ends_with_one_line_saying_what_was_kept(command, kept, capsys, monkeypatch, tmp_path):
+    import gaze.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    argv = {"discover": ["discover", "--strips", "x", "--out", str(tmp_path / "run")],
+            "steer": STEER + ["--target", "2"]}[command]
+    parser = gaze.cli.build_parser
+
+    def patched():
+        p = parser()
+        for action in p._subparsers._group_actions[0].choices.values():
+            action.set_defaults(func=interrupted)
+        return p
+
+    monkeypatch.setattr(gaze.cli, "build_parser", patched)
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "interrupted" in err[0] and kept in err[0]
