@@ -90,6 +90,29 @@ def active(*hooks: Hook) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+def _masked_softmax(scores: torch.Tensor, rows: torch.Tensor, q: int, mask: torch.Tensor | None,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    """softmax(scores + mask + bias) over keys, with the mask logic of `sdpa_attention_forward`: the one
+    place both recomputations (chosen rows, whole matrices) apply it.
+
+    scores [..., kv]; rows: each score row's query index, broadcastable to scores[..., 0] (for the causal
+    path); mask None (causal), bool (True = attend) or float additive, broadcastable to scores; bias too.
+    """
+    kv = scores.shape[-1]
+    if mask is None:
+        # SDPA's causal path: lower-right aligned, except the static-cache prefill
+        # where keys beyond q are cropped (upper-left).
+        limit = rows if (q > 1 and kv > q) else rows + (kv - q)
+        scores = scores.masked_fill(torch.arange(kv, device=scores.device) > limit[..., None], float("-inf"))
+    elif mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    else:
+        scores = scores + mask.float()
+    if bias is not None:
+        scores = scores + bias.float()
+    return torch.softmax(scores, dim=-1)
+
+
 def attention_rows(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -122,23 +145,14 @@ def attention_rows(
     k = key.float()[batch if key.shape[0] > 1 else torch.zeros_like(batch)]  # [N, Hkv, kv, D]
     scores = torch.einsum("ngrd,ngkd->ngrk", q_sel.view(n, hkv, h // hkv, d), k)  # [N, Hkv, rep, kv]
     scores = scores.reshape(n, h, kv) * scaling  # [N, H, kv]
-    keys = torch.arange(kv, device=query.device)
-    if attention_mask is None:
-        # SDPA's causal path: lower-right aligned, except the static-cache prefill
-        # where keys beyond q are cropped (upper-left).
-        limit = rows[:, None] if (q > 1 and kv > q) else rows[:, None] + (kv - q)
-        scores = scores.masked_fill((keys[None, :] > limit)[:, None, :], float("-inf"))
-    else:
+    m = None
+    if attention_mask is not None:
         m = attention_mask[batch if attention_mask.shape[0] > 1 else torch.zeros_like(batch), :, rows]  # [N, 1|H, kv]
-        if m.dtype == torch.bool:
-            scores = scores.masked_fill(~m, float("-inf"))
-        else:
-            scores = scores + m.float()
     if bias is not None:
         bb = batch if bias.shape[0] > 1 else torch.zeros_like(batch)
         br = rows if bias.shape[2] > 1 else torch.zeros_like(rows)
-        scores = scores + bias[bb, :, br].float()  # [N, H|1, kv]
-    return torch.softmax(scores, dim=-1)
+        bias = bias[bb, :, br]  # [N, H|1, kv]
+    return _masked_softmax(scores, rows[:, None], q, m, bias)
 
 
 def attention_weights(
@@ -154,17 +168,8 @@ def attention_weights(
     hkv, kv = key.shape[1], key.shape[2]
     k = key.float().repeat_interleave(h // hkv, dim=1)  # [B, H, kv, D]
     scores = torch.matmul(query.float(), k.transpose(-1, -2)) * scaling  # [B, H, q, kv]
-    if attention_mask is None:
-        rows = torch.arange(q, device=query.device)[:, None]
-        limit = rows if (q > 1 and kv > q) else rows + (kv - q)
-        scores = scores.masked_fill(torch.arange(kv, device=query.device)[None, :] > limit, float("-inf"))
-    elif attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask[..., :q, :kv], float("-inf"))
-    else:
-        scores = scores + attention_mask[..., :q, :kv].float()
-    if bias is not None:
-        scores = scores + bias.float()
-    return torch.softmax(scores, dim=-1)
+    m = None if attention_mask is None else attention_mask[..., :q, :kv]
+    return _masked_softmax(scores, torch.arange(q, device=query.device), q, m, bias)
 
 
 def gaze_sdpa_attention(
