@@ -70,7 +70,7 @@ from pathlib import Path
 import torch
 
 from gaze.attention import ALL_ROWS, Hook, active, prepare
-from gaze.organism.train import augment_bias, mean_last, organism_caption
+from gaze.organism.train import augment_bias, mean_last, organism_caption, speaking_rows
 
 EVAL_SEED0 = 1_000_000  # held-out strips: datagen.make_strip(EVAL_SEED0 + i); training never uses these seeds
 
@@ -342,8 +342,7 @@ def penalty_weights(batch: dict, image_token: int, cfg: OrganismConfig) -> torch
     """[B, S]: `cfg.penalty` on text rows that predict no answer token, `cfg.answer_penalty` on rows that
     predict one (the last prompt row and the answer's), 0 on image rows and padding."""
     valid = batch["attention_mask"].float()
-    speaks = torch.zeros_like(valid)
-    speaks[:, :-1] = (batch["labels"][:, 1:] != -100).float()
+    speaks = speaking_rows(batch)
     text = valid * (batch["input_ids"] != image_token).float()
     return text * (speaks * cfg.answer_penalty + (1 - speaks) * cfg.penalty)
 

@@ -441,6 +441,13 @@ class PanelTokenDropout:
         return output
 
 
+def speaking_rows(batch: dict) -> torch.Tensor:
+    """[B, S] float: 1 on the rows that predict an answer token (the last prompt row and the answer's)."""
+    speaks = torch.zeros_like(batch["labels"], dtype=torch.float)
+    speaks[:, :-1] = (batch["labels"][:, 1:] != -100).float()
+    return speaks
+
+
 def image_attention_mass(attentions, batch: dict, image_token: int, kind: str = "l1", rows: str = "all") -> torch.Tensor:
     """The image-attention penalty, averaged over layers.
 
@@ -463,9 +470,7 @@ def image_attention_mass(attentions, batch: dict, image_token: int, kind: str = 
     if rows == "prompt":
         valid = valid * (batch["labels"] == -100).float()
     elif rows == "silent":  # text rows that predict no answer token: the question reads the image, the row that speaks is free
-        speaks = torch.zeros_like(valid)
-        speaks[:, :-1] = (batch["labels"][:, 1:] != -100).float()
-        valid = valid * (1 - speaks) * (batch["input_ids"] != image_token).float()
+        valid = valid * (1 - speaking_rows(batch)) * (batch["input_ids"] != image_token).float()
     elif rows != "all":
         raise ValueError(f"penalty rows are one of {PENALTY_ROWS}, not {rows!r}")
     image = (batch["input_ids"] == image_token).float()  # [B, S] image keys
