@@ -134,6 +134,7 @@ class OrganismConfig:
     # the step the penalty switches on)
     gaze_augment_heads: int = 4  # at most this many heads per such example
     vision_pos_embed: str = "zero"  # "zero": no absolute position table in the vision tower; "learned"
+    init: str = ""  # an organism folder to start from (its weights, tokenizer and geometry) instead of random weights
 
 
 def parse_mix(mix: str) -> dict[str, float]:
@@ -373,6 +374,15 @@ def check_config(cfg: OrganismConfig) -> None:
         raise ValueError("--gaze-augment-heads, --steps and --batch are at least 1")
     if cfg.vision_pos_embed not in ("zero", "learned"):
         raise ValueError(f"--vision-pos-embed is 'zero' or 'learned', not {cfg.vision_pos_embed!r}")
+    if cfg.init:
+        init = Path(cfg.init)
+        if not (init / "config.json").is_file() or not (init / "model.safetensors").is_file():
+            raise ValueError(f"--init {cfg.init}: not an organism folder (no config.json and model.safetensors)")
+        vision = json.loads((init / "config.json").read_text())["vision_config"]
+        if (vision["patch_size"], vision["spatial_merge_size"]) != (cfg.patch_size, cfg.merge_size):
+            raise ValueError(f"--init {cfg.init} has {vision['patch_size']} px patches merged "
+                             f"{vision['spatial_merge_size']}x{vision['spatial_merge_size']}: pass --patch-size "
+                             f"{vision['patch_size']} --merge-size {vision['spatial_merge_size']}")
 
 
 def step_loss(model, processor, examples, cfg: OrganismConfig, aug_rng: random.Random, ramp: float, n_layers: int,
@@ -410,7 +420,16 @@ def train(cfg: OrganismConfig, out: str | Path, log=print, checkpoints: int = 0)
     if work.exists():
         shutil.rmtree(work)
     torch.manual_seed(cfg.seed)
-    build(cfg, work)
+    init_record = None
+    if cfg.init:  # a later stage: the earlier organism's weights, tokenizer, processor; this recipe's prompts
+        shutil.copytree(cfg.init, work)
+        for stale in ("ranking.json", "training.json"):
+            if (work / stale).exists():
+                init_record = json.loads((work / stale).read_text()) if stale == "training.json" else init_record
+                (work / stale).unlink()
+        (work / "prompts.json").write_text(json.dumps(PROMPTS, indent=1))
+    else:
+        build(cfg, work)
     model = AutoModelForImageTextToText.from_pretrained(work)
     prepare(model)
     n_layers, n_heads = model.config.text_config.num_hidden_layers, model.config.text_config.num_attention_heads
@@ -488,6 +507,8 @@ def train(cfg: OrganismConfig, out: str | Path, log=print, checkpoints: int = 0)
     record = {"config": asdict(cfg), "train_minutes": round(minutes, 2), "final_loss": mean_last(losses, 100),
               "final_answer_loss": mean_last(answer_losses, 100), "final_penalty": mean_last(penalties, 100), "penalty_from_step": penalty_from,
               "torch_threads": torch.get_num_threads(), "prompts": PROMPTS}
+    if init_record is not None:
+        record["init_record"] = init_record
     (work / "training.json").write_text(json.dumps(record, indent=1))
     if out.exists():
         shutil.rmtree(out)
