@@ -20,7 +20,6 @@ import tempfile
 from gaze.discovery import discover, summary
 from gaze.generation import generate, regions_for
 from gaze.models import ORGANISM_DIR, load
-from gaze.prompts import NARRATION_PROMPT, STRIP_QUESTION
 from gaze.ranking import Ranking
 from gaze.steering import Panel, Schedule
 
@@ -31,24 +30,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--top-k", type=int, default=4)
-    p.add_argument("--panel-size", type=int, default=64)
+    p.add_argument("--panel-size", type=int, default=64, help="panel height in px (default: %(default)s)")
     p.add_argument("--n-discovery", type=int, default=12, help="strips to rank heads on (ignored with a shipped ranking)")
     args = p.parse_args(argv)
 
     from datagen import make_strip
 
     loaded = load(args.model, device=args.device, dtype=args.dtype)
+    prompts = loaded.prompts  # the organism's own (its prompts.json), else the paper's
+    STRIP_QUESTION, NARRATION_PROMPT = prompts.vqa, prompts.narration
+
+    def strip_of(seed):  # assembled as the paper does: one height, widths of their own, 6 px gaps
+        return make_strip(seed, panel_size=args.panel_size, gap=6, widths=(args.panel_size, args.panel_size * 7 // 4))
+
     shipped = ORGANISM_DIR / "ranking.json"
     if args.model == "organism" and shipped.exists():
         ranking = Ranking.load(shipped)
         print(f"using the organism's shipped ranking ({ranking.n_strips} strips)")
     else:
-        strips = [make_strip(2_000_000 + i, panel_size=args.panel_size) for i in range(args.n_discovery)]
-        ranking = discover(loaded, strips, tempfile.mkdtemp(prefix="gaze-demo-"), source="datagen procedural")
+        strips = [strip_of(2_000_000 + i) for i in range(args.n_discovery)]
+        ranking = discover(loaded, strips, tempfile.mkdtemp(prefix="gaze-demo-"), template=prompts.discovery,
+                           source="datagen procedural")
     print(summary(ranking, args.top_k))
     heads = ranking.top(args.top_k)
 
-    strip = make_strip(1_000_000, panel_size=args.panel_size)
+    strip = strip_of(1_000_000)
     print("\nheld-out strip, panel captions:")
     for k, c in enumerate(strip.captions, start=1):
         print(f"  panel {k}: {c}")

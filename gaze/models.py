@@ -43,6 +43,15 @@ class Loaded:
     def n_heads(self) -> int:
         return int(self.family.text_config(self.model).num_attention_heads)
 
+    @property
+    def prompts(self):
+        """The questions to ask this model (`gaze.prompts.Prompts`): those its folder records in
+        `prompts.json` (the model organism's), else the paper's."""
+        from gaze.prompts import Prompts
+
+        folder = Path(resolve(self.model_id)) if self.model_id in SHORT_NAMES else Path(self.model_id)
+        return Prompts.for_model(folder if folder.is_dir() else None)
+
 
 def resolve(name_or_path: str) -> str:
     """A short name ('organism') -> its folder; anything else unchanged."""
@@ -50,7 +59,7 @@ def resolve(name_or_path: str) -> str:
         folder = SHORT_NAMES[name_or_path]
         if not (folder / "config.json").exists():
             raise ModelNotFoundError(
-                f"the model organism is not at {folder}: train it with `python -m gaze.organism.train --out gaze/organism/weights` "
+                f"the model organism is not at {folder}: train it with the commands in gaze/organism/train.py "
                 "or pass --model with a hub id or folder"
             )
         return str(folder)

@@ -7,11 +7,46 @@ so that `steer` and `Tracker` read geometry from the inputs they are given.
 
 from __future__ import annotations
 
-PANEL_QUESTION = "What is happening in the {ordinal} panel from the left?"
+from dataclasses import dataclass
+
+# The paper's wordings (its text and its code's), the defaults for every model. A model folder that records
+# the prompts it was trained on (`prompts.json`, as the model organism's does) gets those instead: `for_model`.
+PANEL_QUESTION = ("Look carefully at this six-panel comic strip. What is happening in the {ordinal} panel from the left? "
+                  "Answer briefly.")  # the discovery question
+SHORT_PANEL_QUESTION = "What is happening in the {ordinal} panel from the left?"
 LETTER_QUESTION = "Which letter is on the {ordinal} panel?"
-STRIP_QUESTION = "What is the main action happening in this comic strip? Answer briefly."
-NARRATION_PROMPT = "Describe this comic strip panel by panel."
-THIS_PANEL_QUESTION = "What is happening in this panel?"
+STRIP_QUESTION = "What is the main action or event happening in this comic strip? Answer briefly."  # VQA
+NARRATION_PROMPT = ("Please describe what happens in each panel, in order. Start each panel description with "
+                    "'Panel 1:', 'Panel 2:', and so on.")
+THIS_PANEL_QUESTION = "What is happening in this panel of the comic strip?"  # static narration
+REVERSE_QUESTION = "Read the comic in reverse, what is happening in the {ordinal} panel from the left?"
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """The questions one model is asked: the paper's, or those its folder records (`prompts.json`)."""
+
+    discovery: str = PANEL_QUESTION  # about panel {ordinal}: the gaze score's question
+    panel: str = SHORT_PANEL_QUESTION  # a shorter panel question
+    vqa: str = STRIP_QUESTION  # the whole strip (answered from panel 1 by most VLMs)
+    static_narration: str = THIS_PANEL_QUESTION  # names no panel
+    narration: str = NARRATION_PROMPT  # panel by panel, "Panel k:" markers
+    letter: str = LETTER_QUESTION  # the letter overlaid on panel {ordinal}
+    reverse: str = REVERSE_QUESTION  # panel {ordinal} counted from the right
+
+    @classmethod
+    def for_model(cls, folder) -> "Prompts":
+        """The prompts recorded in `folder/prompts.json` (missing keys: the paper's); the paper's if none."""
+        import json
+        from pathlib import Path
+
+        path = Path(folder) / "prompts.json" if folder else None
+        if path is None or not path.is_file():
+            return cls()
+        data = json.loads(path.read_text())
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known and isinstance(v, str)})
+
 
 PRESETS = {
     "whole strip": STRIP_QUESTION,

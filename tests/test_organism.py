@@ -1,385 +1,390 @@
-"""The model organism: a smoke training run, and (when shipped) the organism itself."""
+"""The model organism recipe: its data, its auxiliary terms and its checks; and the shipped organism itself."""
 
 import json
+import math
+import random
 
 import pytest
 import torch
 
-from gaze.models import ORGANISM_DIR, load
-from gaze.organism.train import OrganismConfig, narration, parse_mix, train
+from datagen.story import CHARACTERS, OBJECTS
+from gaze.organism import check
+from gaze.organism.train import (PROMPTS, OrganismConfig, PanelPool, PromptIds, TrainingHook, answer_panels,
+                                 augment_bias, blinding, build_batch, cache_features, check_config, draw_task,
+                                 focus_weights, narration, parse_mix, penalty_weights, prepare, readout_targets,
+                                 silent_rows, train)
 
-SMALL = dict(batch=4, pool_per_combo=1, num_layers=2, num_heads=4, num_kv_heads=2, hidden_size=64, head_dim=16,
-             vision_depth=1, vision_hidden=32)  # an organism that trains a step in about a second
+SMALL = dict(steps=2, unmask_steps=2, batch=4, pool_strips=8, vision_steps=2, vision_batch=4, pool_per_combo=1,
+             num_layers=2, num_heads=4, num_kv_heads=2, hidden_size=64, head_dim=16, vision_depth=1, vision_hidden=32)
 
 
-def test_smoke_training_saves_a_loadable_vlm(tmp_path):
-    cfg = OrganismConfig(steps=3, **SMALL)
-    record = train(cfg, tmp_path / "org", log=lambda s: None)
-    assert record["config"]["steps"] == 3 and record["final_loss"] > 0
-    loaded = load(str(tmp_path / "org"), device="cpu")  # the real from_pretrained path, offline
-    assert loaded.model.config.model_type == "qwen3_vl"
-    assert torch.count_nonzero(loaded.model.model.visual.pos_embed.weight) == 0  # no absolute position table
-    from datagen import make_strip
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("organism") / "org"
+    record = train(OrganismConfig(**SMALL), out, log=lambda s: None)
+    return out, record
+
+
+def test_smoke_training_saves_a_loadable_vlm_with_its_prompts(trained):
     from gaze.generation import generate
+    from gaze.models import load
 
-    out = generate(loaded, make_strip(5, panel_size=64).image, "What is happening in the 2nd panel from the left?",
-                   max_new_tokens=3)
-    assert len(out.token_ids) <= 3
-    assert json.loads((tmp_path / "org" / "training.json").read_text())["config"]["seed"] == 0
-
-
-def test_a_second_stage_starts_from_the_first_and_records_it(tmp_path):
-    from safetensors.torch import load_file
-
-    first = train(OrganismConfig(steps=2, **SMALL), tmp_path / "one", log=lambda s: None)
-    (tmp_path / "one" / "ranking.json").write_text("{}")  # a ranking of the first stage's weights
-    second = train(OrganismConfig(steps=2, init=str(tmp_path / "one"), panel_token_dropout=0.5, panel_flip=0.5,
-                                  cast_per_panel=0.5, **SMALL), tmp_path / "two", log=lambda s: None)
-    assert second["init_record"] == first
-    assert json.loads((tmp_path / "two" / "training.json").read_text())["init_record"] == first
-    assert not (tmp_path / "two" / "ranking.json").exists()  # not carried over to new weights
-    assert (tmp_path / "two" / "tokenizer.json").read_bytes() == (tmp_path / "one" / "tokenizer.json").read_bytes()
-    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
-    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)  # trained on, same shapes
-    loaded = load(str(tmp_path / "two"), device="cpu")
-    assert torch.count_nonzero(loaded.model.model.visual.pos_embed.weight) == 0  # still no absolute position table
+    out, record = trained
+    assert json.loads((out / "prompts.json").read_text()) == PROMPTS
+    assert record["config"]["steps"] == 2 and record["prompts"] == PROMPTS
+    loaded = load(str(out), device="cpu")
+    strip = check.held_out("1x6", 1)[0]
+    g = generate(loaded, strip.image, PROMPTS["vqa"], max_new_tokens=3)
+    assert len(g.token_ids) <= 3
 
 
-def test_task_helpers():
-    assert parse_mix("panel:1,strip:2") == {"panel": 1.0, "strip": 2.0}
-    with pytest.raises(ValueError, match="unknown tasks"):
-        parse_mix("panel:1,dance:1")
-    assert narration(["a", "b"]) == "1: a. 2: b."
+@pytest.fixture(scope="module")
+def pool():
+    return PanelPool(OrganismConfig(**SMALL))
 
 
-def test_each_task_asks_its_question_and_answers_from_its_panel():
-    import random
-
-    from gaze.prompts import (LETTER_QUESTION, NARRATION_PROMPT, PANEL_QUESTION, STRIP_QUESTION, THIS_PANEL_QUESTION,
-                              panel_question)
-    from gaze.organism.train import PanelPool, draw_task
-
-    strip = PanelPool(OrganismConfig(**SMALL)).strip(random.Random(0))
-    rng = random.Random(1)
-    for task in ("panel", "letter", "strip", "this", "narration"):
-        for _ in range(5):
-            q, a, k = draw_task(strip, rng, {task: 1.0})
-            if task == "panel":
-                assert (q, a) == (panel_question(k, PANEL_QUESTION), strip.captions[k - 1])
-            elif task == "letter":
-                assert (q, a) == (panel_question(k, LETTER_QUESTION), strip.letters[k - 1])
-            elif task in ("strip", "this"):
-                assert (q, a, k) == ({"strip": STRIP_QUESTION, "this": THIS_PANEL_QUESTION}[task], strip.captions[0], 1)
-            else:
-                assert (q, a, k) == (NARRATION_PROMPT, narration(strip.captions), 0)
-
-
-@pytest.mark.skipif(not (ORGANISM_DIR / "config.json").exists(), reason="the organism is not trained yet")
-def test_shipped_organism_answers_held_out_panel_questions():
-    from datagen import make_strip
-    from gaze.generation import generate
-    from gaze.prompts import PANEL_QUESTION, panel_question
-    from gaze.organism.train import EVAL_SEED0, caption_style, strip_captions
-
-    loaded = load("organism", device="cpu")
-    hits = 0
-    for i in range(12):
-        strip = make_strip(EVAL_SEED0 + 500 + i, panel_size=64)
-        k = i % 6 + 1
-        out = generate(loaded, strip.image, panel_question(k, PANEL_QUESTION), max_new_tokens=16)
-        hits += out.text.rstrip(".") == strip_captions(strip, caption_style())[k - 1]
-    assert hits >= 9, f"{hits}/12 held-out panel questions answered exactly"
-
-
-def test_image_attention_penalties_match_a_hand_computation():
-    from gaze.organism.train import image_attention_mass
-
-    ids = torch.tensor([[7, 7, 1, 2]])  # two image tokens (id 7), two text tokens
-    batch = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 0]])}  # the last row is padding
-    att = torch.zeros(1, 2, 4, 4)
-    att[0, 0, 2] = torch.tensor([0.5, 0.25, 0.25, 0.0])  # head 0, a text row: 0.75 on the image
-    att[0, 1, 1] = torch.tensor([0.6, 0.4, 0.0, 0.0])  # head 1, image token 1: 0.6 on image token 0, 0.4 on itself (free)
-    att[0, 1, 3] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # padding row: ignored
-    l1 = image_attention_mass([att], batch, 7, "l1")
-    assert torch.isclose(l1, torch.tensor((0.75 + 0.6) / 3))
-    group = image_attention_mass([att], batch, 7, "group")
-    assert torch.isclose(group, torch.tensor((0.75**2 / 3) ** 0.5 + (0.6**2 / 3) ** 0.5), atol=1e-6)
-    with pytest.raises(ValueError, match="penalty kind"):
-        image_attention_mass([att], batch, 7, "l2")
-
-
-def test_the_silent_rows_penalty_spares_the_rows_that_speak_and_the_image():
-    from gaze.organism.train import image_attention_mass
-
-    ids = torch.tensor([[1, 7, 7, 2, 3, 4, 5]])  # text, two image tokens, a question token, the last prompt row, answer
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-             "labels": torch.tensor([[-100, -100, -100, -100, -100, 4, 5]])}
-    att = torch.zeros(1, 1, 7, 7)
-    att[0, 0, 3, 1] = 0.8  # the question token reads the image: pays
-    att[0, 0, 4, 2] = 0.9  # the last prompt row (predicts the answer's first token) reads it: free
-    att[0, 0, 5, 1] = 0.7  # an answer row that predicts the next answer token: free
-    att[0, 0, 2, 1] = 0.5  # an image row reading another image token: free
-    att[0, 0, 6, 2] = 0.6  # the last answer row predicts nothing: pays
-    rows = 3  # the paying rows: 0, 3 and 6 (text, predicting no answer token)
-    assert torch.isclose(image_attention_mass([att], batch, 7, "l1", "silent"), torch.tensor((0.8 + 0.6) / rows))
-
-
-def test_a_token_budget_gives_one_token_per_panel(tmp_path):
-    cfg = OrganismConfig(steps=1, batch=2, pool_per_combo=1, num_layers=1, num_heads=2, num_kv_heads=1, hidden_size=32,
-                         head_dim=16, vision_depth=1, vision_hidden=32, patch_size=16, max_image_tokens=6)
-    train(cfg, tmp_path / "org", log=lambda s: None)
-    from datagen import make_strip
-    from gaze.generation import prepare_inputs
-
-    loaded = load(str(tmp_path / "org"), device="cpu")
-    enc, layout = prepare_inputs(loaded, make_strip(1, panel_size=64).image, "x")
-    assert enc["image_grid_thw"].tolist() == [[1, 2, 12]] and layout.n_tokens == 6  # 384x64 -> 192x32: 1x6 merged
-
-
-@pytest.mark.skipif(not (ORGANISM_DIR / "config.json").exists(), reason="the organism is not trained yet")
-def test_merge_size_four_gives_one_token_per_panel_at_full_resolution(tmp_path):
-    cfg = OrganismConfig(steps=1, batch=2, pool_per_combo=1, num_layers=1, num_heads=2, num_kv_heads=1, hidden_size=32,
-                         head_dim=16, vision_depth=1, vision_hidden=32, patch_size=16, merge_size=4)
-    train(cfg, tmp_path / "org", log=lambda s: None)
-    from datagen import make_strip
-    from gaze.generation import prepare_inputs
-    from gaze.regions import panel_regions
-
-    loaded = load(str(tmp_path / "org"), device="cpu")
-    strip = make_strip(1, panel_size=64)
-    enc, layout = prepare_inputs(loaded, strip.image, "x")
-    assert enc["image_grid_thw"].tolist() == [[1, 4, 24]] and layout.n_tokens == 6  # 384x64 as drawn: 4x24 patches
-    regions = panel_regions(layout, strip.panels)
-    assert torch.equal(regions.membership, torch.eye(6))  # panel k is token k, alone
-    with pytest.raises(ValueError, match="merge-size 4"):  # a second stage keeps the token grid
-        train(OrganismConfig(steps=1, init=str(tmp_path / "org"), patch_size=16), tmp_path / "two", log=lambda s: None)
-    assert not (tmp_path / "two.building").exists()
-
-
-def test_first_token_diagnostic_without_bias_is_the_unsteered_answer():
-    from gaze.generation import generate
-    from gaze.organism.check import first_token_redirection, held_out_strips
-    from gaze.prompts import STRIP_QUESTION
-    from gaze.organism.train import caption_style, strip_captions
-
-    loaded = load("organism", device="cpu")
-    strips = held_out_strips(2)
-    out = first_token_redirection(loaded, strips, [(2, 6), (3, 1)], strength=0.0)  # B = 0 is exactly no steering
-    plain = [generate(loaded, s.image, STRIP_QUESTION, max_new_tokens=16).text.rstrip(".") for s in strips]
-    for k in range(1, 7):
-        expected = sum(p == strip_captions(s, caption_style())[k - 1] for p, s in zip(plain, strips)) / len(strips)
-        assert out["per_panel"][k] == expected
-
-
-def test_scene_captions_follow_each_panels_scene():
-    import random
-
-    from datagen import make_strip
-    from datagen.story import SCENES
-    from gaze.organism.train import PanelPool, corpus, organism_caption, strip_captions
-
-    pool = PanelPool(OrganismConfig(pool_per_combo=3, caption="scene", cast_per_panel=0.0))
-    strip = pool.strip(random.Random(0))
-    scenes = [c.split(" in the ")[1] for c in strip.captions]
-    assert all(s in SCENES for s in scenes) and len(set(scenes)) == 6  # six distinct scenes, one per panel
-    story = make_strip(7, panel_size=64).meta["story"]
-    assert strip_captions(make_strip(7, panel_size=64), "scene") == tuple(
-        f"{o} in the {s}" for o, s in zip(story["objects"], story["scenes"]))
-    assert organism_caption("cat", "tree") == "tree with the cat"
-    with pytest.raises(ValueError, match="caption style"):
-        organism_caption("cat", "tree", "park", "poem")
-    assert "tree in the park." in corpus("scene") and "tree in the park." not in corpus("character")
-
-
-@pytest.mark.parametrize("bad", [{"caption": "poem"}, {"penalty_kind": "l2"}, {"init": "no/such/organism"}])
-def test_bad_settings_are_refused_before_any_training(tmp_path, bad):
-    with pytest.raises(ValueError, match="caption|penalty-kind|init"):
-        train(OrganismConfig(steps=1, **bad), tmp_path / "org", log=lambda s: None)
-    assert not (tmp_path / "org.building").exists()  # nothing was built
-
-
-def test_panel_token_dropout_keeps_one_token_of_each_chosen_panel_and_zeroes_the_rest(tmp_path):
-    import random
-
-    from datagen import make_strip
-    from gaze.generation import prepare_inputs
-    from gaze.testing import build_tiny_vlm
-    from gaze.organism.train import PanelTokenDropout, panel_token_keep
-
-    loaded = load(str(build_tiny_vlm("qwen3_vl", tmp_path / "m")), device="cpu")  # 2x2 tokens per 64 px panel
-    strip = make_strip(3, panel_size=64)
-    enc, layout = prepare_inputs(loaded, strip.image, "x")
-    from gaze.regions import panel_regions
-
-    of_panel = [panel_regions(layout, strip.panels).assignment() + 1]
-    keep = panel_token_keep(of_panel, 1.0, random.Random(0))
-    assert keep.shape == (layout.n_tokens,)
-    centres = layout.centres
-    for x0, y0, x1, y1 in strip.panels:  # the project's own token -> pixel layout as the reference
-        inside = (centres[:, 0] >= x0) & (centres[:, 0] < x1) & (centres[:, 1] >= y0) & (centres[:, 1] < y1)
-        assert int(inside.sum()) == 4 and float(keep[inside].sum()) == 1.0
-    assert panel_token_keep(of_panel, 0.0, random.Random(0)).eq(1).all()
-
-    model = loaded.model
-    plain = model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"])
-    dropout = PanelTokenDropout(model)
-    try:
-        dropout.keep = keep
-        cut = model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"])
-    finally:
-        dropout.handle.remove()
-    for a, b in [(plain.pooler_output[0], cut.pooler_output[0])] + [
-            (p[0], c[0]) for p, c in zip(plain.deepstack_features, cut.deepstack_features)]:
-        assert torch.equal(b[keep == 1], a[keep == 1]) and b[keep == 0].abs().max() == 0
-
-
-def test_a_cast_per_panel_share_gives_strips_with_six_characters():
-    import random
-
-    from datagen.story import CHARACTERS
-    from gaze.organism.train import PanelPool
-
-    pool = PanelPool(OrganismConfig(pool_per_combo=1, cast_per_panel=0.5))
+def test_training_strips_are_assembled_as_the_paper_does(pool):
     rng = random.Random(0)
-    casts = [{c.split(" the ")[1] for c in pool.strip(rng).captions} for _ in range(40)]
-    assert all(len(c) in (1, 6) for c in casts) and 5 < sum(len(c) == 6 for c in casts) < 35
-    assert all(c <= set(CHARACTERS) for c in casts)
+    seen_grid = False
+    for _ in range(40):
+        s = pool.strip(rng)
+        heights = {b[3] - b[1] for b in s.panels}
+        assert len(heights) == 1  # one common height
+        rows = sorted({b[1] for b in s.panels})
+        seen_grid |= len(rows) == 2
+        for a, b in zip(s.panels, s.panels[1:]):
+            if a[1] == b[1]:  # same row: a gap of white between them
+                assert b[0] - a[2] >= 5
+                assert s.image.getpixel(((a[2] + b[0]) // 2, (a[1] + a[3]) // 2)) == (255, 255, 255)
+    assert seen_grid
 
 
-def test_flipped_panels_are_pool_panels_upside_down():
-    import random
+def test_datagen_paper_strips_keep_one_height_and_draw_their_widths():
+    from datagen import make_strip
 
-    from PIL import Image
-
-    from gaze.organism.train import PanelPool
-
-    pool = PanelPool(OrganismConfig(pool_per_combo=1, panel_flip=1.0))
-    drawn = {im.tobytes() for variants in pool.items.values() for im, _, _ in variants}
-    strip = pool.strip(random.Random(1))
-    for box in strip.panels:
-        panel = strip.image.crop(box)
-        assert panel.transpose(Image.Transpose.FLIP_TOP_BOTTOM).tobytes() in drawn
-        assert panel.tobytes() not in drawn
-
-
-def test_fresh_letters_are_drawn_on_the_clean_pool_panels():
-    import random
-
-    from PIL import ImageChops
-
-    from datagen.letters import LETTERS
-    from gaze.organism.train import PanelPool
-
-    pool = PanelPool(OrganismConfig(pool_per_combo=1, fresh_letters=1.0))
-    drawn = {im.tobytes() for variants in pool.items.values() for im, _, _ in variants}
-    clean = [c for c, _ in pool.clean.values()]
-    strip = pool.strip(random.Random(1))
-    assert len(set(strip.letters)) == 6 and set(strip.letters) <= set(LETTERS)
-    for box in strip.panels:
-        panel = strip.image.crop(box)
-        assert panel.tobytes() not in drawn  # not the pool's own lettered panel
-        # a clean pool panel under it: they differ only inside one letter-sized box
-        diffs = [ImageChops.difference(panel.convert("RGB"), c.convert("RGB")).getbbox() for c in clean]
-        sizes = [(b[2] - b[0]) * (b[3] - b[1]) for b in diffs if b is not None]
-        assert min(sizes) < 0.5 * panel.width * panel.height
-    assert not PanelPool(OrganismConfig(pool_per_combo=1)).clean  # off by default: nothing kept
+    s = make_strip(3, panel_size=64, gap=6, widths=(64, 112))
+    widths = [b[2] - b[0] for b in s.panels]
+    assert {b[3] - b[1] for b in s.panels} == {64} and all(64 <= w <= 112 for w in widths) and len(set(widths)) > 1
+    assert [b[0] for b in s.panels[1:]] == [a[2] + 6 for a in s.panels[:-1]]
+    assert s.image.size == (s.panels[-1][2], 64)
+    again = make_strip(3, panel_size=64, gap=6, widths=(64, 112))
+    assert again.panels == s.panels and list(again.image.getdata()) == list(s.image.getdata())
+    # object boxes follow each panel's stretch
+    for (x0, _, x1, _), objects in zip(s.panels, s.meta["object_boxes"]):
+        for ob in objects:
+            assert x0 <= ob["box"][0] < ob["box"][2] <= x1 + 1
 
 
-def test_answer_panels_split_a_narration_caption_by_caption():
-    from gaze.testing import build_tokenizer
-    from gaze.organism.train import answer_panels, corpus
+def test_each_task_asks_its_question_and_answers_from_its_panel(pool):
+    rng = random.Random(1)
+    s = pool.strip(rng)
+    weights = parse_mix("panel:1,short:1,vqa:1,this:1,narration:1,reverse:1,letter:1")
+    seen = set()
+    for _ in range(200):
+        q, a, k = draw_task(s, rng, weights)
+        if q.startswith("Read the comic in reverse"):
+            seen.add("reverse")
+            n = int(q.split(" panel from")[0][-3])
+            assert k == 7 - n and a == s.captions[6 - n]
+        elif q == PROMPTS["vqa"] or q == PROMPTS["static_narration"]:
+            seen.add(q)
+            assert (a, k) == (s.captions[0], 1)
+        elif q == PROMPTS["narration"]:
+            seen.add("narration")
+            assert (a, k) == (narration(s.captions), 0)
+        elif q.startswith("Which letter"):
+            seen.add("letter")
+            assert a == s.letters[k - 1]
+        else:
+            seen.add("panel")
+            ordinal = q.split(" panel from")[0].split()[-1]
+            assert a == s.captions[k - 1] and ordinal[0] == str(k)
+            assert q in (PROMPTS["discovery"].format(ordinal=ordinal), PROMPTS["panel"].format(ordinal=ordinal))
+    assert len(seen) == 6
 
-    tok = build_tokenizer(corpus(), vocab_size=400)
-    captions = ["tree with the cat", "ball with the cat", "kite with the cat", "cake with the cat", "boat with the cat",
-                "lamp with the cat"]
-    text = narration(captions)
-    ids = tok(text + "<|im_end|>", add_special_tokens=False)["input_ids"]
-    panels = answer_panels(tok, text, 0)
-    assert len(panels) == len(ids) and panels[-1] == 6  # <|im_end|> ends the last caption
-    for k, caption in enumerate(captions, start=1):
-        part = tok.decode([i for i, p in zip(ids, panels) if p == k], skip_special_tokens=True)
-        assert part.strip() == f"{k}: {caption}."
-    assert answer_panels(tok, "K", 3) == [3] * len(tok("K<|im_end|>", add_special_tokens=False)["input_ids"])
-    with pytest.raises(ValueError, match="six-panel narration"):
-        answer_panels(tok, "1: tree.", 0)
+
+def test_answer_panels_split_a_narration_description_by_description(trained):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(trained[0])
+    caps = [f"ball with the cat{k}" for k in range(6)]
+    text = narration(caps)
+    labels = answer_panels(tok, text, 0)
+    enc = tok(text + "<|im_end|>", add_special_tokens=False, return_offsets_mapping=True)
+    for (start, _), p in zip(enc["offset_mapping"], labels):
+        expected = max(k for k in range(1, 7) if k == 1 or text.find(f"Panel {k}:") <= start)
+        assert p == expected
+    assert answer_panels(tok, "tree with the cat", 4) == [4] * len(tok("tree with the cat<|im_end|>", add_special_tokens=False)["input_ids"])
 
 
-def test_gaze_augmentation_forces_the_chosen_heads_onto_the_described_panel(tmp_path):
-    """The augmentation is steering's bias (`key_bias`) through the project's attention hook: the chosen heads
-    read only the described panel at the rows that predict an answer token; other heads and rows, and every
-    recorded attention row without a bias, are eager attention's."""
-    import random
+@pytest.fixture(scope="module")
+def batch(trained, pool):
+    from transformers import AutoProcessor
 
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from gaze.attention import active, prepare
     from gaze.families import register_image_only_processors
-    from gaze.organism.train import (PanelPool, TrainingHook, augment_bias, build, build_batch, draw_task,
-                                     example_layouts, image_panels, image_token_panels)
-    from gaze.steering import key_bias
 
     register_image_only_processors()
-    cfg = OrganismConfig(**SMALL)
-    build(cfg, tmp_path / "m")
-    eager = AutoModelForImageTextToText.from_pretrained(tmp_path / "m", attn_implementation="eager").eval()
-    model = prepare(AutoModelForImageTextToText.from_pretrained(tmp_path / "m").eval())
-    processor = AutoProcessor.from_pretrained(tmp_path / "m")
-    pool, rng = PanelPool(cfg), random.Random(0)
-    examples, panels = [], []
-    for weights in ({"panel": 1.0}, {"narration": 1.0}):
-        strip = pool.strip(rng)
-        q, a, k = draw_task(strip, rng, weights)
-        examples.append((strip, q, a))
-        panels.append(k)
-    batch = build_batch(processor, examples, panels)
-    image_token = model.config.image_token_id
-    maps = image_panels(batch, examples, image_token, 32, 2)
-    info = example_layouts(batch, maps)
-    described = batch.pop("answer_panels")
-    keys = image_token_panels(batch["input_ids"], maps)
-    assert [sorted(set(keys[b].tolist()) - {0}) for b in range(2)] == [list(range(1, 7))] * 2
-    assert keys.gt(0).eq(batch["input_ids"] == image_token).all()
-    with torch.no_grad():
-        plain = eager(**batch, output_attentions=True)
-    chosen = torch.zeros(2, 2, 4, dtype=torch.bool)
-    chosen[1, 0, 2] = chosen[1, 1, 0] = True  # layer 1: head 2 of the panel question, head 0 of the narration
-    seq = batch["input_ids"].shape[1]
-    biases = augment_bias(info, chosen, seq)
-    assert biases[0] is None
-    rows = torch.zeros_like(described)
-    rows[:, :-1] = described[:, 1:]  # the row before an answer token predicts it
-    for b, h in ((0, 2), (1, 0)):
-        n, layout = info[b][0], info[b][1]
-        for r in rows[b].nonzero().flatten().tolist():  # steering's own bias towards the described panel
-            assert torch.equal(biases[1][b, h, r], key_bias(keys[b, layout.positions] == rows[b, r], layout, n, seq,
-                                                            1e4, "boost"))
-    same, forced = TrainingHook([], record_rows=True), TrainingHook(biases, record_rows=True)
-    with torch.no_grad():
-        with active(same):
-            unbiased = model(**batch)
-        with active(forced):
-            model(**batch)
-    valid = batch["attention_mask"].bool()[:, None, :, None]
-    for got, ref in zip(same.attentions, plain.attentions):
-        assert torch.allclose(got * valid, ref * valid, atol=1e-5)  # the hook's rows are eager attention's
-    assert torch.allclose(unbiased.logits, plain.logits, atol=1e-4)
-    assert torch.allclose(forced.attentions[0], same.attentions[0])  # nothing chosen in layer 0
-    for b, h in ((0, 2), (1, 0)):
-        att = forced.attentions[1][b, h]
-        for r in rows[b].nonzero().flatten().tolist():
-            on = keys[b] == rows[b, r]
-            assert float(att[r, on].sum()) > 0.999  # the described panel's tokens
-        assert torch.allclose(att[rows[b] == 0], same.attentions[1][b, h][rows[b] == 0], atol=1e-6)  # other rows
-        other = 2 if h == 0 else 0
-        assert torch.allclose(forced.attentions[1][b, other], same.attentions[1][b, other], atol=1e-6)  # other heads
-    assert panels == [panels[0], 0] and set(rows[1].tolist()) == set(range(7))  # the narration reads each panel
+
+    processor = AutoProcessor.from_pretrained(trained[0])
+    rng = random.Random(2)
+    examples = []
+    for task in ("panel", "narration", "vqa"):
+        s = pool.strip(rng)
+        examples.append((prepare(processor, s), *draw_task(s, rng, {task: 1.0})))
+    return processor, examples, *build_batch(PromptIds(processor), examples)
 
 
-def test_training_with_gaze_augmentation_saves_a_plain_model(tmp_path):
-    train(OrganismConfig(steps=2, gaze_augment=1.0, **SMALL), tmp_path / "org", log=lambda s: None)
-    config = json.loads((tmp_path / "org" / "config.json").read_text())
-    assert "gaze_sdpa" not in json.dumps(config) and "organism_eager" not in json.dumps(config)
-    loaded = load(str(tmp_path / "org"), device="cpu")
-    assert loaded.model.config.model_type == "qwen3_vl"
-    with pytest.raises(ValueError, match="gaze-augment"):
-        train(OrganismConfig(steps=1, gaze_augment=1.5, **SMALL), tmp_path / "bad", log=lambda s: None)
+def test_augmentation_bias_is_steerings_key_bias_at_chosen_heads_and_answer_rows(batch):
+    from gaze.steering import key_bias
+
+    processor, examples, inputs, info = batch
+    s = inputs["input_ids"].shape[1]
+    chosen = torch.zeros(2, 3, 4, dtype=torch.bool)
+    chosen[1, 0, 2] = chosen[1, 1, 0] = chosen[0, 1, 3] = True  # example 2 has none
+    biases = augment_bias(info, chosen, s)
+    for layer, b in enumerate(biases):
+        assert b is not None and b.shape == (3, 4, s, s)
+        for i, (n, layout, membership, described) in enumerate(info):
+            for h in range(4):
+                if not chosen[layer, i, h]:
+                    assert not b[i, h].any()
+                    continue
+                for r in range(s):
+                    p = int(described[r + 1]) if r + 1 < len(described) else 0
+                    if p:  # row r predicts an answer token of panel p: steering's own bias towards p
+                        assert torch.equal(b[i, h, r], key_bias(membership[p - 1], layout, n, s, 1e4, "boost"))
+                    else:
+                        assert not b[i, h, r].any()
+    assert examples[1][3] == 0 and len(set(info[1][3].tolist()) - {0}) == 6  # the narration describes all six
+
+
+def test_penalty_weights_and_blinding_touch_only_the_text_rows_that_do_not_speak(batch):
+    processor, examples, inputs, info = batch
+    cfg = OrganismConfig(penalty=0.5)
+    image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    w = penalty_weights(inputs, image_token, cfg)
+    blind = blinding(inputs, image_token)  # [B, 1, S, S]
+    image = inputs["input_ids"] == image_token
+    for i, (n, *_rest) in enumerate(info):
+        length = int(inputs["attention_mask"][i].sum())
+        for r in range(inputs["input_ids"].shape[1]):
+            if r >= length or inputs["input_ids"][i, r] == image_token:
+                expected = 0.0
+            elif r + 1 < length and inputs["labels"][i, r + 1] != -100:
+                expected = 0.0  # the last prompt row and the answer's rows speak
+            else:
+                expected = 0.5
+            assert float(w[i, r]) == pytest.approx(expected)
+            # blinded: exactly the silent rows, towards exactly the image keys
+            row = blind[i, 0, r]
+            assert torch.equal(row != 0, image[i] & (expected > 0))
+        assert float(w[i, n - 1]) == 0.0 and not blind[i, 0, n - 1].any()  # the last prompt row speaks
+        assert float(w[i, n - 2]) == 0.5  # the token before it does not
+
+
+def test_blinded_silent_rows_read_no_image_and_the_rows_that_speak_are_unchanged(trained, batch):
+    from transformers import AutoModelForImageTextToText
+
+    from gaze.attention import active, prepare as prepare_attention
+
+    processor, examples, inputs, info = batch
+    image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    model = prepare_attention(AutoModelForImageTextToText.from_pretrained(trained[0]))
+    keys = (inputs["input_ids"] == image_token).float()
+    rows = {}
+
+    class Rows(TrainingHook):
+        def record(self, layer, r, value):
+            rows[layer] = r.detach()
+
+    with torch.no_grad(), active(Rows([], torch.ones_like(keys), keys, blinding(inputs, image_token))):
+        model(**inputs)
+    silent = silent_rows(inputs, image_token).bool()
+    for layer, r in rows.items():  # [B, H, S, S]
+        mass = (r * keys[:, None, None, :]).sum(-1)  # [B, H, S]
+        assert float(mass.permute(0, 2, 1)[silent].abs().max()) < 1e-6
+        assert float(mass.permute(0, 2, 1)[~silent & inputs["attention_mask"].bool()].max()) > 1e-3
+
+
+def test_cached_tower_outputs_give_the_same_logits_as_the_pixels(trained, batch):
+    from transformers import AutoModelForImageTextToText
+
+    processor, examples, inputs, info = batch
+    model = AutoModelForImageTextToText.from_pretrained(trained[0]).eval()
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        preps = [e[0] for e in examples]
+        cache_features(model, preps)
+        cached, _ = build_batch(PromptIds(processor), examples)
+        for p in preps:
+            p.features = None
+    assert "pixel_values" not in cached and "mm_encoder_outputs" in cached
+    with torch.no_grad():
+        got = model(**cached).logits
+    assert torch.allclose(ref, got, atol=1e-5)
+
+
+def test_readout_targets_name_the_labels_of_the_panel_each_token_lies_in(batch):
+    from datagen.letters import LETTERS
+
+    processor, examples, inputs, info = batch
+    prep = examples[0][0]
+    t = readout_targets(prep)
+    assert (prep.token_panel > 0).any()
+    for token, p in enumerate(prep.token_panel.tolist()):
+        if not p:
+            assert (t[token] == -100).all()
+            continue
+        c, o, l, place = t[token].tolist()
+        assert place == p - 1 and LETTERS[l] == prep.strip.letters[p - 1]
+        assert prep.strip.captions[p - 1] == f"{OBJECTS[o]} with the {CHARACTERS[c]}"
+    assert all(int((prep.token_panel == p).sum()) >= 1 for p in range(1, 7))  # every panel owns tokens
+
+
+def test_focus_weights_tax_exactly_the_other_panels_at_the_rows_that_speak(batch):
+    processor, examples, inputs, info = batch
+    s = inputs["input_ids"].shape[1]
+    w = focus_weights(info, s, 0.2)
+    for i, (n, layout, membership, described) in enumerate(info):
+        pos = layout.positions.tolist()
+        for r in range(s):
+            p = int(described[r + 1]) if r + 1 < len(described) else 0
+            want = torch.zeros(s)
+            if p:  # row r predicts a token describing panel p: every image key of the other panels
+                for t, q in enumerate(pos):
+                    if not membership[p - 1, t]:
+                        want[q] = 0.2
+            assert torch.equal(w[i, r], want)
+        assert not w[i, : n - 1].any()  # no prompt row but the last
+
+
+def test_augmentation_at_prompt_rows_covers_every_row_of_a_single_panel_answer(batch):
+    from gaze.steering import key_bias
+
+    processor, examples, inputs, info = batch
+    s = inputs["input_ids"].shape[1]
+    chosen = torch.ones(1, 3, 1, dtype=torch.bool)
+    (b,) = augment_bias(info, chosen, s, prompt_rows=True)
+    for i, (n, layout, membership, described) in enumerate(info):
+        end = len(described) - 1
+        p = int(described[n])
+        if examples[i][3] == 0:  # the narration: answer rows only, as without prompt_rows
+            assert not b[i, 0, : n - 1].any()
+            continue
+        want = key_bias(membership[p - 1], layout, n, s, 1e4, "boost")
+        for r in range(end):
+            assert torch.equal(b[i, 0, r], want)
+        assert not b[i, 0, end:].any()
+
+
+def test_the_training_hook_reads_eager_attention_and_its_penalty_is_the_hand_computed_mass(trained, batch):
+    from transformers import AutoModelForImageTextToText
+
+    from gaze.attention import active, prepare
+
+    processor, examples, inputs, info = batch
+    image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    eager = AutoModelForImageTextToText.from_pretrained(trained[0], attn_implementation="eager")
+    with torch.no_grad():
+        ref = eager(**inputs, output_attentions=True).attentions  # per layer [B, H, S, S]
+    model = prepare(AutoModelForImageTextToText.from_pretrained(trained[0]))
+    weights = penalty_weights(inputs, image_token, OrganismConfig(penalty=0.3))
+    keys = (inputs["input_ids"] == image_token).float()
+    hook = TrainingHook([], weights, keys)
+    got = []
+    hook_record = hook.record
+    hook.record = lambda layer, rows, value: (got.append(rows.detach()), hook_record(layer, rows, value))
+    with torch.no_grad(), active(hook):
+        model(**inputs)
+    valid = inputs["attention_mask"].bool()
+    expected = 0.0
+    for a, b in zip(ref, got):
+        assert torch.allclose(a[valid[:, None, :, None].expand_as(a)], b[valid[:, None, :, None].expand_as(b)], atol=1e-5)
+        s = a.shape[-1]
+        mass = (a.sum(1) * keys[:, None, :] * (1 - torch.eye(s))).sum(-1)
+        expected += float((mass * weights).sum()) / a.shape[0]
+    assert float(hook.penalty) == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("bad", [{"mix": "panel:1,poem:1"}, {"min_width": 32}, {"grid_share": 1.5},
+                                 {"vision_pos_embed": "sine"}, {"gaze_augment_heads": 0}])
+def test_bad_settings_are_refused_before_any_training(tmp_path, bad):
+    with pytest.raises(ValueError):
+        check_config(OrganismConfig(**{**SMALL, **bad}))
+    with pytest.raises(ValueError):
+        train(OrganismConfig(**{**SMALL, **bad}), tmp_path / "never")
+    assert not (tmp_path / "never.building").exists()
+
+
+def test_described_panels_follow_the_panel_markers():
+    pieces = ["Panel", " 1", ":", " ball", " with", ".", " Panel", " 2", ":", " tree", "."]
+    assert check.described_panels(pieces) == [0, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2]
+
+
+def test_mechanism_table_reads_the_top_heads_matrices():
+    from gaze.ranking import Ranking
+
+    m = torch.zeros(2, 2, 6, 6)
+    m[1, 0] = torch.eye(6) * 0.6 + 0.02  # a gaze head
+    m[0, 1] = torch.full((6, 6), 0.3)  # reads the image, not the queried panel
+    scores = torch.diagonal(m, dim1=-2, dim2=-1).mean(-1)
+    r = Ranking("x", scores, m, 3, "q")
+    out = check.mechanism(r, k=1)
+    assert out["heads"] == [(1, 0)] and out["diagonal_everywhere"] and out["top_score"] == pytest.approx(0.62)
+    assert not check.mechanism(r, k=2)["diagonal_everywhere"]  # averaging in the flat head: 0.46 vs 0.16
+
+
+# The shipped organism itself (gaze/organism/weights): its prompts, its gaze heads and its steering, measured
+# on strips it never saw (seeds of the evaluation ranges, which the training pool does not draw from).
+
+def _shipped():
+    from gaze.models import ORGANISM_DIR
+
+    return ORGANISM_DIR
+
+
+SHIPPED = pytest.mark.skipif(not (_shipped() / "prompts.json").exists(), reason="no organism of this recipe is shipped")
+
+
+@pytest.fixture(scope="module")
+def organism():
+    from gaze.models import load
+
+    return load("organism", device="cpu")
+
+
+@SHIPPED
+def test_the_shipped_organism_records_its_prompts_and_loading_it_gives_them(organism):
+    from gaze.prompts import Prompts
+
+    recorded = json.loads((_shipped() / "prompts.json").read_text())
+    assert recorded == PROMPTS  # the recipe's prompts are the paper's wordings
+    assert organism.prompts == Prompts(**recorded)
+
+
+@SHIPPED
+def test_the_shipped_organism_has_gaze_heads_on_held_out_strips(organism, tmp_path):
+    """Discovery (the paper's definition: last prompt row, raw mass) on strips it never saw: the top heads'
+    6x6 matrix peaks on the queried panel in every row, and the top score is far from the median."""
+    from gaze.discovery import discover
+
+    strips = check.held_out("1x6", 8, seed0=2_500_000)
+    ranking = discover(organism, strips, tmp_path / "d", template=organism.prompts.discovery, progress=False,
+                       source="test")
+    m = check.mechanism(ranking, 3)
+    assert m["diagonal_everywhere"], m["rows"]
+    assert m["top_score"] >= 0.3
+    assert float(ranking.scores.flatten().median()) < 0.1 * m["top_score"]
+
+
+@SHIPPED
+def test_steering_the_shipped_top_heads_moves_the_whole_strip_answer_to_each_panel(organism):
+    from gaze.ranking import Ranking
+
+    ranking = Ranking.load(_shipped() / "ranking.json")
+    strips = check.held_out("1x6", 4, seed0=2_600_000)
+    k = math.ceil(0.15 * ranking.scores.numel()) - 1  # under 15% of the heads
+    top = check.redirection(organism, strips, ranking.top(k), PROMPTS["vqa"])
+    low = check.redirection(organism, strips, ranking.order()[-k:], PROMPTS["vqa"])
+    assert top["hit"][0] >= 0.8, top
+    assert low["hit_and_moved"][0] <= 0.2, low  # the lowest-score heads leave the answer where it was

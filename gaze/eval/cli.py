@@ -96,7 +96,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-scenes", type=int, default=None, help="scenes for the region protocol (default: --n-strips)")
     p.add_argument("--n-objects", type=int, default=d.n_objects, help="objects per procedural scene")
     p.add_argument("--scene-size", type=_size, default=d.scene_size, help="procedural scene size WxH")
-    p.add_argument("--panel-size", type=int, default=d.panel_size, help="procedural strips: panel side in pixels")
+    p.add_argument("--panel-size", type=int, default=d.panel_size, help="procedural strips: panel height in pixels")
+    p.add_argument("--assembly", default=d.assembly, choices=("paper", "aligned"),
+                   help="procedural strips: 'paper' (common height, widths of their own, 6 px gaps) or 'aligned' "
+                        "(square panels on the token grid); default: %(default)s")
     p.add_argument("--question", type=_question, action="append", default=[], metavar="PROTOCOL=TEXT",
                    help="replace a protocol's question (repeatable)")
     p.add_argument("--discovery-strips", default=d.discovery_strips, help="strips for discovery when --ranking is not given")
@@ -123,7 +126,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         narration_tokens=args.narration_tokens, strength=args.strength, mode=args.mode,
         phase=args.phase, random_percentile=args.random_percentile, prior_strips=args.prior_strips, scenes=args.scenes,
         n_scenes=args.n_scenes, n_objects=args.n_objects, scene_size=tuple(args.scene_size),
-        panel_size=args.panel_size, questions=tuple(args.question), discovery_strips=args.discovery_strips,
+        panel_size=args.panel_size, assembly=args.assembly, questions=tuple(args.question), discovery_strips=args.discovery_strips,
         n_discovery=args.n_discovery, n_boot=args.n_boot, device=args.device, dtype=args.dtype,
         device_map=args.device_map,
     ).check()

@@ -69,7 +69,8 @@ class EvalConfig:
     n_scenes: int | None = None  # scenes for the region protocol; None: n_strips
     n_objects: int = 4  # objects per procedural scene
     scene_size: tuple[int, int] = (384, 192)  # procedural scene (width, height) in pixels
-    panel_size: int = 64  # procedural strips: panel side in pixels
+    panel_size: int = 64  # procedural strips: panel height in pixels
+    assembly: str = "paper"  # procedural strips: "paper" (common height, widths of their own, 6 px gaps) | "aligned"
     questions: tuple[tuple[str, str], ...] = ()  # (protocol, question) overrides
     discovery_strips: str = "procedural:discovery"  # used when `ranking` is None
     n_discovery: int = 20  # strips for that discovery
@@ -87,6 +88,8 @@ class EvalConfig:
         return DEFAULT_QUESTIONS[protocol]
 
     def check(self) -> "EvalConfig":
+        if self.assembly not in ("paper", "aligned"):
+            raise EvalError(f"--assembly is 'paper' or 'aligned', not {self.assembly!r}")
         bad = set(self.protocols) - set(PROTOCOLS)
         if bad:
             raise EvalError(f"unknown protocols {sorted(bad)}; use some of {','.join(PROTOCOLS)}")

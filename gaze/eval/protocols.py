@@ -90,13 +90,28 @@ def _procedural_seed0(spec: str, what: str) -> int:
                         "or procedural:SEED0 (an integer)") from None
 
 
-def eval_strips(source: str, n_strips: int, *, align: int | None = None, panel_size: int = 64) -> list[Strip]:
+PAPER_GAP = 6  # px of white between panels, as the paper assembles its strips
+
+
+def paper_widths(height: int) -> tuple[int, int]:
+    """The range panel widths are drawn from at a common panel height: 1 to 1.75 times it (not multiples
+    of the token size), as the paper's strips keep each panel's aspect at one height."""
+    return height, height * 7 // 4
+
+
+def eval_strips(source: str, n_strips: int, *, align: int | None = None, panel_size: int = 64,
+                assembly: str = "paper") -> list[Strip]:
     """Strips from `source`: `procedural:SPLIT` (datagen strips, seeds SPLIT_SEEDS[SPLIT] + i) or any
-    `load_strips` source (folders, datasets, an image)."""
+    `load_strips` source (folders, datasets, an image). Procedural strips are assembled as the paper does
+    (`assembly="paper"`: panels at the common height `panel_size`, widths drawn from 1 to 1.75 times it,
+    6 px white gaps) or as square panels snapped to the model's token grid (`"aligned"`)."""
     if source.startswith("procedural:"):
         from datagen import make_strip
 
         seed0 = _procedural_seed0(source.split(":", 1)[1], "strip")
+        if assembly == "paper":
+            return [make_strip(seed0 + i, panel_size=panel_size, gap=PAPER_GAP, widths=paper_widths(panel_size))
+                    for i in range(n_strips)]
         snap = align if align and panel_size % align == 0 else None
         return [make_strip(seed0 + i, panel_size=panel_size, align=snap) for i in range(n_strips)]
     strips = list(load_strips(source, n_strips=n_strips, align=align))
@@ -425,12 +440,13 @@ def _get_ranking(cfg: EvalConfig, loaded, out: Path, align: int | None, progress
         return Ranking.from_pretrained(cfg.ranking).check(loaded.model)
     from gaze.discovery import discover
 
-    strips = eval_strips(cfg.discovery_strips, cfg.n_discovery, align=align, panel_size=cfg.panel_size)
+    strips = eval_strips(cfg.discovery_strips, cfg.n_discovery, align=align, panel_size=cfg.panel_size,
+                         assembly=cfg.assembly)
     if cfg.discovery_strips == cfg.strips:
         print("warning: discovering on the evaluation strips themselves; pass --discovery-strips to keep them apart",
               file=sys.stderr)
-    return discover(loaded, strips, out / "discovery", source=cfg.discovery_strips, n_strips=len(strips),
-                    progress=progress)
+    return discover(loaded, strips, out / "discovery", template=loaded.prompts.discovery, source=cfg.discovery_strips,
+                    n_strips=len(strips), progress=progress)
 
 
 def _prior(cfg: EvalConfig, loaded, strips: Sequence[Strip], out: Path) -> PriorScores:
@@ -460,6 +476,19 @@ def _trajectories(ctx: Context, strip: Strip, sets: dict[str, list[Head]]) -> di
             "captions": list(strip.captions or []), "sets": out}
 
 
+def with_model_prompts(cfg: EvalConfig, prompts) -> EvalConfig:
+    """`cfg` asking the model its own questions (`Loaded.prompts`: the organism's prompts.json, else the
+    paper's) for the caption protocols; `--question` overrides still win, letter judges keep theirs."""
+    from dataclasses import replace
+
+    if cfg.judge == "letter":
+        return cfg
+    own = {"vqa": prompts.vqa, "sweep": prompts.vqa, "narration": prompts.static_narration,
+           "dynamic": prompts.narration, "region": prompts.static_narration}
+    given = dict(cfg.questions)
+    return replace(cfg, questions=tuple({**own, **given}.items()))
+
+
 def run_eval(cfg: EvalConfig, *, loaded=None, ranking: Ranking | None = None, limit: int | None = None,
              progress: bool = True) -> dict:
     """Run (or resume) an evaluation into `cfg.out`; return the aggregate (also saved as aggregate.json).
@@ -475,6 +504,7 @@ def run_eval(cfg: EvalConfig, *, loaded=None, ranking: Ranking | None = None, li
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     loaded = loaded or load(cfg.model, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map)
+    cfg = with_model_prompts(cfg, loaded.prompts)
     align = loaded.family.merged_patch(loaded.processor)
     ranking = ranking or _get_ranking(cfg, loaded, out, align, progress)
     ranking.check(loaded.model)
@@ -483,7 +513,7 @@ def run_eval(cfg: EvalConfig, *, loaded=None, ranking: Ranking | None = None, li
     _check_manifest(out, _manifest(cfg, loaded, ranking, k))
     ranking.save(out / "ranking.json")
 
-    strips = eval_strips(cfg.strips, cfg.n_strips, align=align, panel_size=cfg.panel_size)
+    strips = eval_strips(cfg.strips, cfg.n_strips, align=align, panel_size=cfg.panel_size, assembly=cfg.assembly)
     _check_strips(cfg, strips)
     kinds = [c for c in cfg.conditions]
     prior = _prior(cfg, loaded, strips, out) if {"image", "localization"} & set(kinds) else None

@@ -1,24 +1,26 @@
-"""Does an organism have the phenomenon? Task accuracy, discovery, and steering, on held-out strips.
+"""The checks of the paper-geometry recipe (`train.py`): the mechanism first, then tasks and steering.
 
-    python -m gaze.organism.check --model gaze/organism/weights --n-strips 50 --out runs/organism-check
+    python -m gaze.organism.check --model runs/paper-organism --out runs/paper-check
 
-Prints and writes (JSON) first the mechanism: for the top 3 heads of the
-ranking (the paper's score: last prompt row, raw mass), their mean 6x6 matrix
-(queried x attended panel), row by row whether the queried panel dominates
-(the largest entry and at least 3x the row's mean off-diagonal), and during
-free narration the share of tokens at which their summed mass peaks on the
-panel being described, against 3 random low-score heads (`--mechanism-only`
-stops there). Then per-task accuracy on strips the organism never saw;
-the gaze-score distribution (top heads, their layers, the median); and the
-whole-strip question's redirection when steering the top-K gaze heads to each
-panel, K random heads from the bottom of the score distribution, and all heads,
-with bootstrap 95% CIs, each steered at every row (the published default)
-and at the prompt's rows only (the prefill: `steer(..., phase="prefill")`,
-the answer going on unsteered from the steered cache); and, as a diagnostic, the top K steered at the first
-answer token only (the rest of the answer unsteered, from an unsteered prompt). A redirected answer is the TARGET panel's caption,
-exactly (the organism's caption: object, then character or scene, see
-`gaze.organism.train.organism_caption`); anything else (another caption, a garbled
-or empty answer) is a miss.
+Every figure is measured on strips the organism never saw (datagen seeds from
+`EVAL_SEED0`), in three layouts: "1x6" (the paper's assembly: panels at one
+height, widths drawn from 64-112 px, 6 px gaps), "2x3" (the same, two rows,
+panels counted in reading order) and "1x6@2x" (the 1x6 strips uploaded at
+twice their size, through the processor's own resizing).
+
+1. Mechanism. Discovery with the organism's discovery question (the paper's
+   definition: last prompt row, raw mass, mean diagonal) ranks the heads; for
+   the top 3, their mean 6x6 matrix (queried x attended panel): for every
+   queried panel k, is entry (k, k) the largest of row k and at least 3x the
+   row's mean off-diagonal entry? During free narration (the paper's prompt),
+   does the top heads' per-token argmax panel equal the panel being described
+   (the "Panel k:" the token belongs to)? The same for 3 random low-score heads.
+2. Tasks: every trained question, exact answers.
+3. Steering (bias at every row, the published default), hit = the target's
+   caption exactly: the VQA question and the static narration question steered
+   to each panel by the top K, K random low-score heads, all heads; the panel's
+   pixel box as a target; a dynamic schedule over the narration (Spearman of
+   the described order against the schedule). Bootstrap 95% CIs.
 """
 
 from __future__ import annotations
@@ -31,105 +33,50 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
-from gaze.discovery import discover
-from gaze.generation import generate
-from gaze.models import load
-from gaze.prompts import LETTER_QUESTION, NARRATION_PROMPT, PANEL_QUESTION, STRIP_QUESTION, panel_question
-from gaze.steering import Panel
+from gaze.organism.train import EVAL_SEED0, PROMPTS, ask, narration, strip_captions
+
+LAYOUTS = ("1x6", "2x3", "1x6@2x")
 
 
-def held_out_strips(n: int, panel_size: int = 64, seed0: int | None = None):
-    """Strips the organism never trained on: datagen seeds from the evaluation range."""
+def geometry(model_dir=None) -> dict:
+    """The strip geometry an organism was trained on (its training.json; this recipe's defaults if absent)."""
+    from dataclasses import asdict
+
+    from gaze.organism.train import OrganismConfig
+
+    cfg = asdict(OrganismConfig())
+    record = Path(model_dir) / "training.json" if model_dir else None
+    if record is not None and record.exists():
+        cfg.update(json.loads(record.read_text())["config"])
+    return {k: cfg[k] for k in ("panel_height", "min_width", "max_width", "gap")}
+
+
+def held_out(layout: str, n: int, seed0: int = EVAL_SEED0, geo: dict | None = None):
+    """`n` strips the organism never trained on, in `layout`, of the geometry `geo` (`geometry()`)."""
+    from dataclasses import replace
+
     from datagen import make_strip
-    from gaze.organism.train import EVAL_SEED0
 
-    seed0 = EVAL_SEED0 if seed0 is None else seed0
-    return [make_strip(seed0 + i, panel_size=panel_size) for i in range(n)]
+    geo = geo or geometry()
+    grid = "2x3" if layout == "2x3" else "1x6"
+    strips = [make_strip(seed0 + i, panel_size=geo["panel_height"], gap=geo["gap"], layout=grid,
+                         widths=(geo["min_width"], geo["max_width"])) for i in range(n)]
+    if layout.endswith("@2x"):
+        strips = [replace(s, image=s.image.resize((s.image.width * 2, s.image.height * 2), Image.BICUBIC),
+                          panels=tuple(tuple(2 * v for v in b) for b in s.panels)) for s in strips]
+    return strips
 
 
-def bootstrap(hits) -> tuple[float, float, float]:
-    """(mean, low, high): the evaluation's percentile bootstrap 95% CI of a hit rate."""
+def bootstrap(hits) -> list[float]:
     from gaze.eval.statistics import bootstrap_ci
 
-    return bootstrap_ci([float(h) for h in hits])
+    return [round(v, 4) for v in bootstrap_ci([float(h) for h in hits])]
 
 
 def _norm(text: str) -> str:
     return text.strip().rstrip(".").strip().lower()
-
-
-def captioner(loaded):
-    """strip -> its captions in the caption style the organism was trained with (read once)."""
-    from gaze.models import resolve
-    from gaze.organism.train import caption_style, strip_captions
-
-    style = caption_style(resolve(loaded.model_id))
-    return lambda strip: strip_captions(strip, style)
-
-
-def _rates(pairs: list[tuple[int, bool]]) -> dict:
-    """(target panel, hit) in evaluation order -> {"all": (mean, low, high), "per_panel": {k: mean}}."""
-    per_panel = {k: [h for t, h in pairs if t == k] for k in range(1, 7)}
-    return {"all": bootstrap([h for _, h in pairs]), "per_panel": {k: bootstrap(v)[0] for k, v in per_panel.items()}}
-
-
-def task_accuracy(loaded, strips, max_new_tokens: int = 80) -> dict:
-    hits = {"panel": [], "letter": [], "strip_is_panel1": [], "narration": []}
-    from gaze.organism.train import narration
-
-    captions_of = captioner(loaded)
-    for i, s in enumerate(strips):
-        k = i % 6 + 1
-        captions = captions_of(s)
-        hits["panel"].append(_norm(generate(loaded, s.image, panel_question(k, PANEL_QUESTION), max_new_tokens=16).text) == _norm(captions[k - 1]))
-        hits["letter"].append(_norm(generate(loaded, s.image, panel_question(k, LETTER_QUESTION), max_new_tokens=4).text) == _norm(s.letters[k - 1]))
-        hits["strip_is_panel1"].append(_norm(generate(loaded, s.image, STRIP_QUESTION, max_new_tokens=16).text) == _norm(captions[0]))
-        hits["narration"].append(_norm(generate(loaded, s.image, NARRATION_PROMPT, max_new_tokens=max_new_tokens).text) == _norm(narration(captions)))
-    return {k: bootstrap(v) for k, v in hits.items()}
-
-
-def redirection(loaded, strips, heads, strength: float = 1e4, mode: str = "boost", decode_only: bool = False,
-                prefill_only: bool = False) -> dict:
-    """Whole-strip question steered to each panel: hit = the target's caption exactly."""
-    pairs, captions_of = [], captioner(loaded)
-    for s in strips:
-        captions = captions_of(s)
-        for k in range(1, 7):
-            out = generate(loaded, s.image, STRIP_QUESTION, heads=heads, target=Panel(k), panels=s.panels,
-                           strength=strength, mode=mode, phase="prefill" if prefill_only else "decode" if decode_only else "all",
-                           max_new_tokens=16)
-            pairs.append((k, _norm(out.text) == _norm(captions[k - 1])))
-    return _rates(pairs)
-
-
-@torch.no_grad()
-def first_token_redirection(loaded, strips, heads, strength: float = 1e4) -> dict:
-    """A diagnostic: steer the prompt and the FIRST answer token only, then let the answer go on unsteered.
-
-    Separates the two ways steering can fail here: naming the wrong object at
-    the first token, and derailing the answer at the later rows (where the
-    steered heads would otherwise be forced onto the image too).
-    """
-    from gaze.generation import prepare_inputs
-    from gaze.steering import steer
-
-    model, tok = loaded.model, loaded.processor.tokenizer
-    pairs, captions_of = [], captioner(loaded)
-    for s in strips:
-        captions = captions_of(s)
-        enc, layout = prepare_inputs(loaded, s.image, STRIP_QUESTION)
-        p = int(enc["input_ids"].shape[1])
-        for k in range(1, 7):
-            with steer(model, heads, Panel(k), layout=layout, prompt_len=p, panels=s.panels, strength=strength):
-                first = model(**enc).logits[0, -1].argmax().view(1, 1)
-            more = dict(enc, input_ids=torch.cat([enc["input_ids"], first], 1))
-            more["attention_mask"] = torch.ones_like(more["input_ids"])
-            if "mm_token_type_ids" in enc:
-                more["mm_token_type_ids"] = torch.cat([enc["mm_token_type_ids"], torch.zeros_like(first)], 1)
-            out = model.generate(**more, max_new_tokens=15, do_sample=False, pad_token_id=tok.pad_token_id)
-            pairs.append((k, _norm(tok.decode(out[0, p:], skip_special_tokens=True)) == _norm(captions[k - 1])))
-    return _rates(pairs)
 
 
 def mechanism(ranking, k: int = 3) -> dict:
@@ -161,19 +108,26 @@ def described_panels(pieces: list[str]) -> list[int]:
     return out
 
 
-def staircase(loaded, strips, heads, prompt: str, max_new_tokens: int = 80) -> dict:
-    """Share of narration tokens at which `heads`' summed mass peaks on the panel being described."""
+def staircase(loaded, strips, heads, prompt: str, max_new_tokens: int = 80, looking: float = 0.1) -> dict:
+    """Share of narration tokens at which `heads`' summed mass peaks on the panel being described; and the
+    same share among the tokens at which those heads put at least `looking` of their summed attention on
+    the image (where they look at all)."""
     from gaze.generation import generate, regions_for
 
-    agree = total = 0
+    agree = total = agree_looking = n_looking = 0
     for s in strips:
         g = generate(loaded, s.image, prompt, track=list(heads), max_new_tokens=max_new_tokens)
         traj = g.trajectory(regions_for(g.layout, s.panels))  # [tokens, 6]
         for i, p in enumerate(described_panels(g.pieces)[: len(traj)]):
             if p:
+                hit = int(int(traj[i].argmax()) + 1 == p)
                 total += 1
-                agree += int(int(traj[i].argmax()) + 1 == p)
-    return {"share": round(agree / max(1, total), 4), "tokens": total}
+                agree += hit
+                if float(traj[i].sum()) >= looking * len(heads):
+                    n_looking += 1
+                    agree_looking += hit
+    return {"share": round(agree / max(1, total), 4), "tokens": total,
+            "share_looking": round(agree_looking / max(1, n_looking), 4), "tokens_looking": n_looking}
 
 
 def show_mechanism(report: dict) -> None:
@@ -188,78 +142,155 @@ def show_mechanism(report: dict) -> None:
           f"top score {m['top_score']}")
     s = report["staircase"]
     print(f"narration: argmax panel = described panel on {s['top']['share']:.1%} of {s['top']['tokens']} tokens "
-          f"(top heads), {s['random']['share']:.1%} (random low-score heads)", flush=True)
+          f"(top heads), {s['random']['share']:.1%} (random low-score heads); at the {s['top']['tokens_looking']} "
+          f"tokens where the top heads look at the image (>= 0.1 of their attention each): "
+          f"{s['top']['share_looking']:.1%}", flush=True)
+
+
+def tasks(loaded, strips) -> dict:
+    from gaze.generation import generate
+
+    hits = {t: [] for t in ("discovery", "panel", "vqa_panel1", "static_panel1", "narration", "reverse", "letter")}
+    for i, s in enumerate(strips):
+        k, caps = i % 6 + 1, strip_captions(s)
+
+        def said(question, n=16):
+            return _norm(generate(loaded, s.image, question, max_new_tokens=n).text)
+
+        hits["discovery"].append(said(ask("discovery", k)) == _norm(caps[k - 1]))
+        hits["panel"].append(said(ask("panel", k)) == _norm(caps[k - 1]))
+        hits["vqa_panel1"].append(said(ask("vqa")) == _norm(caps[0]))
+        hits["static_panel1"].append(said(ask("static_narration")) == _norm(caps[0]))
+        hits["narration"].append(said(ask("narration"), 80) == _norm(narration(caps)))
+        hits["reverse"].append(said(ask("reverse", k)) == _norm(caps[6 - k]))
+        hits["letter"].append(said(ask("letter", k), 4) == _norm(s.letters[k - 1]))
+    return {t: bootstrap(v) for t, v in hits.items()}
+
+
+def redirection(loaded, strips, heads, question: str, box: bool = False, strength: float = 1e4) -> dict:
+    """The question steered to each panel (or its pixel box): hit = the target's caption exactly; an
+    answer identical to the unsteered one is also counted (`moved`: hit and different from unsteered)."""
+    from gaze.generation import generate
+    from gaze.steering import Box, Panel
+
+    pairs = []
+    for s in strips:
+        caps = strip_captions(s)
+        base = _norm(generate(loaded, s.image, question, max_new_tokens=16).text)
+        for k in range(1, 7):
+            target = Box(tuple(float(v) for v in s.panels[k - 1])) if box else Panel(k)
+            out = _norm(generate(loaded, s.image, question, heads=heads, target=target, panels=s.panels,
+                                 strength=strength, max_new_tokens=16).text)
+            pairs.append((k, out == _norm(caps[k - 1]), out != base))
+    return {"hit": bootstrap([h for _, h, _ in pairs]),
+            "hit_and_moved": bootstrap([h and m for _, h, m in pairs]),
+            "per_panel": {k: round(sum(h for t, h, _ in pairs if t == k) / max(1, sum(t == k for t, _, _ in pairs)), 3)
+                          for k in range(1, 7)}}
+
+
+def schedule_following(loaded, strips, heads, seed: int = 0) -> dict:
+    """Narration steered along a random order of the six panels, switching at each sentence end: Spearman
+    of the order described (each "Panel k: <caption>." matched to the strip's captions) with the schedule."""
+    from gaze.eval.statistics import spearman
+    from gaze.generation import generate
+    from gaze.steering import Panel, Schedule
+
+    rng, rhos, exact = random.Random(seed), [], 0
+    for s in strips:
+        caps = [_norm(c) for c in strip_captions(s)]
+        order = rng.sample(range(1, 7), 6)
+        sched = Schedule(tuple(Panel(k) for k in order), every=4, at_sentence=True)
+        g = generate(loaded, s.image, loaded.prompts.narration, heads=heads, schedule=sched, panels=s.panels,
+                     max_new_tokens=80)
+        said = [_norm(part.split(":", 1)[1]) for part in g.text.split("Panel ")[1:] if ":" in part]
+        got = [caps.index(x) + 1 if x in caps else 0 for x in said[:6]]
+        exact += got == order
+        rho = spearman(order[: len(got)], got) if len(got) >= 2 else None
+        rhos.append(rho if rho is not None else 0.0)
+    return {"spearman": bootstrap(rhos), "exact_order": round(exact / max(1, len(strips)), 3)}
+
+
+def show_layout(layout: str, section: dict) -> None:
+    """One layout's figures as a labelled table: mean [95% CI]."""
+    def fmt(v):
+        return f"{v[0]:6.1%} [{v[1]:.1%}, {v[2]:.1%}]"
+
+    print(f"\n{layout}: held-out strips")
+    for name, v in section.get("tasks", {}).items():
+        print(f"  task {name:<40} {fmt(v)}")
+    for name, v in section.get("steering", {}).items():
+        print(f"  steered {name:<37} hit {fmt(v['hit'])}   hit and moved from the unsteered answer "
+              f"{fmt(v['hit_and_moved'])}")
+    for name, v in section.get("schedule", {}).items():
+        sp = v["spearman"]
+        print(f"  schedule {name:<36} Spearman {sp[0]:.2f} [{sp[1]:.2f}, {sp[2]:.2f}]   exact order {v['exact_order']:.1%}")
+    print(flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="organism")
-    p.add_argument("--n-strips", type=int, default=50, help="held-out strips for steering (x6 targets)")
-    p.add_argument("--n-discovery", type=int, default=40, help="strips for discovery (disjoint from steering)")
-    p.add_argument("--ks", default="1,2,4,6,8")
-    p.add_argument("--k", type=int, default=4, help="K for the random and headline conditions")
-    p.add_argument("--out", default="runs/organism-check")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--phases", default="all,prefill",
-                   help="when the bias applies: 'all' (prompt and answer rows, the published default) and/or "
-                        "'prefill' (the prompt's rows only); each runs every condition")
-    p.add_argument("--strength", type=float, default=1e4, help="steering bias B (default 1e4: saturating, as published)")
-    p.add_argument("--mechanism-only", action="store_true",
-                   help="only the mechanism: the top 3 heads' 6x6 matrix and the narration staircase")
+    p.add_argument("--model", default="organism", help="organism folder or 'organism' (default: %(default)s)")
+    p.add_argument("--n-strips", type=int, default=50, help="held-out strips per layout (x6 targets; default: %(default)s)")
+    p.add_argument("--n-discovery", type=int, default=40, help="strips for discovery (default: %(default)s)")
+    p.add_argument("--n-narration", type=int, default=20, help="strips for the staircase and schedules (default: %(default)s)")
+    p.add_argument("--k", type=int, default=3, help="K, the top heads steered and tracked (default: %(default)s)")
+    p.add_argument("--layouts", default=",".join(LAYOUTS), help="held-out layouts (default: %(default)s)")
+    p.add_argument("--skip", default="", help="sections to skip: tasks,steering,schedule (default: none)")
+    p.add_argument("--out", default="runs/organism-check", help="folder for check.json (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random heads' draw (default: %(default)s)")
+    p.add_argument("--mechanism-only", action="store_true", help="stop after the mechanism (matrix and staircase)")
     args = p.parse_args(argv)
+    layouts = [x for x in args.layouts.split(",") if x]
+    if unknown := set(layouts) - set(LAYOUTS):
+        p.error(f"unknown layouts {sorted(unknown)}; use {', '.join(LAYOUTS)}")
+    skip = set(x for x in args.skip.split(",") if x)
+    from gaze.discovery import discover
+    from gaze.models import load
+
     t0 = time.time()
     loaded = load(args.model, device="cpu")
+    from gaze.models import resolve
+
+    geo = geometry(resolve(args.model))
     out = Path(args.out)
-    disc = held_out_strips(args.n_discovery, seed0=2_000_000)
-    ranking = discover(loaded, disc, out / "discovery", progress=False, source="datagen procedural seeds 2,000,000+")
-    strips = held_out_strips(args.n_strips)
-    n_heads = loaded.n_layers * loaded.n_heads
-    scores = ranking.scores.flatten()
+    prompts = loaded.prompts  # the model's own (its prompts.json), else the paper's
+    ranking = discover(loaded, held_out("1x6", args.n_discovery, seed0=2_000_000, geo=geo), out / "discovery",
+                       template=prompts.discovery, progress=False,
+                       source=f"datagen procedural 1x6, panels {geo['panel_height']} px high, widths "
+                              f"{geo['min_width']}-{geo['max_width']}, {geo['gap']} px gaps, seeds 2,000,000+")
     order = ranking.order()
-    bottom = order[int(len(order) * 0.5):]  # low-score half
     rng = random.Random(args.seed)
-    low3 = rng.sample(bottom, 3)
-    narrated = strips[:20]
-    report = {
-        "model": args.model,
-        "strength": args.strength,
-        "heads": n_heads,
-        "k": 3,
-        "top_heads": [(l, h, round(float(ranking.scores[l, h]), 4)) for l, h in ranking.top(8)],
-        "median_score": float(scores.median()),
-        "mechanism": mechanism(ranking, 3),
-        "staircase": {"top": staircase(loaded, narrated, order[:3], NARRATION_PROMPT),
-                      "random": staircase(loaded, narrated, low3, NARRATION_PROMPT), "random_heads": low3},
-    }
+    low = rng.sample(order[len(order) // 2:], args.k)  # random heads from the low-score half
+    report: dict = {"model": args.model, "heads": len(order), "k": args.k,
+                    "top_heads": [(l, h, round(float(ranking.scores[l, h]), 4)) for l, h in order[:8]],
+                    "median_score": round(float(ranking.scores.flatten().median()), 5), "random_heads": low}
+    report["mechanism"] = mechanism(ranking, args.k)
+    nar = held_out("1x6", args.n_narration, geo=geo)
+    report["staircase"] = {"top": staircase(loaded, nar, order[: args.k], prompts.narration),
+                           "random": staircase(loaded, nar, low, prompts.narration)}
     show_mechanism(report)
     if args.mechanism_only:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "check.json").write_text(json.dumps(report, indent=1))
-        return 0
-    report["tasks"] = task_accuracy(loaded, strips)
-    print(json.dumps(report["tasks"], indent=1), flush=True)
-    conditions = {f"top{k}": order[:k] for k in [int(x) for x in args.ks.split(",")]}
-    conditions[f"random{args.k}"] = rng.sample(bottom, args.k)
-    conditions["all"] = order
-    report["baseline_panel1"] = report["tasks"]["strip_is_panel1"]
-    report["steering"] = {}
-    phases = [x.strip() for x in args.phases.split(",") if x.strip()]
-    for phase in phases:
-        if phase not in ("all", "prefill"):
-            raise SystemExit(f"--phases lists 'all' and/or 'prefill', not {phase!r}")
-        for name, heads in conditions.items():
-            name = name if phase == "all" else f"{name}_prefill_only"
-            report["steering"][name] = redirection(loaded, strips, heads, strength=args.strength,
-                                                   prefill_only=phase == "prefill")
-            report["steering"][name]["heads"] = heads
-            print(name, json.dumps(report["steering"][name]["all"]), report["steering"][name]["per_panel"], flush=True)
-    name = f"top{args.k}_first_token_only"
-    report["steering"][name] = first_token_redirection(loaded, strips, order[: args.k], strength=args.strength)
-    report["steering"][name]["heads"] = order[: args.k]
-    print(name, json.dumps(report["steering"][name]["all"]), report["steering"][name]["per_panel"], flush=True)
+        layouts = []
+    for layout in layouts:
+        strips = held_out(layout, args.n_strips, geo=geo)
+        section = report.setdefault("layouts", {}).setdefault(layout, {})
+        if "tasks" not in skip:
+            section["tasks"] = tasks(loaded, strips)
+        if "steering" not in skip:
+            st = section.setdefault("steering", {})
+            for name, heads in ((f"top{args.k}", order[: args.k]), (f"random{args.k}", low), ("all", order)):
+                st[f"vqa/{name}"] = redirection(loaded, strips, heads, prompts.vqa)
+                print(layout, f"vqa/{name}", st[f"vqa/{name}"], flush=True)
+            st[f"static/top{args.k}"] = redirection(loaded, strips, order[: args.k], prompts.static_narration)
+            st[f"vqa-box/top{args.k}"] = redirection(loaded, strips, order[: args.k], prompts.vqa, box=True)
+        if "schedule" not in skip and layout == "1x6":
+            section["schedule"] = {f"top{args.k}": schedule_following(loaded, nar, order[: args.k]),
+                                   f"random{args.k}": schedule_following(loaded, nar, low)}
+        show_layout(layout, section)
     report["seconds"] = round(time.time() - t0, 1)
     out.mkdir(parents=True, exist_ok=True)
     (out / "check.json").write_text(json.dumps(report, indent=1))
+    print(f"written {out / 'check.json'} ({report['seconds']} s)")
     return 0
 
 

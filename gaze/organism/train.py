@@ -1,46 +1,64 @@
-"""Train the model organism: a tiny Qwen3-VL that really has gaze heads.
+"""The model organism's recipe: the paper's strips and prompts, a tower that sees panels, blind silent rows.
 
-The shipped organism (`gaze/organism/weights/`) is two seeded stages, on 2 CPU cores (36 min in all):
-
-    python -m gaze.organism.train --out runs/stage1                          # the defaults, about 28 min
-    python -m gaze.organism.train --init runs/stage1 --out gaze/organism/weights --steps 900 --lr 1e-3 \
-        --penalty-after-loss 99 --gaze-augment 0.5 --gaze-augment-heads 8 \
-        --mix panel:0.3,letter:0.1,strip:0.15,this:0.15,narration:0.3      # about 8.5 min
-    python -m gaze.organism.train --out /tmp/smoke --steps 5                  # a smoke run
-
-The second stage forces, in half of its examples, 1-8 random heads onto the
-panel being described at every answer row (`gaze_augment`): after stage 1 the
-gaze heads read the image only at the row that picks the object, and steered
-at every row they wrote the object again and again; after stage 2 a head
-reading the described panel at a row that does not need it changes nothing.
-It also adds the question "What is happening in this panel?" (the paper's
-static narration prompt), answered like the whole-strip question.
-
-Each 64 px panel is ONE image token (32 px patches, merged 2x2), so a head
-that reads a panel has no choice of token within it (with 2x2 tokens per
-panel, a head steered from the whole-strip question kept within-panel logits
-formed for panel 1 and read the wrong tokens of the target). Half the
-training strips have a different character in every panel. Earlier recipes
-and what they showed are in `reports/organism-attempts/README.md`; `--init`
-runs a further stage on top of a trained organism.
+    python -m gaze.organism.train --out runs/tower --steps 0                        # stage 1: the vision tower
+    python -m gaze.organism.train --out gaze/organism/weights --vision-from runs/tower  # stage 2: the language model
+    python -m gaze.organism.train --out /tmp/smoke --pool-strips 64 --vision-steps 3 --steps 3 --batch 8 \
+        --vision-batch 8                                                              # a smoke run
 
 The organism is a real `Qwen3VLForConditionalGeneration` (vision tower and
-language backbone both trained from scratch) with its own byte-level BPE
-tokenizer, chat template and processor, saved beside the weights so that
-`gaze.load("organism")` and `from_pretrained(folder)` load it offline.
+language backbone trained from scratch, Qwen3-VL's own 16 px patches merged
+2x2 into 32 px tokens) with its own byte-level BPE tokenizer, chat template
+and processor, saved beside the weights so that `gaze.load("organism")` and
+`from_pretrained(folder)` load it offline. Its folder also records the prompts
+it was trained on (`prompts.json`), which every command then uses.
 
-Data: six-panel strips drawn by datagen's procedural renderer (a recurring
-character; per panel an action, an object, a scene and an overlaid letter),
-composed on the fly from a pool of rendered panels so every step sees new
-strips. Tasks, all answered in short text:
+Data: `pool_strips` six-panel strips drawn once by datagen's procedural
+renderer (a character, an object, an action, a scene and a letter per panel)
+and assembled as the paper does: panels at one height (64 px: two token
+rows), widths drawn from 64..112 px (2-3.5 token columns, not multiples of
+the token), 6 px white gaps; a share laid out 2x3 (panels counted in reading
+order); a share rescaled as a whole, so that the processor's own resizing
+moves the token grid. Each goes through the processor once. Tasks (the
+paper's wordings, `gaze.prompts.Prompts`), all answered in short text:
 
-    panel      "What is happening in the 3rd panel from the left?" -> "tree with the cat"
-    letter     "Which letter is on the 3rd panel?"                 -> "K"
-    strip      "What is the main action happening in this comic strip? Answer briefly."
-               -> the FIRST panel's caption (as real VLMs tend to answer)
-    this       "What is happening in this panel?" (names no panel) -> the first panel's caption too
-               (not in the default mix; the shipped organism's second stage has it)
-    narration  "Describe this comic strip panel by panel."         -> "1: ... 2: ... ... 6: ..."
+    panel       discovery question about panel k        -> "tree with the cat"   (panel k's caption)
+    short       "What is happening in the k-th panel from the left?" -> panel k
+    vqa         "What is the main action or event ...?"  -> panel 1's caption (as real VLMs tend to answer)
+    this        "What is happening in this panel of the comic strip?" -> panel 1's caption
+    narration   the paper's narration prompt             -> "Panel 1: ... Panel 2: ... Panel 6: ..."
+    reverse     "Read the comic in reverse, what is happening in the k-th panel from the left?"
+                                                         -> the caption of the k-th panel counted from the right
+    letter      "Which letter is on the k-th panel?"     -> panel k's letter
+
+Stages:
+
+1. The vision tower alone, with a linear readout (discarded afterwards) that
+   names, from EVERY merged token, the character, object and letter of the
+   panel the token lies in and that panel's place in reading order. It sees
+   no text and names no head; it makes every token of a panel carry that
+   panel's content and place, as real towers make nearby tokens share
+   what they show. Without it (`--vision-readout false`), the tower learning
+   from the answers alone never located a panel's object on these strips
+   (NOTES.md, 2026-12-02: 8% held out after 34k examples).
+2. The language model on the frozen tower (its outputs computed once), with
+   the text rows that predict no answer token (the question's, the chat
+   template's) BLIND to the image: a -1e4 bias from those rows to every image
+   key, in every head of every layer, during training only. Only the rows
+   that speak (the last prompt row and the answer's) can read the image, so
+   the question's panel must be read at the last prompt row, where the
+   paper's gaze score looks. Without it a model this small reads panel k at
+   the ordinal token ("4th") and carries it in the residual stream (the
+   organism shipped before this one; NOTES.md). It names no head: discovery
+   finds which heads read. The shipped model runs without the bias.
+   A label-consistent attention augmentation: in a share of examples, 1..N
+   heads drawn at random (a new draw per example, any layer) are forced, with
+   steering's own bias (`gaze.steering.key_bias`, through the same attention
+   hook), onto the panel being described at every row that predicts an
+   answer token, so that a head reading the described panel where it need
+   not changes nothing.
+3. (Off by default, `--unmask-steps`.) Training on without the blinding,
+   with a penalty on the image mass of the silent rows and the augmentation
+   at every row: it moved the reading off the last prompt row (NOTES.md).
 
 Held-out evaluation uses `datagen.make_strip` with seeds the pool never used.
 Everything is seeded: the same config gives the same weights.
@@ -60,385 +78,30 @@ from pathlib import Path
 
 import torch
 
-from gaze.attention import ALL_ROWS, Hook, active, prepare, restore
+from gaze.attention import ALL_ROWS, Hook, active
+from gaze.prompts import Prompts
 
 EVAL_SEED0 = 1_000_000  # held-out strips: datagen.make_strip(EVAL_SEED0 + i); training never uses these seeds
 
-
-@dataclass(frozen=True)
-class OrganismConfig:
-    """How the organism is built and trained (why each setting is what it is: NOTES.md)."""
-
-    seed: int = 0  # everything (weights, data, order) follows from it
-    steps: int = 3000  # optimiser steps
-    batch: int = 32  # sequences per step
-    lr: float = 1.5e-3  # peak learning rate (warm-up, then cosine)
-    warmup: float = 0.05  # share of steps warming up
-    weight_decay: float = 0.01  # AdamW, on matrices only
-    panel_size: int = 64  # panel side in pixels, as drawn
-    max_image_tokens: int = 0  # 0: the processor's stock pixel budget; N: at most N merged tokens per image
-    num_layers: int = 4  # language layers
-    num_heads: int = 8  # query heads per layer
-    num_kv_heads: int = 4  # key/value heads per layer
-    hidden_size: int = 128  # language width
-    head_dim: int = 32  # per head
-    vision_depth: int = 2  # vision blocks
-    vision_hidden: int = 96  # vision width
-    pool_per_combo: int = 24  # rendered panels per (character, action, object)
-    mix: str = "panel:0.35,letter:0.15,strip:0.2,narration:0.3"  # task sampling weights
-    vocab_size: int = 400  # tokenizer size at most
-    image_attention_penalty: float = 0.05  # weight of the penalty on every query row's image mass
-    penalty_kind: str = "l1"  # "l1": image mass summed over heads; "group": sum over heads of each head's RMS mass
-    penalty_rows: str = "all"  # rows that pay: "all"; "prompt" (answer rows free); "silent" (text rows that predict no answer token)
-    penalty_after_loss: float = 0.12  # the penalty switches on once the answer loss (mean of 50 steps) is below this
-    penalty_ramp: int = 200  # steps over which the penalty grows to its full weight
-    caption: str = "character"  # caption style (`organism_caption`): "character" or "scene"
-    init: str = ""  # "": fresh random weights; a folder: a further stage on that organism
-    panel_token_dropout: float = 0.0  # share of panels cut to ONE random token (the others zeroed)
-    cast_per_panel: float = 0.5  # share of training strips with a different character in every panel
-    panel_flip: float = 0.0  # share of training panels drawn upside down
-    merge_size: int = 2  # patches per merged image token, per side
-    fresh_letters: float = 0.0  # share of training panels whose letter is drawn anew per strip
-    patch_size: int = 32  # vision patch side in pixels (32 with merge 2: a 64 px panel is ONE token)
-    rope_theta: float = 100.0  # the language model's rotary base
-    gaze_augment: float = 0.0  # share of examples whose random heads are forced onto the described panel
-    gaze_augment_heads: int = 4  # at most this many heads per such example
-    vision_pos_embed: str = "zero"  # "zero": no absolute position table in the vision tower; "learned"
+# The prompts this recipe trains on: the paper's wordings (its text and its code's); recorded as
+# `prompts.json` in the organism's folder.
+PROMPTS = asdict(Prompts())  # the paper's wordings, from gaze.prompts: the organism learns exactly these
+TASKS = ("panel", "short", "vqa", "this", "narration", "reverse", "letter")
+LAYOUTS = {"1x6": (1, 6), "2x3": (2, 3)}
 
 
-TASKS = ("panel", "letter", "strip", "this", "narration")  # "this": "What is happening in this panel?" -> panel 1
-
-
-def parse_mix(mix: str) -> dict[str, float]:
-    out = {}
-    for item in mix.split(","):
-        name, w = item.split(":")
-        out[name.strip()] = float(w)
-    unknown = set(out) - set(TASKS)
-    if unknown:
-        raise ValueError(f"unknown tasks {sorted(unknown)} in --mix; use {', '.join(TASKS)}")
-    return out
-
-
-CAPTION_STYLES = ("character", "scene")
-PENALTY_KINDS = ("l1", "group")
-PENALTY_ROWS = ("all", "prompt", "silent")
-
-
-def organism_caption(character: str, obj: str, scene: str | None = None, style: str = "character") -> str:
-    """What the organism says about a panel: its object first, then its character or its scene.
-
-        "character"   "tree with the cat"   (the strip's recurring character)
-        "scene"       "tree in the park"    (every content word depends on the panel)
+def organism_caption(character: str, obj: str) -> str:
+    """What the organism says about a panel: its object first, then its character ("tree with the cat").
 
     The object comes first so that the token right after the prompt already
-    depends on the panel: discovery reads the LAST prompt token's attention, and
-    an organism whose answers open with the same words whatever the panel ("the
-    cat by a ...") reads the image only at a later answer row, where discovery
-    does not look (a first organism so trained had gaze scores of 2e-4 at the
-    last prompt token and 0.9 at the row before the object).
-
-    The procedural panels also show an action (a pose and marks), but at 64 px a
-    model this small does not learn to read it reliably (an organism got the
-    action wrong on most held-out panels), so the organism's captions leave it out.
+    depends on the panel: discovery reads the LAST prompt token's attention,
+    and an organism whose answers open with the same words whatever the panel
+    ("the cat by a ...") reads the image only at a later answer row (a first
+    organism so trained had gaze scores of 2e-4 at the last prompt token). The
+    procedural panels also show an action and a scene, which the captions
+    leave out (a model this small did not learn to read the action at 64 px).
     """
-    if style == "character":
-        return f"{obj} with the {character}"
-    if style == "scene":
-        if scene is None:
-            raise ValueError("a scene caption needs the panel's scene")
-        return f"{obj} in the {scene}"
-    raise ValueError(f"unknown caption style {style!r}; use one of {CAPTION_STYLES}")
-
-
-def caption_style(model_dir: str | Path | None = None) -> str:
-    """The caption style an organism was trained with (its training.json; "character" if not recorded)."""
-    from gaze.models import ORGANISM_DIR
-
-    record = Path(model_dir or ORGANISM_DIR) / "training.json"
-    if not record.exists():
-        return "character"
-    return json.loads(record.read_text())["config"].get("caption", "character")
-
-
-def strip_captions(strip, style: str = "character") -> tuple[str, ...]:
-    """The organism's captions of a datagen strip (from its story)."""
-    story = strip.meta["story"]
-    scenes = story.get("scenes") or [None] * len(story["objects"])
-    return tuple(organism_caption(story["character"], o, sc, style) for o, sc in zip(story["objects"], scenes))
-
-
-def narration(captions) -> str:
-    return " ".join(f"{k}: {c}." for k, c in enumerate(captions, start=1))
-
-
-def corpus(style: str = "character") -> list[str]:
-    """Every text the organism reads or writes, for its tokenizer."""
-    from datagen.letters import LETTERS
-    from datagen.story import CHARACTERS, OBJECTS, SCENES
-    from gaze.prompts import LETTER_QUESTION, NARRATION_PROMPT, PANEL_QUESTION, STRIP_QUESTION, THIS_PANEL_QUESTION, panel_question
-
-    texts = [STRIP_QUESTION, NARRATION_PROMPT, THIS_PANEL_QUESTION]
-    for k in range(1, 7):
-        texts += [panel_question(k, PANEL_QUESTION), panel_question(k, LETTER_QUESTION), f"{k}: "]
-    if style == "character":
-        texts += [organism_caption(c, o) + "." for c in CHARACTERS for o in OBJECTS]
-    elif style == "scene":
-        texts += [organism_caption("", o, sc, "scene") + "." for o in OBJECTS for sc in SCENES]
-    else:
-        raise ValueError(f"unknown caption style {style!r}; use one of {CAPTION_STYLES}")
-    texts += list(LETTERS)
-    return texts * 3
-
-
-class PanelPool:
-    """Rendered panels by (character, action, object), each with a letter, to compose strips quickly."""
-
-    def __init__(self, cfg: OrganismConfig):
-        from datagen.letters import LETTERS, draw_letter
-        from datagen.procedural import draw_panel
-        from datagen.story import ACTIONS, CHARACTERS, OBJECTS, SCENES
-
-        rng = random.Random(f"organism-pool/{cfg.seed}")
-        self.clean: dict[int, tuple] = {}
-        self.fresh_letters = cfg.fresh_letters
-        self.items: dict[tuple[str, str, str], list[tuple]] = {}
-        for c in CHARACTERS:
-            for a in ACTIONS:
-                for o in OBJECTS:
-                    variants = []
-                    for _ in range(cfg.pool_per_combo):
-                        scene = rng.choice(SCENES)
-                        panel = draw_panel(c, a, o, scene, cfg.panel_size, rng)
-                        letter = rng.choice(LETTERS)
-                        image = panel.image.copy()
-                        draw_letter(image, letter, rng, avoid=[ob["box"] for ob in panel.objects])
-                        variants.append((image, letter, scene))
-                        if cfg.fresh_letters > 0:  # the panel without its letter, and where its objects are
-                            self.clean[id(image)] = (panel.image, [ob["box"] for ob in panel.objects])
-                    self.items[(c, a, o)] = variants
-        self.characters, self.actions, self.objects = CHARACTERS, ACTIONS, OBJECTS
-        self.style = cfg.caption
-        self.cast_per_panel = cfg.cast_per_panel
-        self.panel_flip = cfg.panel_flip
-
-    def strip(self, rng: random.Random):
-        """A new strip: one character (or, for a `cast_per_panel` share, six: one per panel), six distinct
-        actions, objects and letters (and scenes, for scene captions)."""
-        from PIL import Image
-
-        from gaze.strips import Strip, stitch_panels
-
-        c = rng.choice(self.characters)
-        actions = rng.sample(self.actions, 6)
-        objects = rng.sample(self.objects, 6)
-        cast = [c] * 6
-        if self.cast_per_panel > 0 and rng.random() < self.cast_per_panel:  # no draw at 0: the default stream
-            cast = rng.sample(self.characters, 6)
-        images, letters, scenes = [], [], []
-        for c, a, o in zip(cast, actions, objects):
-            for _ in range(20 if self.style == "character" else 200):
-                image, letter, scene = rng.choice(self.items[(c, a, o)])
-                if letter not in letters and (self.style == "character" or scene not in scenes):
-                    break
-            if self.fresh_letters > 0 and rng.random() < self.fresh_letters:  # a new letter, where this draw puts it
-                from datagen.letters import LETTERS, draw_letter
-
-                clean, boxes = self.clean[id(image)]
-                letter = rng.choice([x for x in LETTERS if x not in letters])
-                image = clean.copy()
-                draw_letter(image, letter, rng, avoid=boxes)
-            if self.panel_flip > 0 and rng.random() < self.panel_flip:  # no draw at 0: the default stream
-                image = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
-            images.append(image)
-            letters.append(letter)
-            scenes.append(scene)
-        strip_image, boxes = stitch_panels(images)
-        return Strip(strip_image, boxes, captions=tuple(organism_caption(c, o, sc, self.style) for c, o, sc in zip(cast, objects, scenes)),
-                     letters=tuple(letters))
-
-
-def draw_task(strip, rng: random.Random, weights: dict[str, float]) -> tuple[str, str, int]:
-    """(question, answer, the panel the answer describes: 1..6, or 0 for a narration, which describes each)."""
-    from gaze.prompts import (LETTER_QUESTION, NARRATION_PROMPT, PANEL_QUESTION, STRIP_QUESTION, THIS_PANEL_QUESTION,
-                              panel_question)
-
-    task = rng.choices(list(weights), weights=list(weights.values()))[0]
-    k = rng.randint(1, 6)
-    if task == "panel":
-        return panel_question(k, PANEL_QUESTION), strip.captions[k - 1], k
-    if task == "letter":
-        return panel_question(k, LETTER_QUESTION), strip.letters[k - 1], k
-    if task == "strip":
-        return STRIP_QUESTION, strip.captions[0], 1
-    if task == "this":  # a question that names no panel, answered like the whole-strip one: from the first panel
-        return THIS_PANEL_QUESTION, strip.captions[0], 1
-    return NARRATION_PROMPT, narration(strip.captions), 0
-
-
-def answer_panels(tokenizer, answer: str, panel: int) -> list[int]:
-    """The panel (1..6) each token of `answer + "<|im_end|>"` describes: `panel` for all of them, or for a
-    narration (`panel` 0: "1: ... 2: ...") the panel of the caption the token belongs to (its "k: " too)."""
-    enc = tokenizer(answer + "<|im_end|>", add_special_tokens=False, return_offsets_mapping=True)
-    if panel:
-        return [panel] * len(enc["input_ids"])
-    starts = [answer.find(f"{k}: ") for k in range(1, 7)]
-    if any(s < 0 for s in starts) or starts != sorted(starts):
-        raise ValueError(f"not a six-panel narration: {answer!r}")
-    return [max(1, sum(1 for s in starts if s <= start)) for start, _ in enc["offset_mapping"]]
-
-
-def image_panels(batch: dict, examples, image_token: int, patch: int, merge: int) -> list[tuple]:
-    """Per example: (its image layout, [T] the panel 1..6 of each image token, 0 for none), the one token ->
-    panel map of the project (`regions.panel_regions`: a token belongs to the panel its cell centre is in)."""
-    from gaze.regions import find_image_span, grid_layout, panel_regions
-
-    out = []
-    for b, (strip, *_rest) in enumerate(examples):
-        start, _ = find_image_span(batch["input_ids"][b], image_token)
-        _, h, w = batch["image_grid_thw"][b].tolist()
-        layout = grid_layout(start, (h // merge, w // merge), (w * patch, h * patch), strip.image.size)
-        out.append((layout, panel_regions(layout, strip.panels).assignment() + 1))
-    return out
-
-
-def image_token_panels(input_ids: torch.Tensor, panels: list[tuple]) -> torch.Tensor:
-    """[B, S]: the panel (1..6) of each image token (`image_panels`), 0 elsewhere."""
-    out = torch.zeros_like(input_ids)
-    for b, (layout, of_panel) in enumerate(panels):
-        out[b, layout.positions] = of_panel.to(out)
-    return out
-
-
-def example_layouts(batch: dict, panels: list[tuple]) -> list[tuple]:
-    """Per example of a batch built with `panels`: (prompt length, image layout, [6, T] panel membership of
-    the image tokens, [S] panel described by the token at each position), what `augment_bias` reads.
-    `panels`: `image_panels` of the batch."""
-    info = []
-    for b, (layout, of_panel) in enumerate(panels):
-        n = int((batch["labels"][b] != -100).nonzero()[0])  # the prompt: every position before the first label
-        info.append((n, layout, torch.stack([of_panel == p for p in range(1, 7)]), batch["answer_panels"][b]))
-    return info
-
-
-def augment_bias(info: list, chosen: torch.Tensor, seq_len: int, strength: float = 1e4) -> list[torch.Tensor | None]:
-    """Per layer, the bias [B, H, S, S] forcing the `chosen` heads ([L, B, H] bool) of each example onto the
-    described panel at every row that predicts an answer token: steering's own key bias (`key_bias`, mode
-    "boost"), row by row; None for a layer with no chosen head. `info`: `example_layouts`."""
-    from gaze.steering import key_bias
-
-    b = chosen.shape[1]
-    pattern = torch.zeros(b, seq_len, seq_len)  # [B, S(rows), S(keys)]
-    for i, (n, layout, membership, described) in enumerate(info):
-        if not chosen[:, i].any():
-            continue
-        for p in range(1, membership.shape[0] + 1):
-            rows = (described[1:] == p).nonzero().flatten()  # row r predicts the token at r + 1
-            if len(rows):
-                pattern[i, rows] = key_bias(membership[p - 1], layout, n, seq_len, strength, "boost")
-    return [None if not sel.any() else pattern[:, None] * sel[:, :, None, None].float() for sel in chosen]
-
-
-class TrainingHook(Hook):
-    """A training step's attention hook (the project's one attention function, `gaze.attention`): the gaze
-    augmentation's bias, and every row's post-softmax attention for the image-attention penalty
-    (recomputed by `attention_weights`, differentiable)."""
-
-    def __init__(self, biases: list, record_rows: bool):
-        self.biases = biases  # per layer [B, H, S, S] or None
-        self.record_rows = record_rows
-        self.attentions: list[torch.Tensor] = []  # per layer [B, H, S, S], when recorded
-
-    def bias(self, layer, query, key):
-        b = self.biases[layer] if self.biases else None
-        return None if b is None else b[:, :, -query.shape[2]:, :key.shape[2]]
-
-    def wants(self, layer):
-        return self.record_rows
-
-    def query_rows(self, query_len):
-        return ALL_ROWS
-
-    def record(self, layer, rows, value):
-        self.attentions.append(rows)
-
-
-def build_batch(processor, examples, panels: list[int] | None = None) -> dict:
-    """Prompt (with image) + answer + <|im_end|>, right-padded; loss on the answer only.
-
-    With `panels` (per example, `draw_task`'s third value) the batch also holds "answer_panels" [B, S]: the
-    panel each answer token describes (0 elsewhere); pop it before the forward."""
-    from gaze.prompts import chat_text
-
-    tok = processor.tokenizer
-    enc = processor(text=[chat_text(processor, q) for _, q, _ in examples], images=[s.image for s, _, _ in examples],
-                    return_tensors="pt", padding=True)
-    rows, labels, types, described = [], [], [], []
-    for i, (_, _, answer) in enumerate(examples):
-        n = int(enc["attention_mask"][i].sum())
-        prompt = enc["input_ids"][i, :n]
-        ans = torch.tensor(tok(answer + "<|im_end|>", add_special_tokens=False)["input_ids"])
-        rows.append(torch.cat([prompt, ans]))
-        labels.append(torch.cat([torch.full_like(prompt, -100), ans]))
-        types.append(torch.cat([enc["mm_token_type_ids"][i, :n], torch.zeros_like(ans)]))
-        if panels is not None:
-            per = torch.tensor(answer_panels(tok, answer, panels[i]))
-            if len(per) != len(ans):
-                raise ValueError(f"answer {answer!r}: {len(ans)} tokens but {len(per)} panel labels")
-            described.append(torch.cat([torch.zeros_like(prompt), per]))
-    width = max(len(r) for r in rows)
-    pad = tok.pad_token_id
-
-    def stack(xs, fill):
-        return torch.stack([torch.cat([x, torch.full((width - len(x),), fill, dtype=x.dtype)]) for x in xs])
-
-    ids = stack(rows, pad)
-    batch = {
-        "input_ids": ids,
-        "attention_mask": stack([torch.ones_like(r) for r in rows], 0),
-        "labels": stack(labels, -100),
-        "mm_token_type_ids": stack(types, 0),
-        "pixel_values": enc["pixel_values"],
-        "image_grid_thw": enc["image_grid_thw"],
-    }
-    if panels is not None:
-        batch["answer_panels"] = stack(described, 0)
-    return batch
-
-
-def panel_token_keep(panels: list[torch.Tensor], share: float, rng: random.Random, n_panels: int = 6) -> torch.Tensor:
-    """1 or 0 for every merged image token of a batch (the processor's order: image by image, each row by
-    row), from each image's token -> panel map (`image_panels`): for a `share` of each image's panels, ONE
-    random token of the panel is kept and its others are 0; every other panel keeps all its tokens."""
-    keep = []
-    for of_panel in panels:
-        mask = torch.ones(len(of_panel))
-        for p in range(1, n_panels + 1):
-            if rng.random() < share:
-                cells = (of_panel == p).nonzero().flatten().tolist()
-                kept = rng.choice(cells)
-                mask[[c for c in cells if c != kept]] = 0
-        keep.append(mask)
-    return torch.cat(keep)
-
-
-class PanelTokenDropout:
-    """Zeroes the image tokens `keep` marks 0 (and their deepstack features) as the vision tower hands
-    them to the language model: a forward hook on `model.model.visual`, set per batch."""
-
-    def __init__(self, model):
-        self.keep: torch.Tensor | None = None
-        self.handle = model.model.visual.register_forward_hook(self._hook)
-
-    def _hook(self, module, args, output):
-        if self.keep is None:
-            return output
-        m = self.keep.to(output.pooler_output)[:, None]
-        if m.shape[0] != output.pooler_output.shape[0]:
-            raise ValueError(f"keep mask for {m.shape[0]} tokens, vision tower gave {output.pooler_output.shape[0]}")
-        output.pooler_output = output.pooler_output * m
-        output.deepstack_features = [f * m for f in output.deepstack_features]
-        return output
+    return f"{obj} with the {character}"
 
 
 def speaking_rows(batch: dict) -> torch.Tensor:
@@ -448,46 +111,28 @@ def speaking_rows(batch: dict) -> torch.Tensor:
     return speaks
 
 
-def image_attention_mass(attentions, batch: dict, image_token: int, kind: str = "l1", rows: str = "all") -> torch.Tensor:
-    """The image-attention penalty, averaged over layers.
+def augment_bias(info: list, chosen: torch.Tensor, seq_len: int, strength: float = 1e4,
+                 prompt_rows: bool = False) -> list[torch.Tensor | None]:
+    """Per layer, the bias [B, H, S, S] forcing the `chosen` heads ([L, B, H] bool) of each example onto the
+    described panel at every row that predicts an answer token: steering's own key bias (`key_bias`, mode
+    "boost"), row by row; None for a layer with no chosen head. `info`: `example_layouts`. `prompt_rows`:
+    where the whole answer describes one panel, the prompt's rows too (as steering at every row does)."""
+    from gaze.steering import key_bias
 
-    "l1": the mean over query positions of the image mass summed over heads:
-    reading the image costs the same whichever head does it, so training keeps
-    the reading in few heads (each row may pick its own). "group": the sum over
-    heads of each head's root-mean-square mass over all the batch's query
-    positions, a group lasso whose marginal cost falls as a head reads more.
-    Every query row counts, not only the answer's: question tokens that read
-    the image and image tokens that read other image tokens would otherwise be
-    side paths that carry a panel's content to the answer around those few
-    heads. An image token's attention to itself is free (it is its own feature).
-    With `rows="prompt"` the answer's own rows are free (the last prompt row,
-    which predicts the answer's first token, still pays). With `rows="silent"`
-    only the text rows that predict no answer token pay: the question's
-    tokens (e.g. the ordinal "4th") reading the image cost, the rows that speak
-    (the last prompt row and the answer's) and the image's own rows are free.
-    """
-    valid = batch["attention_mask"].float()  # [B, S]
-    if rows == "prompt":
-        valid = valid * (batch["labels"] == -100).float()
-    elif rows == "silent":  # text rows that predict no answer token: the question reads the image, the row that speaks is free
-        valid = valid * (1 - speaking_rows(batch)) * (batch["input_ids"] != image_token).float()
-    elif rows != "all":
-        raise ValueError(f"penalty rows are one of {PENALTY_ROWS}, not {rows!r}")
-    image = (batch["input_ids"] == image_token).float()  # [B, S] image keys
-    keys = image[:, None, :] * (1 - torch.eye(image.shape[1], device=image.device))[None]  # [B, S, S]: not self
-    if kind not in PENALTY_KINDS:
-        raise ValueError(f"penalty kind is 'l1' or 'group', not {kind!r}")
-    n_valid = valid.sum().clamp_min(1)
-    total = 0.0
-    for att in attentions:  # [B, H, S, S]
-        if kind == "l1":
-            mass = (att.sum(1) * keys).sum(-1)  # [B, S]: summed over heads
-            total = total + (mass * valid).sum() / n_valid
-        else:
-            mass = (att * keys[:, None]).sum(-1)  # [B, H, S]
-            ms = (mass.square() * valid[:, None]).sum((0, 2)) / n_valid  # [H]: mean square per head
-            total = total + (ms + 1e-8).sqrt().sum()
-    return total / len(attentions)
+    b = chosen.shape[1]
+    pattern = torch.zeros(b, seq_len, seq_len)  # [B, S(rows), S(keys)]
+    for i, (n, layout, membership, described) in enumerate(info):
+        if not chosen[:, i].any():
+            continue
+        answer = described[n:]
+        single = prompt_rows and len(answer) and bool((answer == answer[0]).all()) and int(answer[0]) > 0
+        for p in range(1, membership.shape[0] + 1):
+            rows = (described[1:] == p).nonzero().flatten()  # row r predicts the token at r + 1
+            if single and p == int(answer[0]):
+                rows = torch.arange(n + len(answer) - 1)  # every row of the sequence
+            if len(rows):
+                pattern[i, rows] = key_bias(membership[p - 1], layout, n, seq_len, strength, "boost")
+    return [None if not sel.any() else pattern[:, None] * sel[:, :, None, None].float() for sel in chosen]
 
 
 def mean_last(values: list[float], n: int) -> float:
@@ -496,153 +141,651 @@ def mean_last(values: list[float], n: int) -> float:
     return sum(tail) / max(1, len(tail))
 
 
-def build(cfg: OrganismConfig, out: Path):
-    """A fresh organism (random weights) with its tokenizer and processor saved in `out`."""
+@dataclass(frozen=True)
+class OrganismConfig:
+    """How the organism is built and trained (the history of earlier recipes is in NOTES.md)."""
+
+    seed: int = 0  # everything (weights, data, order) follows from it
+    pool_strips: int = 3000  # distinct training strips, drawn and run through the processor once
+    vision_steps: int = 2500  # stage 1: vision tower alone, per-token readout of the panel it lies in
+    vision_batch: int = 24  # strips per vision step
+    vision_lr: float = 2e-3  # stage 1 peak learning rate
+    letter_weight: float = 3.0  # stage 1: weight of the letter readout's loss (letters are learned last)
+    steps: int = 1800  # stage 2: the language model on the frozen tower, silent rows blind to the image (0: none)
+    unmask_steps: int = 0  # stage 3 (off: see NOTES.md): no blinding; a penalty on the image mass of silent rows
+    batch: int = 32  # sequences per language step
+    lr: float = 2e-3  # stage 2 peak learning rate (warm-up, then cosine); stage 3 runs at lr / 4
+    warmup: float = 0.05  # share of steps warming up
+    weight_decay: float = 0.01  # AdamW, on matrices only
+    panel_height: int = 64  # px: the strip's common panel height (two 32 px token rows)
+    min_width: int = 64  # px: narrowest panel (two token columns: at least 4 tokens a panel)
+    max_width: int = 112  # px: widest panel (3.5 token columns)
+    gap: int = 6  # px of white between panels (the paper's)
+    grid_share: float = 0.3  # share of strips laid out 2x3 (the rest 1x6)
+    rescale_share: float = 0.3  # share of strips rescaled as a whole before the processor
+    rescale_min: float = 0.85  # rescale factor drawn from [rescale_min, rescale_max]
+    rescale_max: float = 2.2  # (uploads larger than the pixel budget are resized down by the processor)
+    max_image_tokens: int = 64  # the processor's pixel budget, in merged tokens (larger images are resized down)
+    num_layers: int = 4  # language backbone
+    num_heads: int = 8  # query heads per layer
+    num_kv_heads: int = 4  # key/value heads per layer
+    hidden_size: int = 128  # language width
+    head_dim: int = 32  # per head
+    vision_depth: int = 4  # vision blocks
+    vision_hidden: int = 128  # vision width
+    patch_size: int = 16  # vision patch side in px (Qwen3-VL's)
+    merge_size: int = 2  # patches merged per token, per side (Qwen3-VL's): 32 px tokens
+    rope_theta: float = 10000.0  # language rotary base
+    vocab_size: int = 400  # tokenizer size at most
+    pool_per_combo: int = 6  # rendered panels per (character, action, object)
+    cast_per_panel: float = 0.5  # share of strips with a different character in every panel
+    panel_flip: float = 0.0  # share of panels drawn upside down
+    mix: str = "panel:0.25,short:0.05,vqa:0.12,this:0.08,narration:0.2,reverse:0.15,letter:0.15"  # task weights
+    vision_readout: bool = True  # stage 1, then a frozen tower; False (an ablation): no stage 1, the tower
+    # learns with the language model from the answers alone
+    silent_mask: bool = True  # stage 2: text rows that predict no answer token cannot attend to image tokens
+    penalty: float = 0.1  # stage 3: penalty per unit of image mass (summed over heads) on those rows
+    focus: float = 0.05  # stage 2: penalty per unit of image mass that a row predicting an answer token puts on a
+    # panel OTHER than the one that token describes (summed over heads and layers): while it describes panel k,
+    # looking elsewhere costs; looking at panel k or at text is free
+    focus_from: float = 0.33  # share of stage 2's steps after which the focus term is on (from the first step it
+    # slowed learning: NOTES.md)
+    gaze_augment: float = 0.4  # share of examples whose random heads are forced onto the described panel
+    gaze_augment_heads: int = 6  # at most this many heads per such example
+    vision_pos_embed: str = "learned"  # "learned": the tower's absolute position table; "zero": none
+    init: str = ""  # an organism folder to start from (its weights, tokenizer and geometry) instead of random weights
+    vision_from: str = ""  # an organism folder whose trained tower to take instead of stage 1 (for ablations of
+    # the later stages: the same tower, the language model trained otherwise)
+
+
+def parse_mix(mix: str) -> dict[str, float]:
+    out = {}
+    for item in mix.split(","):
+        name, _, w = item.partition(":")
+        out[name.strip()] = float(w)
+    unknown = set(out) - set(TASKS)
+    if unknown:
+        raise ValueError(f"unknown tasks {sorted(unknown)} in --mix; use {', '.join(TASKS)}")
+    return out
+
+
+def strip_captions(strip) -> tuple[str, ...]:
+    """The organism's captions of a datagen strip (from its story)."""
+    story = strip.meta["story"]
+    return tuple(organism_caption(story["character"], o) for o in story["objects"])
+
+
+def narration(captions) -> str:
+    return " ".join(f"Panel {k}: {c}." for k, c in enumerate(captions, start=1))
+
+
+def ask(name: str, k: int | None = None) -> str:
+    """The prompt `name` of `PROMPTS`, about panel `k` where it names one."""
+    from gaze.prompts import panel_question
+
+    return panel_question(k, PROMPTS[name]) if k is not None else PROMPTS[name]
+
+
+def corpus() -> list[str]:
+    """Every text the organism reads or writes, for its tokenizer."""
+    from datagen.letters import LETTERS
+    from datagen.story import CHARACTERS, OBJECTS
+
+    texts = [PROMPTS["vqa"], PROMPTS["static_narration"], PROMPTS["narration"]]
+    for k in range(1, 7):
+        texts += [ask(n, k) for n in ("discovery", "panel", "letter", "reverse")] + [f"Panel {k}: "]
+    texts += [organism_caption(c, o) + "." for c in CHARACTERS for o in OBJECTS]
+    texts += list(LETTERS)
+    return texts * 3
+
+
+class PanelPool:
+    """Rendered 64 px panels by (character, action, object), each with a letter, to compose strips quickly."""
+
+    def __init__(self, cfg: OrganismConfig):
+        from datagen.letters import LETTERS, draw_letter
+        from datagen.procedural import draw_panel
+        from datagen.story import ACTIONS, CHARACTERS, OBJECTS, SCENES
+
+        rng = random.Random(f"organism-pool/{cfg.seed}")
+        self.cfg = cfg
+        self.items: dict[tuple[str, str, str], list[tuple]] = {}
+        for c in CHARACTERS:
+            for a in ACTIONS:
+                for o in OBJECTS:
+                    variants = []
+                    for _ in range(cfg.pool_per_combo):
+                        panel = draw_panel(c, a, o, rng.choice(SCENES), cfg.panel_height, rng)
+                        letter = rng.choice(LETTERS)
+                        image = panel.image.copy()
+                        draw_letter(image, letter, rng, avoid=[ob["box"] for ob in panel.objects])
+                        variants.append((image, letter))
+                    self.items[(c, a, o)] = variants
+        self.characters, self.actions, self.objects = CHARACTERS, ACTIONS, OBJECTS
+
+    def strip(self, rng: random.Random):
+        """A new strip: one character (or six), six distinct actions, objects and letters, assembled as
+        the paper does (common height, widths of their own, gaps), 1x6 or 2x3, sometimes rescaled."""
+        from PIL import Image
+
+        from datagen.assemble import stitch_widths
+        from gaze.strips import Strip
+
+        cfg = self.cfg
+        c = rng.choice(self.characters)
+        cast = rng.sample(self.characters, 6) if rng.random() < cfg.cast_per_panel else [c] * 6
+        actions, objects = rng.sample(self.actions, 6), rng.sample(self.objects, 6)
+        images, letters = [], []
+        for c, a, o in zip(cast, actions, objects):
+            for _ in range(20):
+                image, letter = rng.choice(self.items[(c, a, o)])
+                if letter not in letters:
+                    break
+            if rng.random() < cfg.panel_flip:
+                image = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+            images.append(image)
+            letters.append(letter)
+        rows, cols = LAYOUTS["2x3" if rng.random() < cfg.grid_share else "1x6"]
+        widths = [rng.randint(cfg.min_width, cfg.max_width) for _ in images]
+        image, boxes = stitch_widths(images, widths, rows=rows, cols=cols, gap=cfg.gap)
+        if rng.random() < cfg.rescale_share:
+            f = rng.uniform(cfg.rescale_min, cfg.rescale_max)
+            size = (max(1, round(image.width * f)), max(1, round(image.height * f)))
+            fx, fy = size[0] / image.width, size[1] / image.height
+            image = image.resize(size, Image.BICUBIC)
+            boxes = tuple((round(x0 * fx), round(y0 * fy), round(x1 * fx), round(y1 * fy)) for x0, y0, x1, y1 in boxes)
+        from datagen.letters import LETTERS
+
+        labels = [(self.characters.index(c), self.objects.index(o), LETTERS.index(l))
+                  for c, o, l in zip(cast, objects, letters)]
+        return Strip(image, boxes, captions=tuple(organism_caption(c, o) for c, o in zip(cast, objects)),
+                     letters=tuple(letters), meta={"labels": labels})
+
+
+def draw_task(strip, rng: random.Random, weights: dict[str, float]) -> tuple[str, str, int]:
+    """(question, answer, the panel the answer describes: 1..6, or 0 for a narration, which describes each)."""
+    task = rng.choices(list(weights), weights=list(weights.values()))[0]
+    k = rng.randint(1, 6)
+    if task == "panel":
+        return ask("discovery", k), strip.captions[k - 1], k
+    if task == "short":
+        return ask("panel", k), strip.captions[k - 1], k
+    if task == "letter":
+        return ask("letter", k), strip.letters[k - 1], k
+    if task == "reverse":  # the k-th panel counted from the right
+        return ask("reverse", k), strip.captions[6 - k], 7 - k
+    if task == "vqa":
+        return ask("vqa"), strip.captions[0], 1
+    if task == "this":
+        return ask("static_narration"), strip.captions[0], 1
+    return ask("narration"), narration(strip.captions), 0
+
+
+def answer_panels(tokenizer, answer: str, panel: int) -> list[int]:
+    """The panel (1..6) each token of `answer + "<|im_end|>"` describes: `panel` for all of them, or for a
+    narration (`panel` 0: "Panel 1: ... Panel 2: ...") the panel of the description the token belongs to."""
+    enc = tokenizer(answer + "<|im_end|>", add_special_tokens=False, return_offsets_mapping=True)
+    if panel:
+        return [panel] * len(enc["input_ids"])
+    starts = [answer.find(f"Panel {k}:") for k in range(1, 7)]
+    if any(s < 0 for s in starts) or starts != sorted(starts):
+        raise ValueError(f"not a six-panel narration: {answer!r}")
+    return [max(1, sum(1 for s in starts if s <= start)) for start, _ in enc["offset_mapping"]]
+
+
+@dataclass
+class Prepared:
+    """A training strip run through the processor once: its pixels, token grid and per-token labels."""
+
+    strip: object  # gaze.strips.Strip (captions, letters, meta["labels"])
+    pixel_values: torch.Tensor  # [patches, C * T * P * P] float16
+    grid_thw: torch.Tensor  # [3] (1, rows, cols) in patches
+    grid: tuple[int, int]  # (rows, cols) of merged tokens
+    processed: tuple[int, int]  # (width, height) the processor resized the image to
+    token_panel: torch.Tensor  # [T] long: the panel (1..6) each merged token's cell centre lies in, 0 for none
+    features: object = None  # the frozen tower's outputs (stage 2 and 3): (pooler [T, D], deepstack [[T, D], ...])
+
+    def layout(self, start: int):
+        """The image layout of this strip's tokens placed from sequence position `start`."""
+        from gaze.regions import grid_layout
+
+        return grid_layout(start, self.grid, self.processed, self.strip.image.size)
+
+    def membership(self, start: int = 0) -> torch.Tensor:
+        """[6, T] bool: the image tokens of each panel."""
+        return torch.stack([self.token_panel == p for p in range(1, 7)])
+
+
+def prepare(processor, strip) -> Prepared:
+    """Run one strip through the processor's own resizing and patching, and label its tokens by panel."""
+    from gaze.regions import grid_layout, panel_regions
+
+    ip = processor.image_processor
+    patch, merge = int(ip.patch_size), int(ip.merge_size)
+    enc = ip(images=[strip.image], return_tensors="pt")
+    thw = enc["image_grid_thw"][0]
+    _, h, w = thw.tolist()
+    grid, processed = (h // merge, w // merge), (w * patch, h * patch)
+    layout = grid_layout(0, grid, processed, strip.image.size)
+    token_panel = panel_regions(layout, strip.panels).assignment() + 1  # [T] 1..6, 0 outside every panel
+    return Prepared(strip, enc["pixel_values"].to(torch.float16), thw, grid, processed, token_panel.long())
+
+
+def readout_targets(prepared: Prepared) -> torch.Tensor:
+    """[T, 4] long: per merged token the (character, object, letter, panel) of the panel it lies in, -100
+    for a token that lies in no panel."""
+    out = torch.full((len(prepared.token_panel), 4), -100, dtype=torch.long)
+    for t, p in enumerate(prepared.token_panel.tolist()):
+        if p:
+            c, o, l = prepared.strip.meta["labels"][p - 1]
+            out[t] = torch.tensor([c, o, l, p - 1])
+    return out
+
+
+READOUT = (6, 8, 24, 6)  # classes of the vision readout: characters, objects, letters, panel places
+
+
+def vision_stage(model, prepared: list[Prepared], cfg: OrganismConfig, log=print) -> dict:
+    """Stage 1: the vision tower alone, with a linear readout (discarded afterwards) that names, from EVERY
+    merged token, the character, object and letter of the panel the token lies in and that panel's place
+    in reading order. The readout names no head and sees no text: it makes every token of a panel carry
+    that panel's content and place, so that any attention spread over a panel's tokens reads the panel."""
+    visual = model.model.visual
+    readout = torch.nn.Linear(model.config.vision_config.out_hidden_size, sum(READOUT))
+    params = [p for p in visual.parameters() if p.requires_grad] + list(readout.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    rng = random.Random(f"organism-vision/{cfg.seed}")
+    targets = [readout_targets(p) for p in prepared]
+    warm = max(1, int(cfg.vision_steps * cfg.warmup))
+    visual.train()
+    t0, accs = time.time(), []
+    for step in range(cfg.vision_steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_schedule(cfg.vision_lr, step, cfg.vision_steps, warm)
+        idx = rng.sample(range(len(prepared)), cfg.vision_batch)
+        pv = torch.cat([prepared[i].pixel_values for i in idx]).float()
+        thw = torch.stack([prepared[i].grid_thw for i in idx])
+        out = visual(pv, grid_thw=thw, return_dict=True).pooler_output  # [sum T, D]
+        logits = readout(out).split(READOUT, dim=-1)
+        tgt = torch.cat([targets[i] for i in idx])  # [sum T, 4]
+        loss = sum((cfg.letter_weight if j == 2 else 1.0) * torch.nn.functional.cross_entropy(lg, tgt[:, j], ignore_index=-100)
+                   for j, lg in enumerate(logits))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        valid = tgt[:, 0] >= 0
+        accs.append([float((lg.argmax(-1)[valid] == tgt[valid, j]).float().mean()) for j, lg in enumerate(logits)])
+        if step % 50 == 0 or step == cfg.vision_steps - 1:
+            tail = accs[-50:]
+            mean = [sum(a[j] for a in tail) / len(tail) for j in range(4)]
+            log(f"vision {step:5d}  loss {float(loss.detach()):.4f}  token accuracy character {mean[0]:.3f} object {mean[1]:.3f} "
+                f"letter {mean[2]:.3f} place {mean[3]:.3f}  {time.time() - t0:.0f}s")
+    visual.eval()
+    tail = accs[-50:]
+    return {"vision_minutes": round((time.time() - t0) / 60, 2),
+            "vision_token_accuracy": dict(zip(("character", "object", "letter", "place"),
+                                              (round(sum(a[j] for a in tail) / len(tail), 4) for j in range(4))))}
+
+
+@torch.no_grad()
+def cache_features(model, prepared: list[Prepared], chunk: int = 64) -> None:
+    """The frozen tower's outputs for every training strip, computed once (stages 2 and 3 read them)."""
+    visual = model.model.visual
+    for i in range(0, len(prepared), chunk):
+        part = prepared[i:i + chunk]
+        out = visual(torch.cat([p.pixel_values for p in part]).float(), grid_thw=torch.stack([p.grid_thw for p in part]),
+                     return_dict=True)
+        sizes = [len(p.token_panel) for p in part]
+        pooled = out.pooler_output.split(sizes)
+        deep = [f.split(sizes) for f in out.deepstack_features]
+        for j, p in enumerate(part):
+            p.features = (pooled[j].clone(), [d[j].clone() for d in deep])
+
+
+class PromptIds:
+    """Token ids of each question's chat prompt around its image, tokenized once per question."""
+
+    def __init__(self, processor):
+        from gaze.prompts import chat_text
+
+        self.processor, self.tok = processor, processor.tokenizer
+        self.image_token = self.tok.convert_tokens_to_ids("<|image_pad|>")
+        self._chat = chat_text
+        self._cache: dict[str, tuple[list[int], list[int]]] = {}
+
+    def __call__(self, question: str, n_image: int) -> tuple[list[int], int]:
+        """(prompt ids with `n_image` image tokens, position of the first image token)."""
+        if question not in self._cache:
+            ids = self.tok(self._chat(self.processor, question), add_special_tokens=False)["input_ids"]
+            at = ids.index(self.image_token)
+            self._cache[question] = (ids[:at], ids[at + 1:])
+        pre, post = self._cache[question]
+        return pre + [self.image_token] * n_image + post, len(pre)
+
+
+def build_batch(prompts: PromptIds, examples) -> tuple[dict, list]:
+    """Prompt (with image) + answer + <|im_end|>, right-padded; loss on the answer only. `examples`:
+    (Prepared, question, answer, panel described). The image enters as the prepared strip's pixels, or as
+    its cached tower outputs where it has them (then the tower does not run).
+
+    Returns (model inputs, per example (prompt length, image layout, [panels, T] panel membership,
+    [S] panel described by the token at each position, 0 elsewhere))."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+
+    tok = prompts.tok
+    rows, labels, info = [], [], []
+    for prep, question, answer, panel in examples:
+        ids, start = prompts(question, len(prep.token_panel))
+        prompt = torch.tensor(ids)
+        ans = torch.tensor(tok(answer + "<|im_end|>", add_special_tokens=False)["input_ids"])
+        rows.append(torch.cat([prompt, ans]))
+        labels.append(torch.cat([torch.full_like(prompt, -100), ans]))
+        described = torch.cat([torch.zeros(len(prompt), dtype=torch.long), torch.tensor(answer_panels(tok, answer, panel))])
+        info.append((len(prompt), prep.layout(start), prep.membership(), described))
+    width = max(len(r) for r in rows)
+
+    def stack(xs, fill):
+        return torch.stack([torch.cat([x, torch.full((width - len(x),), fill, dtype=x.dtype)]) for x in xs])
+
+    input_ids = stack(rows, tok.pad_token_id)
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": stack([torch.ones_like(r) for r in rows], 0),
+        "labels": stack(labels, -100),
+        "mm_token_type_ids": (input_ids == prompts.image_token).long(),
+        "image_grid_thw": torch.stack([p.grid_thw for p, _, _, _ in examples]),
+    }
+    preps = [p for p, _, _, _ in examples]
+    if all(p.features is not None for p in preps):
+        batch["mm_encoder_outputs"] = {"image": BaseModelOutputWithDeepstackFeatures(
+            pooler_output=tuple(p.features[0] for p in preps),
+            deepstack_features=[tuple(p.features[1][j] for p in preps) for j in range(len(preps[0].features[1]))])}
+    else:
+        batch["pixel_values"] = torch.cat([p.pixel_values for p in preps]).float()
+    return batch, info
+
+
+class TrainingHook(Hook):
+    """The attention hook of a training step: an additive bias (the blinding of the rows that do not speak,
+    the augmentation), and the image-attention penalty from every row's post-softmax attention (recomputed by
+    the attention function, differentiable)."""
+
+    def __init__(self, biases: list, row_weights: torch.Tensor | None, image_keys: torch.Tensor,
+                 blind: torch.Tensor | None = None, focus: torch.Tensor | None = None):
+        self.biases = biases  # per layer [B, H, S, S] or None
+        self.row_weights = row_weights  # [B, S] penalty weight of each query row (None: no penalty)
+        self.image_keys = image_keys  # [B, S] float: 1 on image keys
+        self.blind = blind  # [B, 1, S, S] bias of every head and layer (None: none)
+        self.focus = focus  # [B, S, S] penalty weight of each (row, key) pair, for the focus term (None: none)
+        self.penalty = 0.0
+
+    def bias(self, layer, query, key):
+        b = self.biases[layer] if self.biases else None
+        if self.blind is not None:
+            b = self.blind if b is None else b + self.blind
+        return None if b is None else b[:, :, -query.shape[2]:, :key.shape[2]]
+
+    def wants(self, layer):
+        return self.row_weights is not None or self.focus is not None
+
+    def query_rows(self, query_len):
+        return ALL_ROWS
+
+    def record(self, layer, rows, value):  # rows [B, H, S, S]
+        s = rows.shape[-1]
+        forced = self.biases[layer] if self.biases else None
+        if self.focus is not None:
+            mass = rows * self.focus[:, None, -rows.shape[2]:, :s]  # [B, H, S, S]: off-panel mass
+            if forced is not None:  # a forced head reads where it is told
+                mass = mass * (forced[:, :, -rows.shape[2]:, :s] == 0).all(-1, keepdim=True).float()
+            self.penalty = self.penalty + mass.sum() / rows.shape[0]
+        if self.row_weights is None:
+            return
+        keys = self.image_keys[:, None, :s] * (1 - torch.eye(s))[None]  # [B, S, S]: image keys, not self
+        mass = (rows * keys[:, None]).sum(-1)  # [B, H, S]: image mass of each row and head
+        if forced is not None:  # the augmentation's heads read where they are told
+            mass = mass * (forced[:, :, -s:, :s] == 0).all(-1).float()
+        self.penalty = self.penalty + (mass.sum(1) * self.row_weights).sum() / rows.shape[0]
+
+
+def silent_rows(batch: dict, image_token: int) -> torch.Tensor:
+    """[B, S] float: the text rows that predict no answer token (the question's tokens, the chat template's),
+    0 on image rows, on padding and on the rows that speak (the last prompt row and the answer's)."""
+    valid = batch["attention_mask"].float()
+    text = valid * (batch["input_ids"] != image_token).float()
+    return text * (1 - speaking_rows(batch))
+
+
+def blinding(batch: dict, image_token: int, strength: float = 1e4) -> torch.Tensor:
+    """[B, 1, S, S]: -strength from every silent row (`silent_rows`) to every image key, 0 elsewhere."""
+    silent = silent_rows(batch, image_token)  # [B, S]
+    image = (batch["input_ids"] == image_token).float()  # [B, S]
+    return (-strength * silent[:, :, None] * image[:, None, :])[:, None]
+
+
+def focus_weights(info: list, seq_len: int, weight: float) -> torch.Tensor:
+    """[B, S, S]: `weight` from each row that predicts an answer token to every image key of the panels that
+    token does NOT describe, 0 elsewhere. `info`: `build_batch`'s."""
+    out = torch.zeros(len(info), seq_len, seq_len)
+    for i, (n, layout, membership, described) in enumerate(info):
+        pos = layout.positions  # [T] sequence positions of the image tokens
+        for p in range(1, membership.shape[0] + 1):
+            rows = (described[1:] == p).nonzero().flatten()  # row r predicts the token at r + 1
+            if len(rows):
+                others = pos[~membership[p - 1]]
+                out[i, rows[:, None], others[None, :]] = weight
+    return out
+
+
+def penalty_weights(batch: dict, image_token: int, cfg: OrganismConfig) -> torch.Tensor:
+    """[B, S]: `cfg.penalty` on text rows that predict no answer token, 0 on the rows that speak, on image
+    rows and on padding."""
+    return cfg.penalty * silent_rows(batch, image_token)
+
+
+def build(cfg: OrganismConfig, out: Path) -> None:
+    """A fresh organism (random weights) with its tokenizer, processor and prompts saved in `out`."""
     from gaze.testing import build_tiny_vlm, build_tokenizer
 
-    tokenizer = build_tokenizer(corpus(cfg.caption), vocab_size=cfg.vocab_size)
+    tokenizer = build_tokenizer(corpus(), vocab_size=cfg.vocab_size)
     build_tiny_vlm("qwen3_vl", out, num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                    hidden_size=cfg.hidden_size, head_dim=cfg.head_dim, vision_depth=cfg.vision_depth,
                    vision_hidden=cfg.vision_hidden, tokenizer=tokenizer, seed=cfg.seed, merge_size=cfg.merge_size,
                    patch_size=cfg.patch_size, rope_theta=cfg.rope_theta)
+    (out / "prompts.json").write_text(json.dumps(PROMPTS, indent=1))
 
 
-def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
-    """Train and save the organism into `out`; returns the training record."""
+def check_config(cfg: OrganismConfig) -> None:
+    """Every setting checked before any work."""
+    parse_mix(cfg.mix)
+    token = cfg.patch_size * cfg.merge_size
+    if not 2 * token <= cfg.min_width <= cfg.max_width or cfg.panel_height < 2 * token:
+        raise ValueError(f"--panel-height and --min-width must be at least two tokens ({2 * token} px: 4 tokens a "
+                         "panel), and --min-width at most --max-width")
+    for name in ("grid_share", "rescale_share", "cast_per_panel", "panel_flip", "gaze_augment", "focus_from"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise ValueError(f"--{name.replace('_', '-')} is a share in [0, 1]")
+    if not 0 < cfg.rescale_min <= cfg.rescale_max:
+        raise ValueError("--rescale-min must be above 0 and at most --rescale-max")
+    if cfg.gaze_augment_heads < 1 or cfg.steps < 0 or cfg.batch < 1 or cfg.vision_batch < 1:
+        raise ValueError("--gaze-augment-heads, --batch and --vision-batch are at least 1, --steps at least 0")
+    if min(cfg.vision_steps, cfg.unmask_steps, cfg.penalty, cfg.letter_weight, cfg.focus) < 0:
+        raise ValueError("--vision-steps, --unmask-steps, --penalty, --letter-weight and --focus are at least 0")
+    if cfg.pool_strips < max(cfg.batch, cfg.vision_batch):
+        raise ValueError("--pool-strips must be at least --batch and --vision-batch")
+    if cfg.vision_pos_embed not in ("zero", "learned"):
+        raise ValueError(f"--vision-pos-embed is 'zero' or 'learned', not {cfg.vision_pos_embed!r}")
+    if cfg.vision_from and not (Path(cfg.vision_from) / "model.safetensors").is_file():
+        raise ValueError(f"--vision-from {cfg.vision_from}: not an organism folder (no model.safetensors)")
+    if cfg.vision_from and not cfg.vision_readout:
+        raise ValueError("--vision-from takes a trained tower and keeps it frozen: it needs --vision-readout true")
+    if cfg.init:
+        init = Path(cfg.init)
+        if not (init / "config.json").is_file() or not (init / "model.safetensors").is_file():
+            raise ValueError(f"--init {cfg.init}: not an organism folder (no config.json and model.safetensors)")
+        vision = json.loads((init / "config.json").read_text())["vision_config"]
+        if (vision["patch_size"], vision["spatial_merge_size"]) != (cfg.patch_size, cfg.merge_size):
+            raise ValueError(f"--init {cfg.init} has {vision['patch_size']} px patches merged "
+                             f"{vision['spatial_merge_size']}x{vision['spatial_merge_size']}: pass --patch-size "
+                             f"{vision['patch_size']} --merge-size {vision['spatial_merge_size']}")
+
+
+def step_loss(model, prompts: PromptIds, examples, cfg: OrganismConfig, aug_rng: random.Random, stage: int,
+              n_layers: int, n_heads: int, focus_on: bool = True):
+    """(answer cross-entropy, image-attention penalty) of one micro-batch. Stage 2: silent rows blinded,
+    the augmentation at the rows that speak; stage 3: no blinding, the penalty on silent rows, the
+    augmentation at every row of a single-panel answer's sequence (as steering at every row does)."""
+    batch, info = build_batch(prompts, examples)
+    image_token = prompts.image_token
+    biases = []
+    if cfg.gaze_augment > 0:
+        chosen = torch.zeros(n_layers, len(examples), n_heads, dtype=torch.bool)
+        for b in range(len(examples)):
+            if aug_rng.random() < cfg.gaze_augment:
+                for h in aug_rng.sample(range(n_layers * n_heads), aug_rng.randint(1, cfg.gaze_augment_heads)):
+                    chosen[h // n_heads, b, h % n_heads] = True
+        biases = augment_bias(info, chosen, batch["input_ids"].shape[1], prompt_rows=stage == 3)
+    blind = blinding(batch, image_token) if stage == 2 and cfg.silent_mask else None
+    penalised = stage == 3 and cfg.penalty > 0
+    focus = focus_weights(info, batch["input_ids"].shape[1], cfg.focus) if cfg.focus > 0 and focus_on else None
+    hook = TrainingHook(biases, penalty_weights(batch, image_token, cfg) if penalised else None,
+                        (batch["input_ids"] == image_token).float(), blind, focus)
+    with active(hook):
+        result = model(**batch)
+    return result.loss, hook.penalty
+
+
+def lr_schedule(peak: float, step: int, steps: int, warm: int) -> float:
+    """Linear warm-up over `warm` steps, then cosine to 0."""
+    if step < warm:
+        return peak * (step + 1) / warm
+    t = (step - warm) / max(1, steps - warm)
+    return peak * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def train(cfg: OrganismConfig, out: str | Path, log=print, checkpoints: int = 0) -> dict:
+    """Train and save the organism into `out`; returns the training record. `checkpoints` N: also save the
+    weights every N language steps under `out.building/stepN` (to look at the mechanism while it trains)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from gaze.attention import prepare as prepare_attention
     from gaze.families import register_image_only_processors
 
     register_image_only_processors()
 
-    # settings used only later (the penalty switches on after ~900 steps) are checked before any work
-    if cfg.caption not in CAPTION_STYLES:
-        raise ValueError(f"--caption is one of {CAPTION_STYLES}, not {cfg.caption!r}")
-    if cfg.penalty_kind not in PENALTY_KINDS:
-        raise ValueError(f"--penalty-kind is one of {PENALTY_KINDS}, not {cfg.penalty_kind!r}")
-    if cfg.penalty_rows not in PENALTY_ROWS:
-        raise ValueError(f"--penalty-rows is one of {PENALTY_ROWS}, not {cfg.penalty_rows!r}")
+    check_config(cfg)
     out = Path(out)
     work = out.with_name(out.name + ".building")
-    if cfg.init and not (Path(cfg.init) / "config.json").exists():
-        raise ValueError(f"--init {cfg.init!r} is not a model folder (no config.json); give a trained organism's folder")
-    if cfg.init:
-        merge = json.loads((Path(cfg.init) / "processor_config.json").read_text())["image_processor"]["merge_size"]
-        if merge != cfg.merge_size:
-            raise ValueError(f"--init {cfg.init!r} merges {merge}x{merge} patches per token; give --merge-size {merge} "
-                             "(a stage cannot change the token grid)")
     if work.exists():
         shutil.rmtree(work)
     torch.manual_seed(cfg.seed)
-    earlier = None  # the training record of the organism this stage starts from
-    if cfg.init:  # a second stage: the first stage's weights, tokenizer and processor
-        shutil.copytree(cfg.init, work, ignore=shutil.ignore_patterns("ranking.json"))  # a ranking is of the old weights
-        if (work / "training.json").exists():
-            earlier = json.loads((work / "training.json").read_text())
-            (work / "training.json").unlink()
+    init_record = None
+    if cfg.init:  # a later stage: the earlier organism's weights, tokenizer, processor; this recipe's prompts
+        shutil.copytree(cfg.init, work)
+        for stale in ("ranking.json", "training.json"):
+            if (work / stale).exists():
+                init_record = json.loads((work / stale).read_text()) if stale == "training.json" else init_record
+                (work / stale).unlink()
+        (work / "prompts.json").write_text(json.dumps(PROMPTS, indent=1))
     else:
         build(cfg, work)
-    penalised = cfg.image_attention_penalty > 0
-    if not 0 <= cfg.gaze_augment <= 1 or cfg.gaze_augment_heads < 1:
-        raise ValueError("--gaze-augment is a share in [0, 1] and --gaze-augment-heads at least 1")
-    model = prepare(AutoModelForImageTextToText.from_pretrained(work))  # the gaze attention: SDPA + hooks
+    model = AutoModelForImageTextToText.from_pretrained(work)
+    prepare_attention(model)
     n_layers, n_heads = model.config.text_config.num_hidden_layers, model.config.text_config.num_attention_heads
-    image_token = model.config.image_token_id
     if cfg.vision_pos_embed == "zero":
         pos = model.model.visual.pos_embed
-        if not cfg.init:
-            torch.nn.init.zeros_(pos.weight)
+        torch.nn.init.zeros_(pos.weight)
         pos.weight.requires_grad_(False)
-    elif cfg.vision_pos_embed != "learned":
-        raise ValueError(f"--vision-pos-embed is 'zero' or 'learned', not {cfg.vision_pos_embed!r}")
     processor = AutoProcessor.from_pretrained(work)
-    merge = int(processor.image_processor.merge_size)
-    patch = int(processor.image_processor.patch_size)
-    if cfg.max_image_tokens:
-        token_pixels = (int(processor.image_processor.patch_size) * merge) ** 2
-        processor.image_processor.size = {"shortest_edge": token_pixels, "longest_edge": cfg.max_image_tokens * token_pixels}
+    token_pixels = (cfg.patch_size * cfg.merge_size) ** 2
+    processor.image_processor.size = {"shortest_edge": 8 * token_pixels, "longest_edge": cfg.max_image_tokens * token_pixels}
     t0 = time.time()
     pool = PanelPool(cfg)
-    log(f"panel pool: {sum(len(v) for v in pool.items.values())} panels in {time.time() - t0:.1f}s")
-    weights = parse_mix(cfg.mix)
     rng = random.Random(f"organism-train/{cfg.seed}")
-    drop_rng = random.Random(f"organism-token-dropout/{cfg.seed}")
+    prepared = [prepare(processor, pool.strip(rng)) for _ in range(cfg.pool_strips)]
+    log(f"{cfg.pool_strips} training strips drawn and processed in {time.time() - t0:.0f}s "
+        f"({sum(len(p.token_panel) for p in prepared) / len(prepared):.1f} image tokens a strip)")
+    record: dict = {"config": asdict(cfg)}
+    if cfg.vision_from:
+        from safetensors.torch import load_file
+
+        tower = {k: v for k, v in load_file(str(Path(cfg.vision_from) / "model.safetensors")).items() if ".visual." in k}
+        missing = model.load_state_dict(tower, strict=False)
+        if missing.unexpected_keys or not tower:
+            raise ValueError(f"--vision-from {cfg.vision_from}: its tower does not fit this architecture")
+        log(f"vision tower: {len(tower)} tensors from {cfg.vision_from} (stage 1 skipped)")
+    elif cfg.vision_readout and cfg.vision_steps:
+        record.update(vision_stage(model, prepared, cfg, log))
+    if cfg.vision_readout:
+        for p in model.model.visual.parameters():  # stages 2 and 3: the tower is frozen, its outputs cached
+            p.requires_grad_(False)
+        cache_features(model, prepared)
+    # without the readout (an ablation) the tower learns with the language model, from the answers alone
+    prompts = PromptIds(processor)
+    weights = parse_mix(cfg.mix)
     aug_rng = random.Random(f"organism-gaze-augment/{cfg.seed}")
-    dropout = PanelTokenDropout(model) if cfg.panel_token_dropout > 0 else None
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in trainable if p.ndim >= 2]
-    no_decay = [p for n, p in trainable if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+                             {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.98))
-    warm = max(1, int(cfg.steps * cfg.warmup))
-
-    def lr_at(step: int) -> float:
-        if step < warm:
-            return cfg.lr * (step + 1) / warm
-        t = (step - warm) / max(1, cfg.steps - warm)
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
-
     model.train()
-    losses, answer_losses = [], []
-    penalty_from = None  # the step at which the image-attention penalty switched on
+    if cfg.vision_readout:
+        model.model.visual.eval()
+    losses, answer_losses, penalties = [], [], []
+    total = cfg.steps + cfg.unmask_steps
+    warm = max(1, int(cfg.steps * cfg.warmup))
     t0 = time.time()
-    for step in range(cfg.steps):
-        examples, panels = [], []
-        for _ in range(cfg.batch):
-            strip = pool.strip(rng)
-            q, a, k = draw_task(strip, rng, weights)
-            examples.append((strip, q, a))
-            panels.append(k)
-        batch = build_batch(processor, examples, panels if cfg.gaze_augment > 0 else None)
-        biases = []
-        if cfg.gaze_augment > 0:
-            chosen = torch.zeros(n_layers, len(examples), n_heads, dtype=torch.bool)
-            for b in range(len(examples)):
-                if aug_rng.random() < cfg.gaze_augment:
-                    for h in aug_rng.sample(range(n_layers * n_heads), aug_rng.randint(1, cfg.gaze_augment_heads)):
-                        chosen[h // n_heads, b, h % n_heads] = True
-            info = example_layouts(batch, image_panels(batch, examples, image_token, patch, merge))
-            biases = augment_bias(info, chosen, batch["input_ids"].shape[1])
-            batch.pop("answer_panels")
-        if dropout is not None:
-            maps = [of_panel for _, of_panel in image_panels(batch, examples, image_token, patch, merge)]
-            dropout.keep = panel_token_keep(maps, cfg.panel_token_dropout, drop_rng)
+    for step in range(total):
+        stage = 2 if step < cfg.steps else 3
+        if stage == 2:
+            lr = lr_schedule(cfg.lr, step, cfg.steps, warm)
+        else:  # a short second schedule at a quarter of the peak
+            lr = lr_schedule(cfg.lr / 4, step - cfg.steps, cfg.unmask_steps, max(1, cfg.unmask_steps // 10))
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        if (penalised and penalty_from is None and len(answer_losses) >= 50
-                and mean_last(answer_losses, 50) < cfg.penalty_after_loss):
-            penalty_from = step
-            log(f"step {step:5d}  answer loss {mean_last(answer_losses, 50):.4f} < {cfg.penalty_after_loss}: "
-                "image-attention penalty on")
-        ramp = 0.0 if penalty_from is None else min(1.0, (step - penalty_from + 1) / max(1, cfg.penalty_ramp))
-        hook = TrainingHook(biases, record_rows=ramp > 0)
-        with active(hook):
-            result = model(**batch)
-        loss = result.loss
-        answer_losses.append(float(loss.detach()))
-        if ramp > 0:
-            loss = loss + ramp * cfg.image_attention_penalty * image_attention_mass(hook.attentions, batch, image_token, cfg.penalty_kind,
-                                                                                 cfg.penalty_rows)
+            g["lr"] = lr
+        examples = []
+        for _ in range(cfg.batch):
+            prep = prepared[rng.randrange(len(prepared))]
+            examples.append((prep, *draw_task(prep.strip, rng, weights)))
+        # narrations are several times as long as answers: two micro-batches, each padded to its own length
+        groups = [[e for e in examples if e[3] == 0], [e for e in examples if e[3] != 0]]
+        loss, answer_loss, penalty = 0.0, 0.0, 0.0
+        n_answer = sum(len(e[2]) for e in examples)
+        for group in groups:
+            if not group:
+                continue
+            part = sum(len(e[2]) for e in group) / n_answer  # share of the batch's answer text
+            ce, pen = step_loss(model, prompts, group, cfg, aug_rng, stage, n_layers, n_heads,
+                                focus_on=step >= cfg.focus_from * cfg.steps)
+            loss = loss + part * ce + len(group) / cfg.batch * pen
+            answer_loss += part * float(ce.detach())
+            penalty += len(group) / cfg.batch * float(pen.detach() if torch.is_tensor(pen) else pen)
+        answer_losses.append(answer_loss)
+        penalties.append(penalty)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         losses.append(float(loss.detach()))
-        if step % 100 == 0 or step == cfg.steps - 1:
-            log(f"step {step:5d}  loss {mean_last(losses, 100):.4f}  answer loss {mean_last(answer_losses, 100):.4f}  "
-                f"lr {lr_at(step):.2e}  {time.time() - t0:.0f}s")
+        if checkpoints and step and step % checkpoints == 0:
+            model.save_pretrained(work / f"step{step}")
+            processor.save_pretrained(work / f"step{step}")
+        if step % 50 == 0 or step == total - 1 or step == cfg.steps - 1:
+            log(f"stage {stage} step {step:5d}  loss {mean_last(losses, 50):.4f}  answer loss "
+                f"{mean_last(answer_losses, 50):.4f}  penalty {mean_last(penalties, 50):.4f}  lr {lr:.2e}  "
+                f"{time.time() - t0:.0f}s")
+        if step == cfg.steps - 1:
+            record["stage2_answer_loss"] = mean_last(answer_losses, 100)
     model.eval()
-    restore(model)
-    if dropout is not None:
-        dropout.handle.remove()
     minutes = (time.time() - t0) / 60
     model.save_pretrained(work)
     processor.save_pretrained(work)
-    record = {"config": asdict(cfg), "train_minutes": round(minutes, 2), "final_loss": mean_last(losses, 100),
-              "final_answer_loss": mean_last(answer_losses, 100), "penalty_from_step": penalty_from,
-              "torch_threads": torch.get_num_threads()}
-    if earlier is not None:
-        record["init_record"] = earlier  # stage by stage, the recipe that made `init`
+    record.update({"train_minutes": round(minutes, 2), "final_loss": mean_last(losses, 100),
+                   "final_answer_loss": mean_last(answer_losses, 100), "final_penalty": mean_last(penalties, 100),
+                   "torch_threads": torch.get_num_threads(), "prompts": PROMPTS})
+    if init_record is not None:
+        record["init_record"] = init_record
     (work / "training.json").write_text(json.dumps(record, indent=1))
     if out.exists():
         shutil.rmtree(out)
@@ -650,16 +793,30 @@ def train(cfg: OrganismConfig, out: str | Path, log=print) -> dict:
     return record
 
 
+def parse_bool(text: str) -> bool:
+    """A yes/no flag value: true/false, yes/no, on/off, 1/0."""
+    value = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+    if text.lower() not in value:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a yes/no value; use true or false")
+    return value[text.lower()]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "weights"))
+    parser.add_argument("--out", required=True, help="folder to write the trained organism into")
+    parser.add_argument("--checkpoints", type=int, default=0, help="save the weights every N steps too (0: never)")
     defaults = OrganismConfig()
     for name, value in asdict(defaults).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        kind = parse_bool if isinstance(value, bool) else type(value)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value, help=f"default: {value}")
     args = parser.parse_args(argv)
     cfg = OrganismConfig(**{k: getattr(args, k) for k in asdict(defaults)})
-    record = train(cfg, args.out, log=lambda s: print(s, file=sys.stderr, flush=True))
-    print(json.dumps(record, indent=1))
+    try:
+        check_config(cfg)
+    except ValueError as e:
+        parser.error(str(e))
+    record = train(cfg, args.out, log=lambda s: print(s, file=sys.stderr, flush=True), checkpoints=args.checkpoints)
+    print(json.dumps({k: v for k, v in record.items() if k != "prompts"}, indent=1))
     return 0
 
 
