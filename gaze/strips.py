@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,8 +90,9 @@ class Strip:
 
 
 def _is_box(box) -> bool:
+    """Four finite real numbers (Python or NumPy; not booleans, strings or None)."""
     return (isinstance(box, (tuple, list)) and len(box) == 4
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box))
+            and all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in box))
 
 
 def int_boxes(boxes, where: str) -> tuple[tuple[int, int, int, int], ...]:
@@ -170,7 +172,10 @@ def _decoded(src, where: str) -> Image.Image:
             return im.convert("RGB")
     except FileNotFoundError:
         raise StripError(f"image not found: {where}") from None
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError, SyntaxError) as e:
+    except Image.DecompressionBombError as e:  # PIL's own limit (far above MAX_PIXELS) refuses it in Image.open
+        raise StripError(f"{where} is more than the {MAX_PIXELS / 1e6:.0f} megapixels gaze opens ({e}); "
+                         "give a smaller image") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         if isinstance(e, StripError):
             raise
         raise StripError(f"cannot read image {where}: {e}; replace or remove the file") from None
