@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Iterator
 
 from datagen.story import DatagenError
+from gaze.errors import check_writable as _check_writable
 
 log = logging.getLogger("datagen")
 
@@ -199,24 +200,9 @@ def output_lock(out: Path) -> Iterator[None]:
 # ---------------------------------------------------------------- paths
 
 def check_writable(path: Path, flag: str) -> None:
-    """Refuse, before any work, an output path that cannot become a writable folder (naming `flag` and the fix)."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise DatagenError(f"{flag} {path} is a file; give {flag} a folder (new or empty)")
-    probe = path
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise DatagenError(f"{flag} {path} lies under the file {probe}; give {flag} a folder you can write to")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".datagen-probe-", dir=probe)
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as e:
-        raise DatagenError(f"{flag} {path}: cannot write in {probe} ({e.strerror or e}); "
-                           f"give {flag} a folder you can write to") from None
+    """Refuse, before any work, an output path that cannot become a writable folder (naming `flag` and the fix):
+    `gaze.errors.check_writable`, the one check every command line makes, raising `DatagenError`."""
+    _check_writable(path, flag, error=DatagenError)
 
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

@@ -23,6 +23,25 @@ if TYPE_CHECKING:
     from gaze.regions import ImageLayout, RegionMap
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default (unless the help already says it); descriptions keep their lines."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.default is argparse.SUPPRESS or "default" in text:
+            return text
+        value = action.default
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            shown = "on" if value else "off"
+        elif value is None:
+            shown = "none"
+        elif isinstance(value, (tuple, list)):
+            shown = ",".join(str(v) for v in value) or "none"
+        else:
+            shown = str(value)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
 def _at_least(low: int):
     """An argparse type: an integer >= `low`, refused at parse time with the fix."""
     def parse(text: str) -> int:
@@ -34,6 +53,46 @@ def _at_least(low: int):
             raise argparse.ArgumentTypeError(f"{value} is too small: give a whole number >= {low}")
         return value
     return parse
+
+
+def _writable(flag: str, *, file: bool = False):
+    """An argparse type: an output path this process can write (a folder, or a file with `file`), checked
+    at parse time, before any model is loaded (`gaze.errors.check_writable`)."""
+    from gaze.errors import check_writable
+
+    def parse(text: str) -> str:
+        try:
+            check_writable(Path(text), flag, file=file)
+        except GazeError as e:
+            raise argparse.ArgumentTypeError(f"output path: {e}") from None
+        return text
+    return parse
+
+
+def template_arg(text: str) -> str:
+    """An argparse type: a panel question template naming the panel with {ordinal} (or {k}) and nothing else."""
+    import string
+
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
+        text.format(ordinal="1st", k=1)
+    except (ValueError, IndexError, KeyError, AttributeError) as e:
+        bad = f"unknown field {{{e.args[0]}}}" if isinstance(e, KeyError) else f"not a template ({e})"
+        raise argparse.ArgumentTypeError(f"{text!r}: {bad}; name the queried panel with {{ordinal}} (or {{k}}), "
+                                         "e.g. 'What is happening in the {ordinal} panel from the left?'") from None
+    if not fields & {"ordinal", "k"}:
+        raise argparse.ArgumentTypeError(f"{text!r} does not name the queried panel: put {{ordinal}} (or {{k}}) in "
+                                         "it, e.g. 'What is happening in the {ordinal} panel from the left?'")
+    return text
+
+
+def variant_arg(text: str) -> str:
+    """An argparse type: a score variant of `gaze.scoring.VARIANTS`."""
+    from gaze.scoring import VARIANTS
+
+    if text not in VARIANTS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a score variant: use one of {', '.join(VARIANTS)}")
+    return text
 
 
 MAX_STRENGTH = 1e6  # past this the bias only loses float precision (1e4 already saturates the softmax)
@@ -74,12 +133,23 @@ def device_arg(text: str) -> str:
     return text
 
 
+def dtype_arg(text: str) -> str:
+    """An argparse type: a dtype name `gaze.models.load` takes (`gaze.models.DTYPES`)."""
+    from gaze.models import DTYPES
+
+    if text not in DTYPES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a dtype: use one of {', '.join(DTYPES)}")
+    return text
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="organism", help="hub id, local folder, or 'organism' (default)")
+    p.add_argument("--model", default="organism", help="hub id OWNER/NAME, local folder, or 'organism', the "
+                   "bundled model organism")
     p.add_argument("--device", default=None, type=device_arg,
-                   help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
-    p.add_argument("--device-map", default=None, help="'auto' to spread a large model over all GPUs")
+                   help="cpu, cuda, cuda:1, mps ... (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="float32", type=dtype_arg, help="float32 | bfloat16 | float16")
+    p.add_argument("--device-map", default=None,
+                   help="'auto' to spread a large model over all GPUs (default: none, the whole model on --device)")
 
 
 def _distributed():
@@ -102,14 +172,15 @@ def _load(args, state=None):
 
 def cmd_discover(args) -> int:
     from gaze.discovery import discover, summary
-    from gaze.strips import load_strips
+    from gaze.strips import check_source, load_strips
 
+    check_source(args.strips)  # a missing folder or an unreachable hub id: before the model loads
+    boxes = [_parse_box(b) for b in args.panel_box] if args.panel_box else None
     state = _distributed()
     loaded = _load(args, state)
     align = loaded.family.merged_patch(loaded.processor)
     strips = load_strips(args.strips, n_strips=args.n_strips, align=align, gap=args.gap, split=args.split,
-                         start=args.start, skip_bad=args.skip_bad,
-                         panel_boxes=[_parse_box(b) for b in args.panel_box] if args.panel_box else None)
+                         start=args.start, skip_bad=args.skip_bad, panel_boxes=boxes)
     shard = (state.process_index, state.num_processes) if state else (0, 1)
     ranking = discover(loaded, strips, args.out, template=args.prompt, source=args.strips, n_strips=args.n_strips,
                        progress=not args.quiet, shard=shard, barrier=state.wait_for_everyone if state else None,
@@ -125,30 +196,34 @@ def cmd_discover(args) -> int:
 
 
 def _parse_box(text: str) -> tuple[float, float, float, float]:
+    import math
+
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
         values = ()
-    if len(values) != 4:
-        raise GazeError(f"bad box {text!r}: give x0,y0,x1,y1 in pixels")
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        raise GazeError(f"bad box {text!r}: give x0,y0,x1,y1 in pixels (four finite numbers)")
     return values  # type: ignore[return-value]
+
+
+def _ranking_for(args):
+    """The --ranking, read and checked against --model before any model is loaded (shape: after, `check`)."""
+    from gaze.ranking import Ranking
+
+    return Ranking.from_pretrained(args.ranking).check(None, args.model)
+
+
+def _check_panel(flag: str, k: int | None, n_panels: int) -> None:
+    if k is not None and k > n_panels:
+        raise GazeError(f"{flag} {k} is out of range: the image is split into --panels {n_panels}, so give 1..{n_panels}")
 
 
 def cmd_steer(args) -> int:
     from gaze.generation import generate, regions_for
-    from gaze.ranking import Ranking
     from gaze.steering import Box, Panel, parse_schedule
     from gaze.strips import equal_panels, open_image
 
-    loaded = _load(args)
-    ranking = Ranking.from_pretrained(args.ranking).check(loaded.model, None)
-    image = open_image(args.image)
-    panels = equal_panels(image.size, args.panels)
-    k = args.top_k if args.top_k is not None else ranking.default_k
-    if args.top_k is None:
-        print(f"steering the top {k} gaze heads of {ranking.shape[0] * ranking.shape[1]} (the paper's share, "
-              "100 of 1,152; --top-k to choose)")
-    heads = ranking.top(k)
     if args.schedule:
         schedule = parse_schedule(args.schedule, every=args.every, at_sentence=args.at_sentence, n_panels=args.panels)
         target = None
@@ -157,9 +232,22 @@ def cmd_steer(args) -> int:
         if args.box:
             target = Box(_parse_box(args.box))
         elif args.target is not None:
+            _check_panel("--target", args.target, args.panels)
             target = Panel(args.target)
         else:
             raise GazeError("give --target K, --box x0,y0,x1,y1 or --schedule 4,2,1,...")
+    ranking = _ranking_for(args)
+    n_heads = ranking.shape[0] * ranking.shape[1]
+    if args.top_k is not None and args.top_k > n_heads:
+        raise GazeError(f"--top-k {args.top_k} is more than the model's {n_heads} heads: give 1..{n_heads}")
+    image = open_image(args.image)
+    panels = equal_panels(image.size, args.panels)
+    loaded = _load(args)
+    ranking.check(loaded.model)
+    k = args.top_k if args.top_k is not None else ranking.default_k
+    if args.top_k is None:
+        print(f"steering the top {k} gaze heads of {n_heads} (the paper's share, 100 of 1,152; --top-k to choose)")
+    heads = ranking.top(k)
     common = dict(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
                   no_repeat_ngram_size=args.no_repeat_ngram_size)
     base = generate(loaded, image, args.prompt, **common)
@@ -187,16 +275,17 @@ def cmd_steer(args) -> int:
 
 def cmd_inspect(args) -> int:
     from gaze.generation import generate, regions_for
-    from gaze.plots import write_inspection
-    from gaze.ranking import Ranking
+    from gaze.plots import MAX_GRID_WORDS, write_inspection
     from gaze.steering import Panel
     from gaze.strips import equal_panels, open_image
     from gaze.tracking import Inspection, memory_bytes
 
-    loaded = _load(args)
-    ranking = Ranking.from_pretrained(args.ranking).check(loaded.model, None)
+    _check_panel("--target", args.target, args.panels)
+    ranking = _ranking_for(args)
     image = open_image(args.image)
     panels = equal_panels(image.size, args.panels)
+    loaded = _load(args)
+    ranking.check(loaded.model)
     heads = ranking.top(args.top_k)
     target = Panel(args.target) if args.target else None
     out = generate(loaded, image, args.prompt, heads=heads if target else (), target=target, panels=panels,
@@ -205,11 +294,15 @@ def cmd_inspect(args) -> int:
     folder = write_inspection(inspection, image, args.out, words=args.word)
     need = memory_bytes(args.max_new_tokens, len(heads), out.layout.n_tokens)
     print(f"answer: {out.text}")
-    for word in inspection.words():
+    words = inspection.words()
+    for word in words:
         k, share = inspection.region_of(word.tokens)
         print(f"  {word.text:<16} -> {inspection.regions.names[k]} ({share:.0%} of its image attention)")
     print(f"kept {len(heads)} heads x {out.layout.n_tokens} image tokens at float16: "
           f"{need / 2**20:.2f} MiB for {args.max_new_tokens} tokens")
+    if len(words) > MAX_GRID_WORDS:
+        print(f"words.png shows the first {MAX_GRID_WORDS} of {len(words)} words; --word WORD writes a heat map "
+              "for any word")
     print(f"written to {folder}")
     return 0
 
@@ -220,13 +313,14 @@ def cmd_doctor(args) -> int:
     from gaze.regions import box_regions, equal_panel_regions
     from gaze.strips import open_image
 
-    loaded = _load(args)
+    boxes = [_parse_box(b) for b in args.box] if args.box else None
+    if boxes is None and args.panels % args.rows:
+        raise GazeError(f"--panels {args.panels} do not fill --rows {args.rows} equally: give a panel count "
+                        "divisible by the rows")
     image = open_image(args.image)
+    loaded = _load(args)
     _, layout = prepare_inputs(loaded, image, "x")
-    if args.box:
-        regions = box_regions(layout, [_parse_box(b) for b in args.box])
-    else:
-        regions = equal_panel_regions(layout, args.panels, args.rows)
+    regions = box_regions(layout, boxes) if boxes else equal_panel_regions(layout, args.panels, args.rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     draw_layout(image, layout, regions).save(out)
@@ -251,77 +345,98 @@ def _describe(layout: ImageLayout, regions: RegionMap | None) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from gaze.prompts import PANEL_QUESTION, STRIP_QUESTION
 
-    parser = argparse.ArgumentParser(prog="gaze", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="gaze", description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("discover", help="rank heads by gaze score")
+    def command(name: str, help_: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_, description=help_, formatter_class=HelpFormatter)
+
+    d = command("discover", "rank every head of the model by gaze score (resumable)")
     _add_model_args(d)
-    d.add_argument("--strips", required=True, help="comic folders, a dataset (folder or hub id), or one image")
+    d.add_argument("--strips", required=True,
+                   help="comic folders (comicN/p1.png .. p6.png), a dataset (save_to_disk or Parquet folder, or a hub "
+                        "id OWNER/NAME), or one image split into panels (required)")
     d.add_argument("--n-strips", type=_at_least(1), default=None, help="how many strips (default: all)")
     d.add_argument("--start", type=_at_least(0), default=0, help="first strip / row index")
-    d.add_argument("--split", default=None, help="dataset split")
-    d.add_argument("--out", required=True, help="output folder (resumable)")
-    d.add_argument("--prompt", default=PANEL_QUESTION, help="panel question template with {ordinal}")
+    d.add_argument("--split", default=None,
+                   help="dataset split, e.g. train (default: the only split; required when there are several)")
+    d.add_argument("--out", required=True, type=_writable("--out"),
+                   help="output folder: per-strip files, ranking.json, hub/ (required; rerun to resume)")
+    d.add_argument("--prompt", default=PANEL_QUESTION, type=template_arg,
+                   help="panel question template; {ordinal} (1st, 2nd, ...) or {k} (1, 2, ...) names the queried panel")
     d.add_argument("--gap", type=_at_least(0), default=0, help="pixels between stitched panels")
     d.add_argument("--panel-box", action="append", default=None, metavar="x0,y0,x1,y1",
-                   help="with a single image: a panel box in reading order (repeat for each panel)")
+                   help="with a single image: a panel box in reading order, repeat for each panel "
+                        "(default: equal panels)")
     d.add_argument("--skip-bad", action="store_true", help="skip (and report) strips with missing or unreadable panels")
     d.add_argument("--top", type=_at_least(0), default=10, help="how many top heads to print")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
-    d.add_argument("--variant", default="raw", help="score: raw (paper), selectivity, value_weighted, sink_excluded")
-    d.add_argument("--push-to-hub", default=None, metavar="OWNER/NAME", help="upload the ranking folder (HF_TOKEN)")
+    d.add_argument("--variant", default="raw", type=variant_arg,
+                   help="score: raw (the paper's), selectivity, value_weighted or sink_excluded")
+    d.add_argument("--push-to-hub", default=None, metavar="OWNER/NAME",
+                   help="upload the ranking folder to this model repo (token from HF_TOKEN; default: no upload)")
     d.add_argument("--private", action="store_true", help="make the Hub repo private")
     d.set_defaults(func=cmd_discover)
 
-    s = sub.add_parser("steer", help="generate with the gaze heads steered to a panel, box or schedule")
+    s = command("steer", "generate with the gaze heads steered to a panel, box or schedule")
     _add_model_args(s)
-    s.add_argument("--ranking", required=True, help="ranking folder or ranking.json from `gaze discover`")
-    s.add_argument("--image", required=True)
+    s.add_argument("--ranking", required=True,
+                   help="ranking folder or ranking.json from `gaze discover`, or a hub id OWNER/NAME (required)")
+    s.add_argument("--image", required=True, help="the image to ask about (required)")
     s.add_argument("--panels", type=_at_least(1), default=6, help="split the image into N equal panels, left to right")
-    s.add_argument("--target", type=_at_least(1), default=None, help="panel to steer to (1-based)")
-    s.add_argument("--box", default=None, help="pixel box x0,y0,x1,y1 to steer to")
-    s.add_argument("--schedule", default=None, help="panels in order, e.g. 2,4,3,5,1,6")
+    s.add_argument("--target", type=_at_least(1), default=None, help="panel to steer to, 1..--panels (default: none)")
+    s.add_argument("--box", default=None, help="pixel box x0,y0,x1,y1 to steer to (default: none)")
+    s.add_argument("--schedule", default=None, help="panels in order, e.g. 2,4,3,5,1,6 (default: none)")
     s.add_argument("--every", type=_at_least(1), default=50, help="tokens per schedule entry")
     s.add_argument("--at-sentence", action="store_true", help="switch at the next sentence end after --every tokens")
     s.add_argument("--top-k", type=_at_least(1), default=None,
                    help="number of gaze heads to steer (default: the paper's share of the model's heads, "
                         "ceil(heads x 100 / 1152), at least 1)")
-    s.add_argument("--strength", type=strength_arg, default=1e4, help="steering bias B (default: 1e4)")
-    s.add_argument("--mode", default="boost", choices=["boost", "suppress", "suppress_text"])
+    s.add_argument("--strength", type=strength_arg, default=1e4, help="steering bias B")
+    s.add_argument("--mode", default="boost", choices=["boost", "suppress", "suppress_text"],
+                   help="boost the target's image tokens, suppress them, or suppress the text tokens")
     s.add_argument("--phase", default="all", choices=["all", "prefill", "decode"],
                    help="when to bias: every row (default), the prompt's rows only (the answer then goes on "
                         "unsteered), or the answer's rows only")
-    s.add_argument("--prompt", default=STRIP_QUESTION)
-    s.add_argument("--max-new-tokens", type=_at_least(1), default=64)
-    s.add_argument("--repetition-penalty", type=float, default=None)
-    s.add_argument("--no-repeat-ngram-size", type=int, default=None)
-    s.add_argument("--trajectory-out", default=None, help="save the trajectory as JSON (+ PNG beside it)")
+    s.add_argument("--prompt", default=STRIP_QUESTION, help="the question")
+    s.add_argument("--max-new-tokens", type=_at_least(1), default=64, help="answer length limit in tokens")
+    s.add_argument("--repetition-penalty", type=float, default=None,
+                   help="generation's repetition penalty (default: none, the model's own)")
+    s.add_argument("--no-repeat-ngram-size", type=_at_least(0), default=None,
+                   help="forbid repeating n-grams of this size (default: none)")
+    s.add_argument("--trajectory-out", default=None, type=_writable("--trajectory-out", file=True),
+                   help="save the trajectory as this JSON file, with a PNG beside it (default: not saved)")
     s.set_defaults(func=cmd_steer)
 
-    i = sub.add_parser("inspect", help="per-token heat maps of the gaze heads over the image")
+    i = command("inspect", "per-word heat maps of the gaze heads over the image")
     _add_model_args(i)
-    i.add_argument("--ranking", required=True)
-    i.add_argument("--image", required=True)
+    i.add_argument("--ranking", required=True,
+                   help="ranking folder or ranking.json from `gaze discover`, or a hub id OWNER/NAME (required)")
+    i.add_argument("--image", required=True, help="the image to ask about (required)")
     i.add_argument("--panels", type=_at_least(1), default=6, help="split the image into N equal panels")
-    i.add_argument("--prompt", default=STRIP_QUESTION)
-    i.add_argument("--top-k", type=_at_least(1), default=8, help="gaze heads to inspect (default: 8)")
-    i.add_argument("--target", type=_at_least(1), default=None, help="steer to this panel while inspecting")
-    i.add_argument("--word", action="append", default=None, help="write a PNG for this word (repeatable)")
-    i.add_argument("--max-new-tokens", type=_at_least(1), default=64)
-    i.add_argument("--out", default="inspect")
+    i.add_argument("--prompt", default=STRIP_QUESTION, help="the question")
+    i.add_argument("--top-k", type=_at_least(1), default=8, help="gaze heads to inspect")
+    i.add_argument("--target", type=_at_least(1), default=None,
+                   help="steer to this panel while inspecting (default: none, unsteered)")
+    i.add_argument("--word", action="append", default=None,
+                   help="also write a heat map PNG for this word of the answer (repeatable; default: none)")
+    i.add_argument("--max-new-tokens", type=_at_least(1), default=64, help="answer length limit in tokens")
+    i.add_argument("--out", default="inspect", type=_writable("--out"),
+                   help="output folder: answer.html, words.png, word_*.png")
     i.set_defaults(func=cmd_inspect)
 
     from gaze.eval.cli import register as register_eval
 
     register_eval(sub)
 
-    doc = sub.add_parser("doctor", help="draw the image-token grid and the panel/box assignment over an image")
+    doc = command("doctor", "draw the image-token grid and the panel/box assignment over an image")
     _add_model_args(doc)
-    doc.add_argument("--image", required=True)
+    doc.add_argument("--image", required=True, help="the image to draw over (required)")
     doc.add_argument("--panels", type=_at_least(1), default=6, help="split into N equal panels")
     doc.add_argument("--rows", type=_at_least(1), default=1, help="panel rows (e.g. 2 for a 2x3 grid)")
-    doc.add_argument("--box", action="append", default=None, help="x0,y0,x1,y1 (repeatable) instead of panels")
-    doc.add_argument("--out", default="doctor.png")
+    doc.add_argument("--box", action="append", default=None,
+                     help="x0,y0,x1,y1 (repeatable) instead of panels (default: none, equal panels)")
+    doc.add_argument("--out", default="doctor.png", type=_writable("--out", file=True), help="the PNG to write")
     doc.set_defaults(func=cmd_doctor)
     return parser
 

@@ -5,6 +5,9 @@
 Each strip's [layers, heads, R, R] matrix is written to `OUT/strips/NNNNNN.safetensors`
 as soon as it is computed, so an interrupted run continues where it stopped
 (strips already on disk are not recomputed) and ends with the same ranking.
+Each file records the id and content hash of its strip and a digest of its own
+numbers: a file that is truncated, altered, swapped (another strip's) or of
+an older format is named and rescored.
 A run can be split over processes (`shard=(rank, world)`): each writes its own
 strips, and `merge` averages all files in strip order, which gives exactly
 the ranking of a single-process run.
@@ -98,14 +101,40 @@ def strip_file(out: Path, index: int) -> Path:
     return out / "strips" / f"{index:06d}.safetensors"
 
 
-def _scored_as(path: Path) -> tuple[str | None, str | None]:
-    """(strip id, strip hash) a per-strip file was scored from (None, None) if unreadable."""
+def _data_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """A short SHA-256 of a per-strip file's numbers (names, shapes and bytes), kept in its metadata."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype, bfloat16 included
+    return h.hexdigest()[:16]
+
+
+def _scored_as(path: Path) -> tuple[str | None, str | None] | str:
+    """(strip id, strip hash) a per-strip file was scored from, or why it cannot be trusted (a string)."""
     try:
         with safe_open(str(path), "pt") as fh:
             meta = fh.metadata() or {}
-    except Exception:  # noqa: BLE001 - a damaged file is rescored
-        return None, None
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as e:  # noqa: BLE001 - a damaged file is rescored
+        return f"truncated or unreadable ({str(e).splitlines()[0][:100]})"
+    if "data_sha256" not in meta:
+        return "written by an older version (no digest of its numbers)"
+    if _data_digest(tensors) != meta["data_sha256"]:
+        return "altered: its numbers differ from the digest recorded when it was written"
     return meta.get("strip_id"), meta.get("strip_hash")
+
+
+def _why_not(found, strip_id: str, digest: str) -> str | None:
+    """Why a per-strip file (as `_scored_as` read it) is not the score of strip `strip_id` with hash `digest`."""
+    if isinstance(found, str):
+        return found
+    if found[0] != strip_id:
+        return f"swapped: it holds strip {found[0]}, not {strip_id}"
+    if found[1] != digest:
+        return f"stale: strip {strip_id} has changed since it was scored"
+    return None
 
 
 def discover(
@@ -148,13 +177,17 @@ def discover(
         if index % world != rank:
             continue
         path = strip_file(out, index)
-        if path.exists() and _scored_as(path) == (strip.strip_id, digest):
-            continue
+        if path.exists():
+            why = _why_not(_scored_as(path), strip.strip_id, digest)
+            if why is None:
+                continue
+            print(f"{path} cannot be reused, {why}; rescoring it", file=sys.stderr)
         variants = strip_variants(loaded.model, loaded.processor, strip, template=template, share_prefix=share_prefix,
                                   family=loaded.family)
+        tensors = {k: v.contiguous().cpu() for k, v in variants.items()}
         tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in variants.items()}, str(tmp),
-                  metadata={"strip_id": strip.strip_id, "strip_hash": digest})
+        save_file(tensors, str(tmp),
+                  metadata={"strip_id": strip.strip_id, "strip_hash": digest, "data_sha256": _data_digest(tensors)})
         tmp.replace(path)  # atomic: a killed run never leaves a half-written strip
     bar.close()
     if barrier is not None:
@@ -232,10 +265,10 @@ def merge(out: str | Path, *, model_id: str, template: str, source: str = "", dt
     missing = [i for i, f in enumerate(files) if not f.exists()]
     if missing:
         raise DiscoveryError(f"strips {missing[:10]} are not scored yet in {out}: run discovery again to finish them")
-    wrong = [i for i, (f, s) in enumerate(zip(files, run_strips)) if _scored_as(f) != (s["id"], s["hash"])]
-    if wrong:
-        raise DiscoveryError(f"strips {wrong[:10]} in {out} were scored from other strips than this run's: "
-                             "run discovery again to rescore them")
+    for f, s in zip(files, run_strips):
+        why = _why_not(_scored_as(f), s["id"], s["hash"])
+        if why is not None:
+            raise DiscoveryError(f"{f} cannot be used, {why}: run discovery again to rescore it")
     loaded = [load_file(str(f)) for f in files]
     strip_ids = [s["id"] for s in run_strips]
     variant_scores, chosen = {}, None

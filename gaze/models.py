@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from gaze.attention import prepare
-from gaze.errors import GazeError, ModelNotFoundError
+from gaze.errors import GazeError, ModelNotFoundError, is_hub_id
 from gaze.families import IMAGE_ONLY_PROCESSORS, Family, UnsupportedModelError, family_of, register_image_only_processors
 
 ORGANISM_DIR = Path(__file__).parent / "organism" / "weights"
@@ -64,6 +64,36 @@ def resolve(name_or_path: str) -> str:
             )
         return str(folder)
     return name_or_path
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def check_hub_model(repo_id: str, revision: str | None = None) -> None:
+    """Fail fast, in one line, for a hub id that is not in the local cache and cannot be fetched: offline
+    (HF_HUB_OFFLINE), the Hub unreachable, or no such repo; `from_pretrained` would retry for half a minute."""
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str):
+        return  # cached: from_pretrained reads it from disk
+    if _offline():
+        raise ModelNotFoundError(f"model {repo_id} (--model): no such folder here, and the hub id is not in the local cache "
+                                 "while HF_HUB_OFFLINE is set; give a local folder, or download it online first")
+    try:
+        HfApi().model_info(repo_id, revision=revision, timeout=10)
+    except GatedRepoError:
+        return  # exists; from_pretrained reports the access problem with the token it uses
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(f"model {repo_id} (--model): no such folder here, and no such model on the Hub (a private "
+                                 "one needs HF_TOKEN); check the name") from None
+    except RevisionNotFoundError:
+        raise ModelNotFoundError(f"model {repo_id} (--model): the Hub has no revision {revision!r} of it") from None
+    except Exception as e:  # noqa: BLE001 - network errors of whichever HTTP client the Hub library uses
+        raise ModelNotFoundError(f"model {repo_id} (--model): no such folder here, and the Hub cannot be reached "
+                                 f"({str(e).splitlines()[0][:120]}); give a local folder, or a hub id in the local "
+                                 "cache with HF_HUB_OFFLINE=1") from None
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -114,8 +144,11 @@ def load(
     register_image_only_processors()  # for checkpoints saved with them, and stock ones that need torchvision
     path = resolve(name_or_path)
     local = Path(path).exists()
-    if not local and os.environ.get("HF_HUB_OFFLINE") == "1" and "/" not in path:
-        raise ModelNotFoundError(f"{path!r} is neither a folder nor a short name ({', '.join(SHORT_NAMES)})")
+    if not local and not is_hub_id(path):
+        raise ModelNotFoundError(f"model {path} (--model): no such folder here, and it is neither a hub id OWNER/NAME nor a "
+                                 f"short name ({', '.join(SHORT_NAMES)})")
+    if not local:
+        check_hub_model(path, revision)
     try:
         config = AutoConfig.from_pretrained(path, revision=revision)
     except OSError as e:

@@ -156,17 +156,26 @@ def answer_html(inspection) -> str:
     return f"<p>{' '.join(spans)}</p>\n<p>{legend}</p>\n"
 
 
-def word_grid(inspection: Inspection, image: Image.Image, max_words: int = 24, width: int = 4) -> Image.Image:
-    """A grid of heat maps, one per word, captioned with the word and its region."""
-    words = inspection.words()[:max_words]
+MAX_GRID_WORDS = 24  # words.png shows this many words at most, and says so below the grid when there are more
+
+
+def word_grid(inspection: Inspection, image: Image.Image, max_words: int = MAX_GRID_WORDS, width: int = 4) -> Image.Image:
+    """A grid of heat maps, one per word, captioned with the word and its region; when the answer has more
+    than `max_words` words, a last line says how many are shown."""
+    every = inspection.words()
+    words = every[:max_words]
+    note = 16 if len(every) > len(words) else 0
     maps = inspection.token_maps()
     thumb_w = min(image.size[0], 480)
     scale = thumb_w / image.size[0]
     thumb_h = round(image.size[1] * scale)
     cols = min(width, max(1, len(words)))
     rows = -(-len(words) // cols) if words else 1
-    sheet = Image.new("RGB", (cols * thumb_w, rows * (thumb_h + 16)), (255, 255, 255))
+    sheet = Image.new("RGB", (cols * thumb_w, rows * (thumb_h + 16) + note), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
+    if note:
+        draw.text((3, rows * (thumb_h + 16) + 2), f"the first {len(words)} of {len(every)} words; "
+                  "`gaze inspect --word WORD` draws any word", fill=(0, 0, 0))
     for i, word in enumerate(words):
         pic = heatmap(image, inspection.generation.layout, maps[list(word.tokens)].mean(0)).resize((thumb_w, thumb_h))
         x, y = (i % cols) * thumb_w, (i // cols) * (thumb_h + 16)
@@ -177,7 +186,8 @@ def word_grid(inspection: Inspection, image: Image.Image, max_words: int = 24, w
 
 
 def write_inspection(inspection: Inspection, image: Image.Image, out: str | Path, words: list[str] | None = None) -> Path:
-    """answer.html, words.png (all words), and word_<i>_<text>.png for each chosen word."""
+    """answer.html, words.png (the first MAX_GRID_WORDS words, saying so when there are more), and
+    word_<i>_<text>.png for each chosen word."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "answer.html").write_text(answer_html(inspection))

@@ -74,7 +74,15 @@ class Ranking:
         return (min(layers), max(layers)) if layers else (0, 0)
 
     def check(self, model, model_id: str | None = None) -> "Ranking":
-        """Raise if this ranking was not made for `model`; return self."""
+        """Raise if this ranking was not made for `model` (its layers x heads) or for `model_id` (when both
+        ids are known); return self. `model=None` checks the id only (before the model is loaded)."""
+        if model_id is not None and self.model_id and not same_model(model_id, self.model_id):
+            raise RankingError(
+                f"this ranking was made for {self.model_id!r}, not {model_id!r}: rank this model's heads with "
+                f"`gaze discover --model {model_id} --out DIR` and pass --ranking DIR"
+            )
+        if model is None:
+            return self
         cfg = model.config.get_text_config()
         shape = (cfg.num_hidden_layers, cfg.num_attention_heads)
         if tuple(self.shape) != shape:
@@ -82,11 +90,6 @@ class Ranking:
                 f"this ranking is for a model with {self.shape[0]} layers x {self.shape[1]} heads "
                 f"({self.model_id}), but the model has {shape[0]} x {shape[1]}: "
                 f"run `gaze discover --model {model_id or '...'}` to rank its heads"
-            )
-        if model_id is not None and self.model_id and _norm(model_id) != _norm(self.model_id):
-            raise RankingError(
-                f"this ranking was made for {self.model_id!r}, not {model_id!r}: "
-                f"run `gaze discover --model {model_id}` (or pass --allow-other-model if the weights are the same)"
             )
         return self
 
@@ -97,19 +100,46 @@ class Ranking:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Ranking":
+    def from_dict(cls, d: dict, where: str = "the ranking") -> "Ranking":
+        """A ranking from its JSON form, refusing (naming `where`) anything that is not a whole, finite ranking."""
+        def bad(what: str) -> RankingError:
+            return RankingError(f"{where} is not a usable ranking: {what}; re-run `gaze discover` to make one")
+
+        if not isinstance(d, dict):
+            raise bad(f"it holds a JSON {type(d).__name__}, not an object with model_id, scores and matrices")
+        missing = [k for k in ("model_id", "scores", "matrices", "n_strips", "prompt") if k not in d]
+        if missing:
+            raise bad(f"it lacks the field(s) {', '.join(missing)}")
+        tensors = {}
+        for name, dims in (("scores", 2), ("matrices", 4)):
+            value = d[name]
+            try:
+                if _has_non_number(value):
+                    raise TypeError("a value that is not a number")
+                tensors[name] = torch.tensor(value, dtype=torch.float32)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise bad(f"its {name} are not a table of numbers ({str(e).splitlines()[0]})") from None
+            if tensors[name].dim() != dims or 0 in tensors[name].shape:
+                raise bad(f"its {name} have shape {list(tensors[name].shape)}, not {dims} non-empty dimensions")
+        scores, matrices = tensors["scores"], tensors["matrices"]
+        if tuple(matrices.shape[:2]) != tuple(scores.shape) or matrices.shape[2] != matrices.shape[3]:
+            raise bad(f"its matrices {list(matrices.shape)} do not match its scores {list(scores.shape)} "
+                      "(layers x heads x R x R)")
+        n_bad = int((~torch.isfinite(scores)).sum())
+        if n_bad:
+            raise bad(f"{'every' if n_bad == scores.numel() else n_bad} of its {scores.numel()} scores "
+                      f"{'is' if n_bad == scores.numel() else 'are'} NaN or infinite")
+        if not isinstance(d["model_id"], str) or not isinstance(d["prompt"], str):
+            raise bad("its model_id and prompt must be strings")
         try:
-            return cls(
-                model_id=d["model_id"],
-                scores=torch.tensor(d["scores"], dtype=torch.float32),
-                matrices=torch.tensor(d["matrices"], dtype=torch.float32),
-                n_strips=int(d["n_strips"]),
-                prompt=d["prompt"],
-                method=d.get("method", "raw"),
-                meta=d.get("meta", {}),
-            )
-        except KeyError as e:
-            raise RankingError(f"ranking file lacks field {e}: re-run `gaze discover`") from None
+            n_strips = int(d["n_strips"])
+        except (TypeError, ValueError):
+            raise bad(f"its n_strips {d['n_strips']!r} is not a whole number") from None
+        meta = d.get("meta", {})
+        if not isinstance(meta, dict):
+            raise bad("its meta is not an object")
+        return cls(model_id=d["model_id"], scores=scores, matrices=matrices, n_strips=n_strips, prompt=d["prompt"],
+                   method=str(d.get("method", "raw")), meta=meta)
 
     def save(self, path: str | Path) -> Path:
         """Write JSON to `path` (a .json file, or a folder that gets `ranking.json`)."""
@@ -131,9 +161,9 @@ class Ranking:
             raise RankingError(f"no ranking at {path}: run `gaze discover --model ... --out DIR` first")
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RankingError(f"{path} is not a valid ranking JSON ({e}): re-run `gaze discover`") from None
-        return cls.from_dict(data)
+        return cls.from_dict(data, where=str(path))
 
 
     # ---------------------------------------------------------------- folders and the Hub
@@ -186,17 +216,26 @@ class Ranking:
     @classmethod
     def from_pretrained(cls, name: str | Path, *, revision: str | None = None) -> "Ranking":
         """A ranking from a folder, a ranking JSON, or a hub repo id OWNER/NAME (downloaded with huggingface_hub)."""
+        import os
+
+        from gaze.errors import is_hub_id
+
         path = Path(name)
         if path.exists():
             return cls.load(path)
-        if str(name).count("/") != 1 or str(name).startswith((".", "/")):
-            raise RankingError(f"no ranking at {name}: give a folder, a ranking.json, or a hub id OWNER/NAME")
+        if not is_hub_id(name):
+            raise RankingError(f"no ranking folder or file {name}: give the --out folder of `gaze discover`, its "
+                               "ranking.json, or a hub id OWNER/NAME")
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         from huggingface_hub import snapshot_download
 
         try:
             folder = snapshot_download(repo_id=str(name), revision=revision, allow_patterns=[RANKING_FILE, CONFIG_FILE])
         except Exception as e:  # noqa: BLE001 - network, auth and missing repos all end here
-            raise RankingError(f"cannot download the ranking {name!r} from the Hub: {e}") from None
+            why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else \
+                f"the Hub gave: {str(e).splitlines()[0][:200]}"
+            raise RankingError(f"no ranking folder {name} here, and it cannot be downloaded as a hub id ({why}): "
+                               "give the --out folder of `gaze discover` or its ranking.json") from None
         return cls.load(folder)
 
     def push_to_hub(self, repo_id: str, *, private: bool = False, token: str | None = None,
@@ -216,5 +255,25 @@ class Ranking:
         return str(getattr(info, "commit_url", info))
 
 
-def _norm(model_id: str) -> str:
-    return str(model_id).rstrip("/").split("/")[-1] if Path(str(model_id)).exists() else str(model_id).rstrip("/")
+def _has_non_number(value) -> bool:
+    """Whether a nested list holds anything but numbers (strings, None, booleans, objects)."""
+    if isinstance(value, list):
+        return any(_has_non_number(v) for v in value)
+    return isinstance(value, bool) or not isinstance(value, (int, float))
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two model ids name the same model: short names ('organism') are their folders; two local
+    folders are the same folder; a local folder and a hub id share their last part (a downloaded copy)."""
+    from gaze.models import SHORT_NAMES
+
+    def local(x: str) -> Path | None:
+        p = Path(SHORT_NAMES.get(x, x))
+        return p.resolve() if p.exists() else None
+
+    la, lb = local(str(a)), local(str(b))
+    if la is not None and lb is not None:
+        return la == lb
+    if la is None and lb is None:
+        return str(a).rstrip("/") == str(b).rstrip("/")
+    return (la or lb).name == str(b if la else a).rstrip("/").split("/")[-1]

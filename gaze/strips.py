@@ -12,6 +12,14 @@ when known, a caption and an overlaid letter per panel). Strips come from:
 
 Panel sizes are aligned to the model's merged patch size where possible
 (`align`), so that panel borders fall on token columns.
+
+Every image is opened through `open_image` (files) or `_to_image` (dataset
+cells), which read the size from the header and refuse an image of more than
+`MAX_PIXELS` pixels before decoding it (a small file can hold a huge image: a
+decompression bomb).
+
+Errors name the Python argument and, in brackets, the `gaze` flag it comes
+from (`split=` / `--split`): the same messages serve the API and the CLIs.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +40,7 @@ from gaze.errors import GazeError
 Rect = tuple[float, float, float, float]  # (x0, y0, x1, y1) pixels of an image, x1/y1 exclusive (panels: integers)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MAX_PIXELS = 40_000_000  # 40 megapixels (e.g. 8000 x 5000): far above any strip, far below a decompression bomb
 
 
 class StripError(GazeError):
@@ -57,7 +67,11 @@ class Strip:
             if value is not None and len(value) != n:
                 raise StripError(f"strip {self.strip_id!r}: {len(value)} {name} for {n} panels; give one per panel")
         w, h = self.image.size
-        for k, (x0, y0, x1, y1) in enumerate(self.panels):
+        for k, box in enumerate(self.panels):
+            if not _is_box(box):
+                raise StripError(f"strip {self.strip_id!r}: panel {k + 1} box {box!r} is not four numbers "
+                                 "x0,y0,x1,y1; fix its panel_boxes")
+            x0, y0, x1, y1 = box
             if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
                 raise StripError(
                     f"strip {self.strip_id!r}: panel {k + 1} box {(x0, y0, x1, y1)} is not inside the {w}x{h} image"
@@ -73,6 +87,21 @@ class Strip:
         h.update(f"{self.image.mode}{self.image.size}{self.panels}".encode())
         h.update(self.image.tobytes())
         return h.hexdigest()[:16]
+
+
+def _is_box(box) -> bool:
+    """Four finite real numbers (Python or NumPy; not booleans, strings or None)."""
+    return (isinstance(box, (tuple, list)) and len(box) == 4
+            and all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in box))
+
+
+def int_boxes(boxes, where: str) -> tuple[tuple[int, int, int, int], ...]:
+    """Panel boxes (a dataset's `panel_boxes`, or `panel_boxes=`) as integer pixel boxes, or a StripError naming
+    `where` when they are not a list of four numbers each."""
+    if not isinstance(boxes, (list, tuple)) or not boxes or not all(_is_box(b) for b in boxes):
+        raise StripError(f"{where}: panel_boxes {boxes!r} are not boxes x0,y0,x1,y1 (four finite numbers each, "
+                         "one per panel); fix them")
+    return tuple(tuple(int(v) for v in b) for b in boxes)
 
 
 def aligned_size(size: int, align: int) -> int:
@@ -131,15 +160,31 @@ def equal_panels(size: tuple[int, int], n: int, rows: int = 1) -> tuple[Rect, ..
     return tuple(boxes)
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """Open an image as RGB, with an error that names the file when it cannot be read."""
+def _decoded(src, where: str) -> Image.Image:
+    """Decode an image file or stream as RGB; its size is read from the header and refused above MAX_PIXELS
+    before any pixel is decoded."""
     try:
-        with Image.open(path) as im:
+        with Image.open(src) as im:
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise StripError(f"{where} is {w}x{h} pixels ({w * h / 1e6:.0f} megapixels), more than the "
+                                 f"{MAX_PIXELS / 1e6:.0f} megapixels gaze opens; give a smaller image")
             return im.convert("RGB")
     except FileNotFoundError:
-        raise StripError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise StripError(f"cannot read image {path}: {e}; replace or remove the file") from None
+        raise StripError(f"image not found: {where}") from None
+    except Image.DecompressionBombError as e:  # PIL's own limit (far above MAX_PIXELS) refuses it in Image.open
+        raise StripError(f"{where} is more than the {MAX_PIXELS / 1e6:.0f} megapixels gaze opens ({e}); "
+                         "give a smaller image") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        if isinstance(e, StripError):
+            raise
+        raise StripError(f"cannot read image {where}: {e}; replace or remove the file") from None
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open an image file as RGB, with an error that names the file when it cannot be read or is too large
+    (more than MAX_PIXELS pixels, refused from its header before decoding)."""
+    return _decoded(path, str(path))
 
 
 def panel_files(folder: Path, n_panels: int = 6) -> list[Path]:
@@ -150,7 +195,8 @@ def panel_files(folder: Path, n_panels: int = 6) -> list[Path]:
         if not matches:
             raise StripError(f"{folder}: panel p{k} is missing (expected p1.png .. p{n_panels}.png)")
         found.append(matches[0])
-    extra = [p.name for p in folder.iterdir() if p.stem.startswith("p") and p.stem[1:].isdigit() and int(p.stem[1:]) > n_panels]
+    extra = [p.name for p in folder.iterdir()
+             if p.stem.startswith("p") and p.stem[1:].isdecimal() and int(p.stem[1:]) > n_panels]
     if extra:
         raise StripError(f"{folder}: found {sorted(extra)} beyond p{n_panels}; this strip has more than {n_panels} panels")
     return found
@@ -195,7 +241,7 @@ def save_folder_strip(strip: Strip, folder: str | Path) -> Path:
 def iter_comic_folders(root: Path) -> Iterator[Path]:
     """Comic folders under `root` in natural order (comic2 before comic10)."""
     def key(p: Path):
-        digits = "".join(ch for ch in p.name if ch.isdigit())
+        digits = "".join(ch for ch in p.name if ch.isdecimal())  # not isdigit: int('²') fails
         return (int(digits) if digits else -1, p.name)
 
     return iter(sorted((p for p in root.iterdir() if p.is_dir()), key=key))
@@ -262,12 +308,7 @@ def _to_image(value, where: str) -> Image.Image:
     if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
         import io
 
-        try:
-            src = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
-            with Image.open(src) as im:
-                return im.convert("RGB")
-        except Exception as e:  # noqa: BLE001 - any decoding failure is a bad panel
-            raise StripError(f"{where}: unreadable image ({e})") from None
+        return _decoded(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"], f"{where}'s image")
     raise StripError(f"{where}: missing image")
 
 
@@ -279,7 +320,7 @@ def strip_from_row(row: dict, index: int, *, align: int | None = None, gap: int 
     meta = {k: row[k] for k in ("story", "style", "protagonist", "seed", "renderer", "model_id") if k in row}
     if schema == "project":
         image = _to_image(row[next(c for c in STRIP_COLUMNS if c in row)], f"strip {strip_id}")
-        boxes = tuple(tuple(int(v) for v in b) for b in row["panel_boxes"])
+        boxes = int_boxes(row["panel_boxes"], f"strip {strip_id}")
         captions = tuple(row["captions"]) if row.get("captions") else None
         letters = tuple(row["letters"]) if row.get("letters") else None
         return Strip(image=image, panels=boxes, strip_id=strip_id, captions=captions, letters=letters, meta=meta)
@@ -287,7 +328,8 @@ def strip_from_row(row: dict, index: int, *, align: int | None = None, gap: int 
     images = []
     for k, col in enumerate(panel_cols, start=1):
         if row.get(col) is None:
-            raise StripError(f"comic {strip_id}: panel {k} ({col}) is missing; pass --skip-bad to skip such rows")
+            raise StripError(f"comic {strip_id}: panel {k} ({col}) is missing; pass skip_bad=True (--skip-bad) to "
+                             "skip such rows")
         images.append(_to_image(row[col], f"comic {strip_id} panel {k}"))
     image, boxes = stitch_panels(images, gap=gap, align=align)
     captions = None
@@ -311,16 +353,35 @@ def open_dataset(source: str, split: str | None = None):
         ds = datasets.load_from_disk(str(path))
     else:
         # a local folder of Parquet files (splits from file names, as on the Hub) or a hub id
-        ds = datasets.load_dataset(str(path)) if path.is_dir() else datasets.load_dataset(source, split=split)
+        if path.is_dir():
+            ds = datasets.load_dataset(str(path))
+        else:
+            try:
+                ds = datasets.load_dataset(source, split=split)
+            except (OSError, ConnectionError, ValueError) as e:  # missing, unreachable, offline, no such split
+                raise StripError(f"cannot open the dataset {source!r} (a hub id, as there is no such folder here): "
+                                 f"{str(e).splitlines()[0][:200]}") from None
     if isinstance(ds, datasets.DatasetDict):
         if split is None:
             if len(ds) == 1:
                 return next(iter(ds.values()))
-            raise StripError(f"{source} has splits {sorted(ds)}: choose one with --split")
+            raise StripError(f"{source} has splits {sorted(ds)}: choose one with split= (--split)")
         if split not in ds:
-            raise StripError(f"{source} has no split {split!r}; its splits are {sorted(ds)}")
+            raise StripError(f"{source} has no split {split!r}; its splits are {sorted(ds)}: choose one with "
+                             "split= (--split)")
         return ds[split]
     return ds
+
+
+def check_source(source: str | Path) -> None:
+    """Refuse, before any work, a strip source that is no local path and cannot be a hub id (a missing folder)."""
+    from gaze.errors import is_hub_id
+
+    if Path(source).exists():
+        return
+    if not is_hub_id(source):
+        raise StripError(f"strip source {source} not found: no such folder or image here (and it is not a hub id "
+                         "OWNER/NAME); give a folder of comic folders, a dataset folder, an image, or a hub id")
 
 
 def load_strips(
@@ -369,7 +430,7 @@ def load_strips(
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             raise StripError(f"{path} is not an image ({', '.join(IMAGE_SUFFIXES)}) nor a strip folder or dataset")
         image = open_image(path)
-        boxes = tuple(tuple(int(v) for v in b) for b in panel_boxes) if panel_boxes else equal_panels(image.size, n_panels)
+        boxes = int_boxes(panel_boxes, f"{path}") if panel_boxes else equal_panels(image.size, n_panels)
         yield Strip(image=image, panels=boxes, strip_id=path.stem)
         return
     if path.is_dir() and not _is_dataset_folder(path):
@@ -386,12 +447,12 @@ def load_strips(
             if strip is not None:
                 yield strip
         return
-    if not path.exists() and (path.is_absolute() or str(source).startswith(".") or str(source).count("/") != 1):
-        raise StripError(f"strip source {source} not found: give a folder, a dataset folder, an image, or a hub id OWNER/NAME")
+    check_source(source)
     rows = open_dataset(str(source), split=split)
     end = len(rows) if stop is None else stop
     if start < 0 or start >= len(rows) or end > len(rows):
-        raise StripError(f"rows {start}..{end - 1} are outside {source} ({len(rows)} rows): use --start/--n-strips within it")
+        raise StripError(f"rows {start}..{end - 1} are outside {source} ({len(rows)} rows): give start= and n_strips= "
+                         f"(--start, --n-strips) within 0..{len(rows) - 1}")
     for i in range(start, end):
         row = rows[i]
         strip_id = str(next((row[c] for c in ("strip_id", "comic_id", "id") if c in row), f"row{i}"))

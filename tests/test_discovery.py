@@ -87,6 +87,49 @@ def test_discovery_resumes_to_the_same_ranking(loaded_qwen3, strip_for, tmp_path
     assert resumed.n_strips == 4
 
 
+def _truncate(files):
+    files[0].write_bytes(files[0].read_bytes()[: files[0].stat().st_size // 2])
+
+
+def _alter(files):
+    data = bytearray(files[0].read_bytes())
+    data[-3] ^= 0x40  # a bit of the last stored number
+    files[0].write_bytes(bytes(data))
+
+
+def _swap(files):
+    files[0].write_bytes(files[1].read_bytes())
+
+
+def _older_format(files):
+    from safetensors.torch import load_file, save_file
+
+    from gaze.discovery import _scored_as
+
+    strip_id, strip_hash = _scored_as(files[0])
+    save_file(load_file(str(files[0])), str(files[0]), metadata={"strip_id": strip_id, "strip_hash": strip_hash})
+
+
+@pytest.mark.parametrize("damage, why", [(_truncate, "truncated"), (_alter, "altered"), (_swap, "swapped"),
+                                         (_older_format, "older version")])
+def test_a_damaged_strip_file_is_named_and_rescored(loaded_qwen3, strip_for, tmp_path, capsys, damage, why):
+    from gaze.discovery import merge, strip_file
+
+    strips = [strip_for(32, seed=s) for s in range(2)]
+    out = tmp_path / "run"
+    whole = discover(loaded_qwen3, strips, out, progress=False)
+    files = [strip_file(out, i) for i in range(2)]
+    capsys.readouterr()
+    damage(files)
+    with pytest.raises(DiscoveryError, match=why) as e:  # merging what is on disk names the file
+        merge(out, model_id=loaded_qwen3.model_id, template=whole.prompt)
+    assert str(files[0]) in str(e.value)
+    again = discover(loaded_qwen3, strips, out, progress=False)  # resuming rescores it, naming it
+    err = capsys.readouterr().err
+    assert f"{files[0]} cannot be reused" in err and why in err and str(files[1]) not in err
+    assert torch.equal(again.scores, whole.scores) and torch.equal(again.matrices, whole.matrices)
+
+
 def test_output_folder_of_another_run_is_refused(loaded_qwen3, strip_for, tmp_path):
     strips = [strip_for(32)]
     discover(loaded_qwen3, strips, tmp_path / "run", progress=False)

@@ -3,6 +3,7 @@
 import argparse
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -264,3 +265,89 @@ def test_protocols_count_known_answers(tmp_path):
     # done keys are skipped: nothing is generated again
     done = {r["key"] for r in records}
     assert list(vqa(ctx, strips, "gaze", [(0, 0)], 1, done=done)) == []
+
+
+# ---------------------------------------------------------------- resume integrity: one test per corruption kind
+
+def _lines(path):
+    return [json.loads(l) for l in path.read_text().splitlines()]
+
+
+def _write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _resealed(rec, **changes):
+    """A record changed and given a valid digest again (as a copy from elsewhere would carry)."""
+    from gaze.eval.records import _digest
+
+    rec = {**rec, **changes}
+    rec["digest"] = _digest(rec)
+    return rec
+
+
+def _cut_mid_file(path):
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text(lines[0][: len(lines[0]) // 2] + "\n" + "".join(lines[1:]))
+
+
+def _alter(path):
+    recs = _lines(path)
+    recs[0]["correct"] = not recs[0]["correct"]
+    _write(path, recs)
+
+
+def _swap(path):  # the first line holds the second one's fields under the first one's key
+    recs = _lines(path)
+    recs[0] = _resealed(recs[1], key=recs[0]["key"])
+    _write(path, recs)
+
+
+def _other_run(path):
+    recs = _lines(path)
+    recs[0] = _resealed(recs[0], identity="0123456789abcdef")
+    _write(path, recs)
+
+
+def _other_strip(path):
+    recs = _lines(path)
+    recs[0] = _resealed(recs[0], strip_hash="0123456789abcdef")
+    _write(path, recs)
+
+
+def _older_format(path):
+    recs = _lines(path)
+    recs[0] = {k: v for k, v in recs[0].items() if k not in ("identity", "digest")}
+    _write(path, recs)
+
+
+@pytest.mark.parametrize("damage, why", [
+    (_cut_mid_file, "truncated"), (_alter, "altered"), (_swap, "swapped"), (_other_run, "stale: written by a run"),
+    (_other_strip, "stale: strip"), (_older_format, "stale: written by an older version")])
+def test_resume_names_and_recomputes_a_damaged_record(loaded_qwen3, qwen3_path, tiny_ranking, tmp_path, capsys,
+                                                       damage, why):
+    cfg = EvalConfig(model=str(qwen3_path), ranking=str(tiny_ranking), strips="procedural:eval", n_strips=2,
+                     out=str(tmp_path / "eval"), protocols=("vqa",), conditions=("gaze", "none"), top_k=2,
+                     targets=(2,), max_new_tokens=2, n_boot=100)
+    fresh = run_eval(cfg, loaded=loaded_qwen3, progress=False)
+    path = tmp_path / "eval" / RECORDS
+    first = _lines(path)[0]
+    assert len(first["digest"]) == len(first["identity"]) == len(first["strip_hash"]) == 16
+    damage(path)
+    capsys.readouterr()
+    again = run_eval(cfg, loaded=loaded_qwen3, progress=True)
+    err = capsys.readouterr().err
+    assert f"{path}: line 1 " in err and why in err and "recomputing it" in err
+    assert re.search(r"eval: 100%.* 1/1 \[\d\d:\d\d<\d\d:\d\d", err)  # the bar: done/total [elapsed<ETA]
+    assert again["protocols"] == fresh["protocols"] and again["n_records"] == fresh["n_records"] == 4
+    assert again["cost"]["new_records"] == 1
+    assert _lines(path)[-1]["key"] == first["key"]
+
+
+def test_targets_beyond_the_strips_panels_are_refused_before_generating(loaded_qwen3, qwen3_path, tiny_ranking,
+                                                                         tmp_path):
+    cfg = EvalConfig(model=str(qwen3_path), ranking=str(tiny_ranking), strips="procedural:eval", n_strips=1,
+                     out=str(tmp_path / "eval"), protocols=("vqa",), conditions=("none",), targets=(2, 7))
+    with pytest.raises(EvalError, match="--targets 7: the strips have 6 panels"):
+        run_eval(cfg, loaded=loaded_qwen3, progress=False)
+    assert not (tmp_path / "eval" / RECORDS).exists()

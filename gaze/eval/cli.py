@@ -15,17 +15,34 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gaze.cli import HelpFormatter, _at_least, _writable, device_arg, dtype_arg, strength_arg
 from gaze.eval.config import CONDITIONS, PROTOCOLS, EvalConfig
 
 
 def _ints(text: str) -> tuple[int, ...]:
+    """An argparse type: positive integers separated by commas (head counts, panels)."""
+    parts = text.replace(" ", "").split(",")
+    if any(not p for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty entry: give integers separated by single commas, "
+                                         "e.g. 1,2,4,8")
     try:
-        values = tuple(int(v) for v in text.replace(" ", "").split(",") if v)
+        values = tuple(int(v) for v in parts)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: give integers separated by commas, e.g. 1,2,4,8") from None
-    if not values:
-        raise argparse.ArgumentTypeError("give at least one integer")
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every entry must be at least 1")
     return values
+
+
+def _fraction_pct(text: str) -> float:
+    """An argparse type: a percentage in (0, 100]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 100:
+        raise argparse.ArgumentTypeError(f"{text}: give a percentage above 0 and at most 100")
+    return value
 
 
 def _names(allowed: tuple[str, ...]):
@@ -44,6 +61,8 @@ def _size(text: str) -> tuple[int, int]:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: give WIDTHxHEIGHT in pixels, e.g. 384x192") from None
+    if w < 1 or h < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: width and height must be at least 1 pixel")
     return (w, h)
 
 
@@ -56,62 +75,74 @@ def _question(text: str) -> tuple[str, str]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = EvalConfig()
-    p.add_argument("--model", default=d.model, help="hub id, local folder, or 'organism' (default)")
+    p.add_argument("--model", default=d.model, help="hub id OWNER/NAME, local folder, or 'organism', the bundled "
+                   "model organism")
     p.add_argument("--ranking", default=None,
                    help="ranking folder or ranking.json from `gaze discover` (default: discover into OUT/discovery)")
     p.add_argument("--strips", default=d.strips,
                    help="procedural:eval (datagen, held-out seeds), procedural:SEED0, comic folders, a dataset, or an image")
-    p.add_argument("--n-strips", type=int, default=d.n_strips, help="evaluation strips")
-    p.add_argument("--out", default=d.out, help="output folder (resumable): records, aggregate, figures, README.md")
+    p.add_argument("--n-strips", type=_at_least(1), default=d.n_strips, help="evaluation strips")
+    p.add_argument("--out", default=d.out, type=_writable("--out"),
+                   help="output folder (resumable): records, aggregate, figures, README.md")
     p.add_argument("--protocols", type=_names(PROTOCOLS), default=d.protocols, help=f"some of {','.join(PROTOCOLS)}")
     p.add_argument("--conditions", type=_names(CONDITIONS), default=d.conditions,
                    help=f"head sets to steer, some of {','.join(CONDITIONS)}")
-    p.add_argument("--top-k", type=int, default=None,
+    p.add_argument("--top-k", type=_at_least(1), default=None,
                    help="K heads per condition (default: the paper's share, 100 of 1,152 heads)")
     p.add_argument("--ks", type=_ints, default=d.ks, help="K values of the head-count sweep")
-    p.add_argument("--targets", type=_ints, default=None, help="panels to steer to (default: all)")
-    p.add_argument("--every", type=int, default=d.every, help="dynamic narration: tokens per schedule entry")
+    p.add_argument("--targets", type=_ints, default=None,
+                   help="panels to steer to, 1..the strips' panel count (default: all)")
+    p.add_argument("--every", type=_at_least(1), default=d.every, help="dynamic narration: tokens per schedule entry")
     p.add_argument("--at-sentence", action="store_true",
                    help="dynamic narration: switch at the first sentence end after --every tokens")
     p.add_argument("--seed", type=int, default=d.seed, help="random heads, derangements, bootstrap")
     p.add_argument("--judge", default=d.judge, choices=["caption", "letter", "embedding", "llm"],
                    help="caption (offline, default) | letter (exact; asks for the overlaid letter) | embedding | llm")
-    p.add_argument("--judge-model", default=None, help="embedding model, or LLM (endpoint model name or local folder)")
+    p.add_argument("--judge-model", default=None,
+                   help="embedding model, or LLM (endpoint model name or local folder) (default: the judge's own)")
     p.add_argument("--judge-endpoint", default=None,
                    help="OpenAI-compatible base URL for --judge llm; the key comes from $OPENAI_API_KEY and is sent "
                         "only over https or to a loopback server (default: none)")
     p.add_argument("--judge-allow-http", action="store_true",
-                   help="send the judge's API key over plain http to a non-loopback --judge-endpoint (default: off)")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="short answers (vqa, sweep, region)")
-    p.add_argument("--narration-tokens", type=int, default=d.narration_tokens, help="static narration answers")
-    p.add_argument("--strength", type=float, default=d.strength, help="steering bias B")
-    p.add_argument("--mode", default=d.mode, choices=["boost", "suppress", "suppress_text"])
+                   help="send the judge's API key over plain http to a non-loopback --judge-endpoint")
+    p.add_argument("--max-new-tokens", type=_at_least(1), default=d.max_new_tokens,
+                   help="short answers (vqa, sweep, region)")
+    p.add_argument("--narration-tokens", type=_at_least(1), default=d.narration_tokens, help="static narration answers")
+    p.add_argument("--strength", type=strength_arg, default=d.strength, help="steering bias B")
+    p.add_argument("--mode", default=d.mode, choices=["boost", "suppress", "suppress_text"],
+                   help="boost the target's image tokens, suppress them, or suppress the text tokens")
     p.add_argument("--phase", default=d.phase, choices=["all", "prefill", "decode"],
                    help="when to bias: all rows (default), the prompt's rows only (static targets; schedules steer "
                         "every row), or decode steps only")
-    p.add_argument("--random-percentile", type=float, default=d.random_percentile,
-                   help="random heads come from this bottom share of gaze scores")
-    p.add_argument("--prior-strips", type=int, default=d.prior_strips, help="strips for the image/localization heads")
+    p.add_argument("--random-percentile", type=_fraction_pct, default=d.random_percentile,
+                   help="random heads come from this bottom share of gaze scores, in percent")
+    p.add_argument("--prior-strips", type=_at_least(1), default=d.prior_strips,
+                   help="strips for the image/localization heads")
     p.add_argument("--scenes", default=d.scenes, help="region protocol: procedural[:SEED0], strip-objects, or a folder")
-    p.add_argument("--n-scenes", type=int, default=None, help="scenes for the region protocol (default: --n-strips)")
-    p.add_argument("--n-objects", type=int, default=d.n_objects, help="objects per procedural scene")
+    p.add_argument("--n-scenes", type=_at_least(1), default=None,
+                   help="scenes for the region protocol (default: --n-strips)")
+    p.add_argument("--n-objects", type=_at_least(1), default=d.n_objects, help="objects per procedural scene")
     p.add_argument("--scene-size", type=_size, default=d.scene_size, help="procedural scene size WxH")
-    p.add_argument("--panel-size", type=int, default=d.panel_size, help="procedural strips: panel height in pixels")
+    p.add_argument("--panel-size", type=_at_least(1), default=d.panel_size,
+                   help="procedural strips: panel height in pixels")
     p.add_argument("--assembly", default=d.assembly, choices=("paper", "aligned"),
                    help="procedural strips: 'paper' (common height, widths of their own, 6 px gaps) or 'aligned' "
-                        "(square panels on the token grid); default: %(default)s")
+                        "(square panels on the token grid)")
     p.add_argument("--question", type=_question, action="append", default=[], metavar="PROTOCOL=TEXT",
-                   help="replace a protocol's question (repeatable)")
+                   help="replace a protocol's question (repeatable; default: the paper's questions)")
     p.add_argument("--discovery-strips", default=d.discovery_strips, help="strips for discovery when --ranking is not given")
-    p.add_argument("--n-discovery", type=int, default=d.n_discovery, help="how many")
-    p.add_argument("--n-boot", type=int, default=d.n_boot, help="bootstrap resamples")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default=d.dtype, help="float32 | bfloat16 | float16")
-    p.add_argument("--device-map", default=None, help="'auto' to spread a large model over all GPUs")
-    p.add_argument("--limit", type=int, default=None, help="stop after this many new generations (rerun to continue)")
+    p.add_argument("--n-discovery", type=_at_least(1), default=d.n_discovery, help="how many")
+    p.add_argument("--n-boot", type=_at_least(1), default=d.n_boot, help="bootstrap resamples")
+    p.add_argument("--device", default=None, type=device_arg,
+                   help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=d.dtype, type=dtype_arg, help="float32 | bfloat16 | float16")
+    p.add_argument("--device-map", default=None,
+                   help="'auto' to spread a large model over all GPUs (default: none, the whole model on --device)")
+    p.add_argument("--limit", type=_at_least(1), default=None,
+                   help="stop after this many new generations, rerun to continue (default: no limit)")
     p.add_argument("--report-only", action="store_true", help="only redraw README.md and figures from OUT")
     p.add_argument("--no-report", action="store_true", help="skip README.md and figures")
-    p.add_argument("--title", default=None, help="report title")
+    p.add_argument("--title", default=None, help="report title (default: from the model and the run)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -160,9 +191,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.report_only:
         print(f"report written to {write_report(args.out, title=args.title)}")
         return 0
-    from gaze.eval.protocols import run_eval
+    from gaze.eval.protocols import check_targets, run_eval
 
-    agg = run_eval(config_from_args(args), limit=args.limit, progress=not args.quiet)
+    cfg = config_from_args(args)
+    if cfg.strips.startswith("procedural:"):  # their panel count is known before the model loads
+        from datagen.story import N_PANELS
+
+        check_targets(cfg.targets, N_PANELS)
+    agg = run_eval(cfg, limit=args.limit, progress=not args.quiet)
     print(summary(agg))
     if not args.no_report:
         print(f"report written to {write_report(args.out, title=args.title)}")
@@ -172,7 +208,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the `eval` subcommand to a `gaze` argparse subparsers object."""
     p = subparsers.add_parser("eval", help="evaluate steering: the paper's protocols, judged offline, with a report",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__, formatter_class=HelpFormatter)
     add_arguments(p)
     p.set_defaults(func=cmd_eval)
     return p

@@ -27,7 +27,9 @@ Conditions, i.e. which heads are steered (`head_sets`):
 
 Every record is keyed by (protocol, condition, strip, target, K) and appended to
 `records.jsonl` as soon as it is judged: rerunning the same command skips what is
-there, and a line broken by an interruption is dropped and recomputed.
+there. Each record carries the run's identity, its strip's content hash and its
+own digest (`gaze.eval.records`): a line broken by an interruption, or one that
+is stale, swapped or altered, is named and recomputed.
 Aggregates carry seeded percentile-bootstrap 95% CIs.
 """
 
@@ -50,7 +52,7 @@ from gaze.eval.config import (AGGREGATE, MANIFEST, PRIOR, PROTOCOL_ORDER, PROTOC
                               SIZE_CLASSES, SPLIT_SEEDS, TRAJECTORIES, EvalConfig, EvalError)
 from gaze.eval.heads import PriorScores, head_sets, prior_scores, random_pool, resolve_top_k
 from gaze.eval.judges import CaptionJudge, CandidateJudge, Judge, make_judge, public_url
-from gaze.eval.records import RecordLog, record_key
+from gaze.eval.records import RecordLog, record_key, run_identity
 from gaze.eval.statistics import bootstrap_ci, spearman
 from gaze.discovery import manifest_diff, write_manifest
 from gaze.prompts import NARRATION_PROMPT
@@ -422,8 +424,17 @@ def _check_manifest(out: Path, manifest: dict) -> None:
         write_manifest(path, manifest)
 
 
+def check_targets(targets: Sequence[int] | None, n_panels: int) -> None:
+    """Refuse `--targets` beyond the strips' panels (a target no strip has would give no records)."""
+    bad = [t for t in targets or () if not 1 <= t <= n_panels]
+    if bad:
+        raise EvalError(f"--targets {','.join(map(str, bad))}: the strips have {n_panels} panels, so give targets "
+                        f"1..{n_panels}")
+
+
 def _check_strips(cfg: EvalConfig, strips: Sequence[Strip]) -> None:
     """Fail before generating anything when the strips lack what the judges compare against."""
+    check_targets(cfg.targets, max(s.n_panels for s in strips))
     panel = {"vqa", "narration", "sweep"} & set(cfg.protocols)
     letters = cfg.judge == "letter"
     for s in strips:
@@ -436,8 +447,6 @@ def _check_strips(cfg: EvalConfig, strips: Sequence[Strip]) -> None:
 
 
 def _get_ranking(cfg: EvalConfig, loaded, out: Path, align: int | None, progress: bool) -> Ranking:
-    if cfg.ranking is not None:
-        return Ranking.from_pretrained(cfg.ranking).check(loaded.model)
     from gaze.discovery import discover
 
     strips = eval_strips(cfg.discovery_strips, cfg.n_discovery, align=align, panel_size=cfg.panel_size,
@@ -502,15 +511,18 @@ def run_eval(cfg: EvalConfig, *, loaded=None, ranking: Ranking | None = None, li
 
     cfg.check()
     out = Path(cfg.out)
+    if ranking is None and cfg.ranking is not None:  # read and checked against the model id before it loads
+        ranking = Ranking.from_pretrained(cfg.ranking).check(None, cfg.model)
     out.mkdir(parents=True, exist_ok=True)
     loaded = loaded or load(cfg.model, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map)
     cfg = with_model_prompts(cfg, loaded.prompts)
     align = loaded.family.merged_patch(loaded.processor)
     ranking = ranking or _get_ranking(cfg, loaded, out, align, progress)
-    ranking.check(loaded.model)
+    ranking.check(loaded.model, loaded.model_id)
     n_total = ranking.scores.numel()
     k = resolve_top_k(cfg.top_k, n_total)
-    _check_manifest(out, _manifest(cfg, loaded, ranking, k))
+    manifest = _manifest(cfg, loaded, ranking, k)
+    _check_manifest(out, manifest)
     ranking.save(out / "ranking.json")
 
     strips = eval_strips(cfg.strips, cfg.n_strips, align=align, panel_size=cfg.panel_size, assembly=cfg.assembly)
@@ -522,36 +534,43 @@ def run_eval(cfg: EvalConfig, *, loaded=None, ranking: Ranking | None = None, li
                        device=str(loaded.model.device))
     candidate = judge if isinstance(judge, CandidateJudge) else CaptionJudge()
     ctx = Context(loaded, cfg, judge, candidate, track_heads=sets.get("gaze") or ranking.top(k))
-    log = RecordLog(out / RECORDS)
-    if log.dropped:
-        print(f"{out / RECORDS}: dropped {log.dropped} broken or duplicate line(s); they will be recomputed",
-              file=sys.stderr)
+    scenes = (eval_scenes(cfg.scenes, cfg.n_scenes or cfg.n_strips, size=cfg.scene_size, n_objects=cfg.n_objects,
+                          strips=strips) if "region" in cfg.protocols else [])
+    log = RecordLog(out / RECORDS, identity=run_identity(manifest))
+    strip_hashes = {s.strip_id: s.content_hash() for s in [*strips, *scenes]}
+    log.drop_stale(strip_hashes)
+    for line in log.report():
+        print(line, file=sys.stderr)
 
-    def jobs() -> Iterator[Iterator[dict]]:
+    def jobs(done: Container[str]) -> Iterator[Iterator[dict]]:
         for protocol in sorted(cfg.protocols, key=PROTOCOL_ORDER.index):
             if protocol in ("vqa", "narration", "dynamic"):
                 fn = {"vqa": vqa, "narration": static_narration, "dynamic": dynamic_narration}[protocol]
                 for c in kinds:
-                    yield fn(ctx, strips, c, sets[c], len(sets[c]), done=log)
+                    yield fn(ctx, strips, c, sets[c], len(sets[c]), done=done)
             elif protocol == "region":
-                scenes = eval_scenes(cfg.scenes, cfg.n_scenes or cfg.n_strips, size=cfg.scene_size,
-                                     n_objects=cfg.n_objects, strips=strips)
                 for c in kinds:
-                    yield region_steering(ctx, scenes, c, sets[c], len(sets[c]), done=log)
+                    yield region_steering(ctx, scenes, c, sets[c], len(sets[c]), done=done)
             elif protocol == "sweep":
                 for kk in sorted({min(x, n_total) for x in cfg.ks}):
                     swept = head_sets(ranking, kk, cfg.seed, [c for c in ("gaze", "random") if c in kinds] or ["gaze"],
                                       percentile=cfg.random_percentile)
                     for c, hs in swept.items():
-                        yield head_count_sweep(ctx, strips, c, hs, kk, done=log)
+                        yield head_count_sweep(ctx, strips, c, hs, kk, done=done)
 
+    planned = _Planned()  # the protocols ask about every key they would generate, before generating it
+    for job in jobs(planned):
+        for _ in job:
+            pass
+    todo = sum(key not in log for key in planned.keys)
     t0 = time.time()
     new = 0
-    bar = tqdm(desc="eval", unit="gen", disable=not progress, file=sys.stderr)
+    bar = tqdm(desc="eval", unit="gen", total=todo if limit is None else min(todo, limit), disable=not progress,
+               file=sys.stderr)
     stopped = False
-    for job in jobs():
+    for job in jobs(log):
         for rec in job:
-            log.append(rec)
+            log.append({**rec, "strip_hash": strip_hashes[rec["strip_id"]]})
             new += 1
             bar.update(1)
             if limit is not None and new >= limit:
@@ -586,6 +605,18 @@ def run_eval(cfg: EvalConfig, *, loaded=None, ranking: Ranking | None = None, li
     tmp.write_text(json.dumps(agg, indent=1, default=_json_default))
     tmp.replace(out / AGGREGATE)
     return agg
+
+
+class _Planned:
+    """A `done` set that holds every key and remembers which were asked: the protocols' loops, run with it,
+    list the run's keys without generating anything (the progress bar's total)."""
+
+    def __init__(self):
+        self.keys: list[str] = []
+
+    def __contains__(self, key: str) -> bool:
+        self.keys.append(key)
+        return True
 
 
 def _finite(o):
