@@ -182,7 +182,8 @@ def cmd_discover(args) -> int:
     strips = load_strips(args.strips, n_strips=args.n_strips, align=align, gap=args.gap, split=args.split,
                          start=args.start, skip_bad=args.skip_bad, panel_boxes=boxes)
     shard = (state.process_index, state.num_processes) if state else (0, 1)
-    ranking = discover(loaded, strips, args.out, template=args.prompt, source=args.strips, n_strips=args.n_strips,
+    ranking = discover(loaded, strips, args.out, template=args.prompt or loaded.prompts.discovery, source=args.strips,
+                       n_strips=args.n_strips,
                        progress=not args.quiet, shard=shard, barrier=state.wait_for_everyone if state else None,
                        variant=args.variant)
     if ranking is None:  # another process merges
@@ -250,8 +251,9 @@ def cmd_steer(args) -> int:
     heads = ranking.top(k)
     common = dict(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
                   no_repeat_ngram_size=args.no_repeat_ngram_size)
-    base = generate(loaded, image, args.prompt, **common)
-    steered = generate(loaded, image, args.prompt, heads=heads, target=target, schedule=schedule, panels=panels,
+    prompt = args.prompt or loaded.prompts.vqa
+    base = generate(loaded, image, prompt, **common)
+    steered = generate(loaded, image, prompt, heads=heads, target=target, schedule=schedule, panels=panels,
                        strength=args.strength, mode=args.mode, phase=args.phase, track=True, **common)
     print(f"unsteered: {base.text}")
     print(f"steered:   {steered.text}" + ("   [degenerate]" if steered.degenerate else ""))
@@ -260,7 +262,7 @@ def cmd_steer(args) -> int:
         traj = steered.trajectory(regions)
         out = Path(args.trajectory_out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"prompt": args.prompt, "text": steered.text, "pieces": steered.pieces, "targets": steered.targets,
+        payload = {"prompt": prompt, "text": steered.text, "pieces": steered.pieces, "targets": steered.targets,
                    "regions": list(regions.names), "trajectory": traj.tolist(),
                    "trajectory_normalised": steered.trajectory(regions, normalise=True).tolist(),
                    "heads": [list(h) for h in heads]}
@@ -288,7 +290,8 @@ def cmd_inspect(args) -> int:
     ranking.check(loaded.model)
     heads = ranking.top(args.top_k)
     target = Panel(args.target) if args.target else None
-    out = generate(loaded, image, args.prompt, heads=heads if target else (), target=target, panels=panels,
+    out = generate(loaded, image, args.prompt or loaded.prompts.vqa, heads=heads if target else (), target=target,
+                   panels=panels,
                    max_new_tokens=args.max_new_tokens, track=heads)
     inspection = Inspection(out, regions_for(out.layout, panels))
     folder = write_inspection(inspection, image, args.out, words=args.word)
@@ -362,8 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset split, e.g. train (default: the only split; required when there are several)")
     d.add_argument("--out", required=True, type=_writable("--out"),
                    help="output folder: per-strip files, ranking.json, hub/ (required; rerun to resume)")
-    d.add_argument("--prompt", default=PANEL_QUESTION, type=template_arg,
-                   help="panel question template; {ordinal} (1st, 2nd, ...) or {k} (1, 2, ...) names the queried panel")
+    d.add_argument("--prompt", default=None, type=template_arg,
+                   help="panel question template; {ordinal} (1st, 2nd, ...) or {k} (1, 2, ...) names the queried panel "
+                        f"(default: the model folder's prompts.json, else the paper's: {PANEL_QUESTION!r})")
     d.add_argument("--gap", type=_at_least(0), default=0, help="pixels between stitched panels")
     d.add_argument("--panel-box", action="append", default=None, metavar="x0,y0,x1,y1",
                    help="with a single image: a panel box in reading order, repeat for each panel "
@@ -398,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--phase", default="all", choices=["all", "prefill", "decode"],
                    help="when to bias: every row (default), the prompt's rows only (the answer then goes on "
                         "unsteered), or the answer's rows only")
-    s.add_argument("--prompt", default=STRIP_QUESTION, help="the question")
+    s.add_argument("--prompt", default=None,
+                   help=f"the question (default: the model folder's prompts.json, else the paper's: {STRIP_QUESTION!r})")
     s.add_argument("--max-new-tokens", type=_at_least(1), default=64, help="answer length limit in tokens")
     s.add_argument("--repetition-penalty", type=float, default=None,
                    help="generation's repetition penalty (default: none, the model's own)")
@@ -414,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ranking folder or ranking.json from `gaze discover`, or a hub id OWNER/NAME (required)")
     i.add_argument("--image", required=True, help="the image to ask about (required)")
     i.add_argument("--panels", type=_at_least(1), default=6, help="split the image into N equal panels")
-    i.add_argument("--prompt", default=STRIP_QUESTION, help="the question")
+    i.add_argument("--prompt", default=None,
+                   help=f"the question (default: the model folder's prompts.json, else the paper's: {STRIP_QUESTION!r})")
     i.add_argument("--top-k", type=_at_least(1), default=8, help="gaze heads to inspect")
     i.add_argument("--target", type=_at_least(1), default=None,
                    help="steer to this panel while inspecting (default: none, unsteered)")
