@@ -137,6 +137,8 @@ class GenerateConfig:
     gap: int = opt(0, "pixels between panels (0, or a multiple of --align)")
     layout: str = opt("1x6", "panel grid, rows x columns: 1x6, 2x3 or 3x2")
     align: int | None = opt(32, "target model's merged patch size in px (32 Qwen3-VL, 28 Qwen2-VL); 0 for none")
+    max_width: int | None = opt(None, "assemble as the paper does: panels keep the height --panel-size and take "
+                                      "widths drawn from --panel-size to this many px (needs --align 0)")
     letters: bool = opt(True, "overlay a distinct letter on each panel")
     letter_font: str | None = opt(None, "a .ttf/.otf for the letters (default: Pillow's bundled font)")
     story_model: str | None = opt(None, "transformers causal LM id or folder that writes the captions")
@@ -183,6 +185,12 @@ def check_config(config: GenerateConfig) -> None:
     if config.renderer == "diffusers" or config.story_model:
         check_device(config.device)
     check_geometry(config.panel_size, config.gap, config.layout, config.align)
+    if config.max_width is not None:
+        if config.align is not None:
+            raise DatagenError("--max-width draws panel widths off the token grid: pass --align 0 with it")
+        if config.max_width < config.panel_size:
+            raise DatagenError(f"--max-width {config.max_width} is narrower than --panel-size {config.panel_size}: "
+                               "give at least the panel height")
     split_sizes(config.n_strips, config.eval_fraction)
     features_for(config.schema)
     if config.renderer == "procedural":
@@ -232,8 +240,9 @@ def render_strip(config: GenerateConfig, index: int, renderer: Renderer, writer:
     seed = strip_seed(config.seed, index)
     for attempt in range(config.retries + 1):
         try:
+            widths = (config.panel_size, config.max_width) if config.max_width else None
             return make_strip(seed, panel_size=config.panel_size, gap=config.gap, letters=config.letters,
-                              layout=config.layout, align=config.align, renderer=renderer,
+                              layout=config.layout, align=config.align, renderer=renderer, widths=widths,
                               story=writer.write(seed) if writer else None, letter_font=config.letter_font,
                               strip_id=f"strip-{index:06d}")
         except DatagenError:
@@ -308,7 +317,8 @@ def _generate(config: GenerateConfig, out: Path, state: str, renderer: Renderer 
     shards = {split: [shard_path(work, *s) for s in plan if s[0] == split] for split in sizes}
     how = {"renderer": config.renderer, "model_id": config.model_id, "story": config.story_model or "template",
            "strips": config.n_strips, "seed": config.seed, "panel_size": config.panel_size,
-           "layout": config.layout, "gap": config.gap, "align": config.align, "letters": config.letters,
+           "layout": config.layout, "gap": config.gap, "align": config.align, "max_width": config.max_width,
+           "letters": config.letters,
            "schema": config.schema}
     if config.renderer == "diffusers":
         how.update(steps=config.steps, guidance=config.guidance, dtype=config.dtype)

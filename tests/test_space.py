@@ -54,20 +54,26 @@ def test_bundled_examples_are_datagen_strips_with_panels_and_captions():
     for e in strips:
         scene = load_example(e["name"])
         assert scene.n_panels == 6 and len(scene.captions) == 6
-        assert scene.image.size == (384, 64)  # the organism's 64 px panels: 2x12 tokens of 32 px
+        # assembled as the paper does and as the organism was trained: one height, widths of their own, 6 px gaps
+        assert scene.image.size[1] == 64 and {p[3] - p[1] for p in scene.panels} == {64}
+        assert [b[0] - a[2] for a, b in zip(scene.panels, scene.panels[1:])] == [6] * 5
+        assert all(64 <= p[2] - p[0] <= 112 for p in scene.panels)
     assert example_entries("picture"), "a picture for region steering"
     assert sum(f.stat().st_size for f in (ROOT / "space/examples").iterdir()) < 500_000
 
 
 def test_a_click_selects_the_panel_and_its_token_cells(strip):
-    layout = grid_layout(10, (2, 12), (384, 64), (384, 64))  # what Qwen3-VL makes of a 384x64 strip
-    for (x, y), k in {(5, 5): 1, (100, 30): 2, (130, 63): 3, (383, 0): 6}.items():
-        scene, target = point_target(strip, x, y, box_size=96)
+    w, h = strip.image.size
+    cols = round(w / 32)
+    layout = grid_layout(10, (2, cols), (cols * 32, 64), (w, h))  # what Qwen3-VL makes of the strip: 32 px tokens
+    for k, (x0, y0, x1, y1) in enumerate(strip.panels, start=1):
+        scene, target = point_target(strip, (x0 + x1) // 2, (y0 + y1) // 2, box_size=96)
         assert target == Panel(k) and scene.mark is None
-        cols = [2 * (k - 1), 2 * (k - 1) + 1]  # two token columns per 64 px panel, two rows
-        assert target_cells(layout, target, strip.panels).tolist() == cols + [c + 12 for c in cols]
+        # the panel's tokens: those whose cell centre lies in its box, in both token rows
+        inside = [c for c in range(cols) if x0 <= (c + 0.5) * w / cols < x1]
+        assert inside and target_cells(layout, target, strip.panels).tolist() == inside + [c + cols for c in inside]
     with pytest.raises(InputError, match="outside"):
-        point_target(strip, 400, 10, 96)
+        point_target(strip, w + 16, 10, 96)
 
 
 def test_a_click_on_a_picture_steers_to_a_box_centred_on_it():
@@ -169,11 +175,12 @@ def test_a_panel_click_streams_the_steered_answer_of_generate(ready, strip):
                    panels=strip.panels, max_new_tokens=6, track=True)
     assert rec.pieces == ref.pieces  # streaming changes nothing
     assert rec.labels == ["panel 3"] * len(ref.pieces)
-    assert rec.attention.shape == (len(ref.pieces), 24) and rec.attention.dtype == torch.float16
+    assert rec.attention.shape == (len(ref.pieces), ref.layout.positions.numel()) and rec.attention.dtype == torch.float16
     expected = ref.tracker.attention()[: len(ref.pieces)].mean(1)  # [tokens, T]
     torch.testing.assert_close(rec.attention.float(), expected, atol=2e-3, rtol=0)
     assert f'data-target="panel 3"' in frames[-1].answer and panel_colour(3) in frames[-1].answer
-    assert frames[-1].gaze.size == (768, 128) and frames[-1].trajectory is not None
+    shown = (round(strip.image.width * strip.scale), round(strip.image.height * strip.scale))  # the displayed size
+    assert frames[-1].gaze.size == shown and frames[-1].trajectory is not None
 
 
 def test_the_baseline_is_unsteered_but_still_tracked(ready, strip):
@@ -206,7 +213,7 @@ def test_a_word_click_shows_its_recorded_heat_map_without_generating(ready, stri
     rec = run(ready, strip, Panel(2))[-1].record
     monkeypatch.setattr(h, "generate", lambda *a, **k: pytest.fail("a word click must not generate"))
     image, label = h.word_view(rec, 1)
-    assert image.size == (768, 128)
+    assert image.size == (round(strip.image.width * strip.scale), round(strip.image.height * strip.scale))
     assert label.startswith("token 2 ") and "steered to panel 2" in label and "gaze on panel " in label
     other, _ = h.word_view(rec, 0)
     with pytest.raises(InputError):

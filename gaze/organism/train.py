@@ -147,10 +147,10 @@ class OrganismConfig:
 
     seed: int = 0  # everything (weights, data, order) follows from it
     pool_strips: int = 3000  # distinct training strips, drawn and run through the processor once
-    vision_steps: int = 2500  # stage 1: vision tower alone, per-token readout of the panel it lies in
+    vision_steps: int = 1200  # stage 1: vision tower alone, per-token readout of the panel it lies in
     vision_batch: int = 24  # strips per vision step
     vision_lr: float = 2e-3  # stage 1 peak learning rate
-    letter_weight: float = 3.0  # stage 1: weight of the letter readout's loss (letters are learned last)
+    letter_weight: float = 1.0  # stage 1: weight of the letter readout's loss (letters are learned last)
     steps: int = 1800  # stage 2: the language model on the frozen tower, silent rows blind to the image (0: none)
     unmask_steps: int = 0  # stage 3 (off: see NOTES.md): no blinding; a penalty on the image mass of silent rows
     batch: int = 32  # sequences per language step
@@ -172,7 +172,7 @@ class OrganismConfig:
     hidden_size: int = 128  # language width
     head_dim: int = 32  # per head
     vision_depth: int = 4  # vision blocks
-    vision_hidden: int = 128  # vision width
+    vision_hidden: int = 96  # vision width
     patch_size: int = 16  # vision patch side in px (Qwen3-VL's)
     merge_size: int = 2  # patches merged per token, per side (Qwen3-VL's): 32 px tokens
     rope_theta: float = 10000.0  # language rotary base
@@ -190,8 +190,8 @@ class OrganismConfig:
     # looking elsewhere costs; looking at panel k or at text is free
     focus_from: float = 0.33  # share of stage 2's steps after which the focus term is on (from the first step it
     # slowed learning: NOTES.md)
-    gaze_augment: float = 0.4  # share of examples whose random heads are forced onto the described panel
-    gaze_augment_heads: int = 6  # at most this many heads per such example
+    gaze_augment: float = 0.3  # share of examples whose random heads are forced onto the described panel
+    gaze_augment_heads: int = 4  # at most this many heads per such example
     vision_pos_embed: str = "learned"  # "learned": the tower's absolute position table; "zero": none
     init: str = ""  # an organism folder to start from (its weights, tokenizer and geometry) instead of random weights
     vision_from: str = ""  # an organism folder whose trained tower to take instead of stage 1 (for ablations of
@@ -715,6 +715,10 @@ def train(cfg: OrganismConfig, out: str | Path, log=print, checkpoints: int = 0)
         if missing.unexpected_keys or not tower:
             raise ValueError(f"--vision-from {cfg.vision_from}: its tower does not fit this architecture")
         log(f"vision tower: {len(tower)} tensors from {cfg.vision_from} (stage 1 skipped)")
+        source = Path(cfg.vision_from) / "training.json"
+        if source.is_file():  # the tower's own stage 1, recorded beside this stage
+            earlier = json.loads(source.read_text())
+            record["tower"] = {k: v for k, v in earlier.items() if k == "config" or k.startswith("vision_")}
     elif cfg.vision_readout and cfg.vision_steps:
         record.update(vision_stage(model, prepared, cfg, log))
     if cfg.vision_readout:
