@@ -261,8 +261,6 @@ def test_help_imports_no_heavy_module(argv):
     assert not heavy, heavy[:5]
 
 
-
-
 # ---------------------------------------------------------------- the same classes of bad input through the Python API
 
 def test_a_decompression_bomb_is_refused_from_its_header(tmp_path):
