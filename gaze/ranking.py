@@ -127,8 +127,8 @@ class Ranking:
                       "(layers x heads x R x R)")
         n_bad = int((~torch.isfinite(scores)).sum())
         if n_bad:
-            raise bad(f"{'every' if n_bad == scores.numel() else n_bad} of its {scores.numel()} scores "
-                      f"{'is' if n_bad == scores.numel() else 'are'} NaN or infinite")
+            raise bad((f"all {n_bad} of its scores are" if n_bad == scores.numel() else
+                       f"{n_bad} of its {scores.numel()} scores are") + " NaN or infinite")
         if not isinstance(d["model_id"], str) or not isinstance(d["prompt"], str):
             raise bad("its model_id and prompt must be strings")
         try:
