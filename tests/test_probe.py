@@ -118,11 +118,15 @@ def test_a_damaged_run_resumes_to_the_same_numbers(probed):
     assert all(p.exists() for p in items)
 
 
-def test_other_settings_in_the_same_folder_are_refused(probed, capsys):
+def test_other_settings_in_the_same_folder_are_refused_before_loading(probed, capsys, monkeypatch):
+    import gaze.models
+
     out, argv = probed
+    monkeypatch.setattr(gaze.models, "load", lambda *a, **k: pytest.fail("a model was loaded"))
     assert main([*argv, "--alpha", "2"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "other settings" in err and "alpha" in err and len(err.splitlines()) == 1
+    assert err.startswith("gaze probe: error:") and "other settings" in err and "alpha" in err
+    assert len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize("bad, says", [
@@ -178,7 +182,7 @@ def test_silhouette_and_spearman_helpers():
 
 
 FAMILY_RUN = dict(n_strips=2, panel_size=32, answer_tokens=1, n_boot=20, narration_strips=1, narration_tokens=4,
-                  skip=("orderings",))
+                  skip=("orderings",), no_report=True)
 
 
 @pytest.fixture(scope="module")
@@ -199,4 +203,4 @@ def test_runs_on_every_family(family, tmp_path, base_tokenizer):
     agg = probe(ProbeConfig(model=str(folder), out=str(tmp_path / "out"), **FAMILY_RUN), loaded=loaded,
                 progress=False)
     assert set(agg["layers"]) == {"0", "1"} and agg["competence"]["normal"]["n"] == 12
-    assert agg["narration"]["n"] == 1 and (tmp_path / "out" / "report.md").exists()
+    assert agg["narration"]["n"] == 1 and (tmp_path / "out" / "aggregate.json").exists()

@@ -127,6 +127,7 @@ class ProbeConfig:
     device: str | None = None
     dtype: str = "float32"
     device_map: str | None = None
+    no_report: bool = False  # aggregate.json only: no report.md, no figures
 
 
 SECTIONS = ("orderings", "narration", "pca")
@@ -905,7 +906,7 @@ def write_report(out: Path, agg: dict) -> Path:
     nr = agg.get("narration")
     if nr:
         lines.append(f"| narration order | {PAPER['narration_rho']} | Spearman {_mean(nr['base']['rho'])} -> "
-                     f"{_mean(nr['steered']['rho'])} ({nr['n']} narrations, layers {_span(nr['layers'])}) |")
+                     f"{_mean(nr['steered']['rho'])} ({nr['n']} narrations, {_span(nr['layers'])}) |")
         lines.append(f"| narrations starting with the last panel | {PAPER['narration_last']} | "
                      f"{pct(nr['steered']['starts_last'])} steered, {pct(nr['base']['starts_last'])} unsteered |")
     sil = agg.get("silhouette")
@@ -931,7 +932,9 @@ def write_report(out: Path, agg: dict) -> Path:
         s = "n/a" if e["silhouette"] is None else f"{e['silhouette']:.3f}"
         lines.append(f"| {l}{' *' if l in band else ''} | {ci_pct(e['flip'])} | {ci_num(e['logit_diff'])} | "
                      f"{pct(e['changed'])} | {s} |")
-    lines += ["", "`*`: the band (contiguous layers around the best holding at least half its flip rate).", ""]
+    lines += ["", "`*`: the band (contiguous layers around the best holding at least half its flip rate"
+              + ("; no layer flips any answer here, so it is the layer of the largest logit difference)."
+                 if not bf or not bf["mean"] else ")."), ""]
     if o:
         lines += ["## Orderings", "", f"![orderings]({FIGURES}/{figs['orderings']})", "",
                   "Each ordering's direction is mean(ordered prompt) - mean(normal prompt) at the answer position of "
@@ -980,15 +983,21 @@ def _span(layers) -> str:
 # ---------------------------------------------------------------- the run
 
 
+def _plain_settings(cfg: ProbeConfig, prompts: Prompts) -> dict:
+    """The settings that fix every item and are known before the model loads."""
+    return {"model_id": cfg.model, "prompts": asdict(prompts), "alpha": cfg.alpha, "positions": cfg.positions,
+            "answer_tokens": cfg.answer_tokens, "narration_tokens": cfg.narration_tokens}
+
+
 def _settings(cfg: ProbeConfig, loaded, prompts: Prompts) -> dict:
     from gaze.discovery import weights_fingerprint
 
-    return {"model_id": loaded.model_id, "weights": weights_fingerprint(loaded.model), "n_layers": loaded.n_layers,
-            "dtype": str(loaded.model.dtype).replace("torch.", ""), "prompts": asdict(prompts), "alpha": cfg.alpha,
-            "positions": cfg.positions, "answer_tokens": cfg.answer_tokens, "narration_tokens": cfg.narration_tokens}
+    return {**_plain_settings(cfg, prompts), "model_id": loaded.model_id, "weights": weights_fingerprint(loaded.model),
+            "n_layers": loaded.n_layers, "dtype": str(loaded.model.dtype).replace("torch.", "")}
 
 
-def _check_manifest(out: Path, settings: dict) -> None:
+def _check_manifest(out: Path, settings: dict, write: bool = True) -> None:
+    """Refuse a folder whose items were made with other settings (`write`: then record these)."""
     from gaze.discovery import manifest_diff, write_manifest
 
     items = out / "items"
@@ -997,7 +1006,8 @@ def _check_manifest(out: Path, settings: dict) -> None:
         if diff:
             raise ProbeError(f"{out} holds a probe run with other settings {diff} (old, new): use another --out "
                              "folder, or delete this one to start over")
-    write_manifest(out / MANIFEST, settings)
+    if write:
+        write_manifest(out / MANIFEST, settings)
 
 
 def _layer_list(spec: tuple[int, ...] | None, n_layers: int, flag: str) -> list[int] | None:
@@ -1046,6 +1056,7 @@ def probe(cfg: ProbeConfig, *, loaded=None, progress: bool = True) -> dict:
     cfg = check_config(cfg)
     out = Path(cfg.out)
     prompts = prompts_for(cfg)
+    _check_manifest(out, _plain_settings(cfg, prompts), write=False)  # before the model loads
     if loaded is None:
         from gaze.models import load
 
@@ -1077,7 +1088,8 @@ def probe(cfg: ProbeConfig, *, loaded=None, progress: bool = True) -> dict:
         narr = narration(run, directions, narration_layers or agg["band"])
     agg = aggregate(run, layers, sweep, ords, narr, sil, gaze_layers)
     _write_json(out / AGGREGATE, agg)
-    write_report(out, agg)
+    if not cfg.no_report:
+        write_report(out, agg)
     return agg
 
 
@@ -1205,6 +1217,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, type=device_arg, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=d.dtype, help="float32 | bfloat16 | float16")
     p.add_argument("--device-map", default=None, help="'auto' to spread a large model over all GPUs")
+    p.add_argument("--no-report", action="store_true", help="aggregate.json only: no report.md, no figures")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     return p
@@ -1222,7 +1235,8 @@ def config_from_args(args: argparse.Namespace) -> ProbeConfig:
         answer_tokens=args.answer_tokens, alpha=args.alpha, positions=args.positions, question=args.question,
         reverse_prefix=args.reverse_prefix, order_prefix=args.order_prefix, narration_prompt=args.narration_prompt,
         ranking=args.ranking, top_k=args.top_k, skip=tuple(args.skip), seed=args.seed, n_boot=args.n_boot,
-        panel_size=args.panel_size, device=args.device, dtype=args.dtype, device_map=args.device_map))
+        panel_size=args.panel_size, device=args.device, dtype=args.dtype, device_map=args.device_map,
+        no_report=args.no_report))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -1235,5 +1249,5 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 130
     print(summary(agg))
-    print(f"report written to {Path(cfg.out) / REPORT}")
+    print(f"{'aggregate' if cfg.no_report else 'report'} written to {Path(cfg.out) / (AGGREGATE if cfg.no_report else REPORT)}")
     return 0
