@@ -35,6 +35,7 @@ _EXPORTS = {
     "Strip": "gaze.strips", "load_strips": "gaze.strips", "stitch_panels": "gaze.strips",
     "Tracker": "gaze.tracking",
     "GazeError": "gaze.errors",
+    "add_direction": "gaze.residual", "capture_residual": "gaze.residual",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -435,6 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_eval(sub)
 
+    from gaze.eval.probe import add_parser as add_probe
+
+    add_probe(sub)
+
     doc = command("doctor", "draw the image-token grid and the panel/box assignment over an image")
     _add_model_args(doc)
     doc.add_argument("--image", required=True, help="the image to draw over (required)")
