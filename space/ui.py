@@ -357,7 +357,8 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
                                   prefix_cache=prefixes.get(session))
                 for i, f in enumerate(frames):
                     start, end = i == 0, f.done
-                    yield (h.scene_view(scene, highlight) if start else gr.skip(),
+                    redraw = start and not isinstance(target, LiveTarget)  # the spotlight shows a hover's target
+                    yield (h.scene_view(scene, highlight) if redraw else gr.skip(),
                            scene if start else gr.skip(),
                            f.answer,
                            f.gaze if f.gaze is not None or start else gr.skip(),
