@@ -24,6 +24,10 @@ the fused SDPA kernel as its float mask (see `attention`). `phase` says when:
                token; the answer then goes on unsteered, reading the prompt's
                cache as the steered pass left it (static targets only)
     "decode"   decode steps only: the prompt is read unsteered
+    "after_image"  the prompt's rows after the image prefix (system text and
+               image tokens, up to the vision end token) and every decode
+               step: the image prefix is read unsteered, which is exactly what
+               a cached image prefix (`gaze.generation.PrefixCache`) serves
 
 Per-generation state (decode step, target in force, tokens since the last
 switch) is reset at every prefill, so each `model.generate` call inside one
@@ -33,6 +37,13 @@ A `Schedule` switches the target during generation: every N tokens, at the
 first sentence boundary after N tokens, or at explicit steps; targets may
 repeat. Static steering is a one-entry schedule: there is one bias builder.
 
+A `LiveTarget` is a target that another thread may move while the answer
+is written: `live.retarget(Panel(5))` (or a `Box`, or None for no steering)
+takes effect at the next forward (decode step) of every generation steered
+to it; the hook records the target in force at each forward, so the stream
+says which target steered each token. A re-target before forward n gives
+the tokens of a schedule switching at step n (tested).
+
 The steering state lives in a `Steering` hook activated for the calling
 thread only; it is gone when the block exits, even on an exception.
 """
@@ -40,7 +51,9 @@ thread only; it is gone when the block exits, even on an exception.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Literal, Sequence, Union
 
@@ -54,8 +67,8 @@ from gaze.strips import Rect
 
 Mode = Literal["boost", "suppress", "suppress_text"]
 MODES: tuple[str, ...] = ("boost", "suppress", "suppress_text")
-Phase = Literal["all", "prefill", "decode"]
-PHASES: tuple[str, ...] = ("all", "prefill", "decode")
+Phase = Literal["all", "prefill", "decode", "after_image"]
+PHASES: tuple[str, ...] = ("all", "prefill", "decode", "after_image")
 DEFAULT_STRENGTH = 1e4
 
 
@@ -92,6 +105,57 @@ def as_target(target) -> Target:
     if isinstance(target, (tuple, list)) and len(target) == 4:
         return Box(tuple(float(v) for v in target))
     raise SteeringError(f"cannot steer to {target!r}: give a panel number, a box (x0, y0, x1, y1), Panel, Box or Tokens")
+
+
+class LiveTarget:
+    """A steering target that may be moved, from any thread, while a generation runs.
+
+        live = LiveTarget(Panel(2))                      # or None: start unsteered
+        threading.Thread(target=generate, args=(loaded, image, q),
+                         kwargs=dict(heads=heads, target=live, panels=panels)).start()
+        live.retarget(Panel(5))                          # the next token is steered to panel 5
+        live.retarget(None)                              # ... and the one after that is not steered
+
+    `retarget` takes a panel number, a box, a `Panel`/`Box`/`Tokens` or None,
+    and checks it against every generation currently steered to this handle
+    (a `RegionError` in the caller's thread, e.g. for a box over no image
+    token; the target in force is then unchanged). Each generation reads the
+    handle once per forward, so a change lands between two decode steps,
+    never inside one. Several generations may share a handle; usually each
+    has its own.
+    """
+
+    def __init__(self, target=None):
+        self._lock = threading.Lock()
+        self._target: Target | None = None if target is None else as_target(target)
+        self._hooks: list["Steering"] = []
+        self.changes = 0  # retargets so far
+
+    @property
+    def target(self) -> Target | None:
+        return self._target
+
+    def retarget(self, target) -> None:
+        """Steer to `target` (None: no steering) from the next decode step on."""
+        new = None if target is None else as_target(target)
+        with self._lock:
+            hooks = list(self._hooks)
+        for hook in hooks:
+            hook.membership_of(new)  # raises for a target that this image cannot take; memoised for the hook
+        with self._lock:
+            self._target = new
+            self.changes += 1
+
+    def _bind(self, hook: "Steering") -> None:
+        with self._lock:
+            self._hooks.append(hook)
+
+    def _unbind(self, hook: "Steering") -> None:
+        with self._lock:
+            self._hooks = [h for h in self._hooks if h is not hook]
+
+    def __repr__(self) -> str:
+        return f"LiveTarget({self._target!r})"
 
 
 @dataclass(frozen=True)
@@ -180,12 +244,26 @@ def target_membership(target: Target, layout: ImageLayout, panels: Sequence | No
     raise SteeringError(f"unknown target {target!r}")
 
 
+def _index(v, h) -> int:
+    """An integer layer or head index; floats (3.7, even 3.0), bools and strings are refused, never truncated."""
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point() and v.dtype != torch.bool:
+        return int(v)
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+        return int(v)
+    raise SteeringError(f"head {h!r}: layer and head must be whole numbers (layer, head), e.g. (3, 1); got {v!r}")
+
+
 def check_heads(heads: Sequence[Head], n_layers: int, n_heads: int) -> list[Head]:
+    """The heads as (layer, head) int pairs inside the model, or a SteeringError naming the bad one."""
     out = []
     for h in heads:
-        if len(h) != 2:
+        try:
+            n = len(h)
+        except TypeError:
+            n = -1
+        if n != 2:
             raise SteeringError(f"a head is (layer, head), got {h!r}")
-        l, i = int(h[0]), int(h[1])
+        l, i = _index(h[0], h), _index(h[1], h)
         if not (0 <= l < n_layers and 0 <= i < n_heads):
             raise SteeringError(f"head {(l, i)} is outside the model: layers 0..{n_layers - 1}, heads 0..{n_heads - 1}")
         out.append((l, i))
@@ -208,32 +286,68 @@ def key_bias(membership: torch.Tensor, layout: ImageLayout, prompt_len: int, kv_
 
 @dataclass
 class Steering(Hook):
-    """The hook that applies a schedule to chosen heads.
+    """The hook that applies a schedule (or a `LiveTarget`) to chosen heads.
 
     Its state is per generation: every prefill (the first forward, or any
     forward fed more than one token) starts the schedule again at its first
     target, so two `generate` calls in one `steer` block are steered alike.
+    A live target is read afresh at every forward instead.
+
+    `targets` lists every target that steered (the schedule's, or each new
+    value of the live target as it came, None for "not steered");
+    `applied[f]` is the index into it of the target in force at forward f.
     """
 
     heads: dict[int, torch.Tensor]  # layer -> head indices
     n_heads: int
     memberships: list[torch.Tensor]  # per schedule target: [T] bool over the layout's image tokens
-    schedule: Schedule
+    schedule: Schedule | None
     layout: ImageLayout
     prompt_len: int | None = None  # None: the length of each prefill (used by mode "suppress_text")
     strength: float = DEFAULT_STRENGTH
     mode: Mode = "boost"
     phase: Phase = "all"
     is_boundary: Callable[[int], bool] | None = None  # token id -> ends a sentence
+    live: LiveTarget | None = None  # read at every forward instead of the schedule
+    panels: Sequence | None = None  # panel boxes, for live panel targets
+    image_end: int = 0  # phase "after_image": sequence positions before this are the (unsteered) image prefix
     # state, per generation (reset at each prefill):
     step: int = -1  # forwards of this generation - 1: 0 is the prefill, -1 before any
-    current: int = 0  # index into schedule.targets
+    current: int = 0  # index into `targets`
     since_switch: int = 0  # tokens generated under the current target
     applied: list[int] = field(default_factory=list)  # target index in force at each forward of this generation
     generations: int = 0  # prefills seen inside the block
+    targets: list = field(default_factory=list)  # Target | None per index (filled from the schedule)
     _prefill_len: int = 0
     _row: torch.Tensor | None = None
     _cache: dict = field(default_factory=dict)
+    _members: dict = field(default_factory=dict)  # target -> membership (live targets, memoised)
+
+    def __post_init__(self):
+        if self.schedule is not None and not self.targets:
+            self.targets = list(self.schedule.targets)
+            if len(self.memberships) == len(self.targets):
+                for t, m in zip(self.targets, self.memberships):
+                    self._members.setdefault(t, m)
+
+    def membership_of(self, target: Target | None) -> torch.Tensor | None:
+        """[T] bool membership of `target` in this prompt's image tokens (None for None), memoised; raises a
+        RegionError for a target this image cannot take."""
+        if target is None:
+            return None
+        m = self._members.get(target)
+        if m is None:
+            m = self._members[target] = target_membership(target, self.layout, self.panels)
+        return m
+
+    def _index_of(self, target: Target | None) -> int:
+        for i, t in enumerate(self.targets):
+            if t == target:
+                return i
+        member = self.membership_of(target)
+        self.memberships = self.memberships + [member]  # a new list: a reader in another thread sees old or new
+        self.targets = self.targets + [target]
+        return len(self.targets) - 1
 
     def on_forward(self, input_ids: torch.Tensor) -> None:
         n = int(input_ids.shape[-1])
@@ -244,7 +358,13 @@ class Steering(Hook):
         else:
             self.step += 1
             self.since_switch += 1
-            self._advance(int(input_ids.reshape(-1)[-1]))
+            if self.live is None:
+                self._advance(int(input_ids.reshape(-1)[-1]))
+        if self.live is not None:
+            current = self._index_of(self.live.target)  # one read per forward: a retarget lands between steps
+            if current != self.current:
+                self.since_switch = 0
+            self.current = current
         self.applied.append(self.current)
         self._row = None
         self._cache.clear()
@@ -272,29 +392,58 @@ class Steering(Hook):
         return True
 
     def target_at(self, token: int) -> int | None:
-        """Index into `schedule.targets` of the target that steered generated token `token` (0-based) of
-        the current generation, or None when that token was produced unsteered (phase) or is not out yet.
+        """Index into `targets` of the target that steered generated token `token` (0-based) of the current
+        generation, or None when that token was produced unsteered (phase, or a live target of None) or is not
+        out yet.
 
         Token t is produced by forward t (forward 0 is the prefill)."""
         if not 0 <= token < len(self.applied) or not self.steers(token):
             return None
-        return self.applied[token]
+        i = self.applied[token]
+        return None if self.targets[i] is None else i
+
+    def target_of(self, token: int) -> Target | None:
+        """The target (Panel, Box, Tokens) that steered generated token `token`, or None (unsteered)."""
+        i = self.target_at(token)
+        return None if i is None else self.targets[i]
 
     def bias(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
         heads = self.heads.get(layer)
         if heads is None or self.strength == 0 or not self.steers(max(self.step, 0)):
             return None
-        kv = key.shape[2]
-        cached = self._cache.get((layer, kv, query.device, query.dtype))
+        membership = self.memberships[self.current] if self.current < len(self.memberships) else None
+        if membership is None:  # a live target of None: this forward is not steered
+            return None
+        q, kv = query.shape[2], key.shape[2]
+        skip = 0  # leading query rows left unsteered: the image prefix under phase "after_image"
+        if self.phase == "after_image" and q > 1:
+            skip = max(0, min(q, self.image_end - (kv - q)))
+        cached = self._cache.get((layer, kv, skip, query.device, query.dtype))
         if cached is not None:
             return cached
         if self._row is None or self._row.shape[0] != kv:
             prompt_len = self.prompt_len if self.prompt_len is not None else (self._prefill_len or query.shape[2])
-            self._row = key_bias(self.memberships[self.current], self.layout, prompt_len, kv, self.strength, self.mode)
-        b = torch.zeros((1, self.n_heads, 1, kv), dtype=query.dtype, device=query.device)  # [1, H, 1, kv]
-        b[0, heads.to(query.device), 0] = self._row.to(query.device, query.dtype)
-        self._cache[(layer, kv, query.device, query.dtype)] = b
+            self._row = key_bias(membership, self.layout, prompt_len, kv, self.strength, self.mode)
+        row = self._row.to(query.device, query.dtype)
+        if skip:
+            b = torch.zeros((1, self.n_heads, q, kv), dtype=query.dtype, device=query.device)  # [1, H, q, kv]
+            b[0, heads.to(query.device), skip:] = row
+        else:
+            b = torch.zeros((1, self.n_heads, 1, kv), dtype=query.dtype, device=query.device)  # [1, H, 1, kv]
+            b[0, heads.to(query.device), 0] = row
+        self._cache[(layer, kv, skip, query.device, query.dtype)] = b
         return b
+
+
+def image_prefix_len(model, input_ids: torch.Tensor, layout: ImageLayout) -> int:
+    """Tokens of the prompt's image prefix: up to and including the vision end token after the last image
+    token (Qwen-VL's <|vision_end|>), or up to the last image token when the family has no end token."""
+    end = int(layout.positions[-1]) + 1
+    end_id = getattr(model.config, "vision_end_token_id", None)
+    ids = input_ids.reshape(-1)
+    if end_id is not None and end < ids.numel() and int(ids[end]) == int(end_id):
+        end += 1
+    return end
 
 
 def sentence_boundary_fn(tokenizer) -> Callable[[int], bool]:
@@ -325,40 +474,57 @@ def steer(
     tokenizer=None,
     layout: ImageLayout | None = None,
     prompt_len: int | None = None,
+    image_end: int | None = None,
 ) -> Iterator[Steering]:
     """Steer `heads` of `model` to `target` (or along `schedule`) inside the block.
 
-    `inputs` are the prompt's model inputs as `gaze.generation.prepare_inputs`
-    returns them: they carry the image layout, so a caller never computes
-    geometry. `panels` are the panel boxes when targets are panels. (A plain
-    dict of inputs needs `layout=` instead; `prompt_len` overrides the length
-    read at each prefill.) `tokenizer` is needed for `Schedule(at_sentence=True)`.
+    `target` may be a `LiveTarget`, which another thread moves while the
+    block runs (`live.retarget(...)`). `inputs` are the prompt's model inputs
+    as `gaze.generation.prepare_inputs` returns them: they carry the image
+    layout, so a caller never computes geometry. `panels` are the panel boxes
+    when targets are panels. (A plain dict of inputs needs `layout=` instead;
+    `prompt_len` overrides the length read at each prefill, and `image_end`
+    the image prefix length that phase "after_image" leaves unsteered.)
+    `tokenizer` is needed for `Schedule(at_sentence=True)`.
 
-    The block yields the `Steering` hook: `target_at(t)` says which schedule
-    target steered generated token t (None: unsteered). Two `generate` calls in
-    the block are steered alike (the schedule restarts at each prefill).
+    The block yields the `Steering` hook: `target_at(t)` says which target
+    (index into `hook.targets`) steered generated token t, `target_of(t)` the
+    target itself (None: unsteered). Two `generate` calls in the block are
+    steered alike (the schedule restarts at each prefill).
     """
+    live = target if isinstance(target, LiveTarget) else None
     if (target is None) == (schedule is None):
         raise SteeringError("steer needs exactly one of `target` or `schedule`")
     if mode not in MODES:
         raise SteeringError(f"unknown steering mode {mode!r}; use one of {MODES}")
     if phase not in PHASES:
         raise SteeringError(f"unknown steering phase {phase!r}; use one of {PHASES}")
+    try:
+        strength = float(strength)
+    except (TypeError, ValueError):
+        raise SteeringError(f"strength {strength!r} is not a number") from None
     if layout is None:
         layout = getattr(inputs, "layout", None)
     if layout is None:
         raise SteeringError("steer needs the prompt's inputs from `gaze.generation.prepare_inputs` (or `layout=`)")
-    schedule = schedule or Schedule.static(target)
-    if phase == "prefill" and len(schedule.targets) > 1:
-        raise SteeringError("a schedule switches targets while the answer is written: steer it with phase 'all'")
+    if live is not None and phase == "prefill":
+        raise SteeringError("a live target moves while the answer is written: steer it with phase 'all', 'decode' "
+                            "or 'after_image'")
+    if live is None:
+        schedule = schedule or Schedule.static(target)
+        if phase == "prefill" and len(schedule.targets) > 1:
+            raise SteeringError("a schedule switches targets while the answer is written: steer it with phase 'all'")
     cfg = model.config.get_text_config()
     heads = check_heads(heads, cfg.num_hidden_layers, cfg.num_attention_heads)
     by_layer: dict[int, list[int]] = {}
     for l, h in heads:
         by_layer.setdefault(l, []).append(h)
-    memberships = [target_membership(t, layout, panels) for t in schedule.targets]
-    if schedule.at_sentence and tokenizer is None:
+    memberships = [] if live is not None else [target_membership(t, layout, panels) for t in schedule.targets]
+    if schedule is not None and schedule.at_sentence and tokenizer is None:
         raise SteeringError("switching at sentence boundaries needs the tokenizer")
+    if image_end is None:
+        ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
+        image_end = image_prefix_len(model, ids, layout) if ids is not None else int(layout.positions[-1]) + 1
     prepare(model)
     hook = Steering(
         heads={l: torch.tensor(sorted(set(hs))) for l, hs in by_layer.items()},
@@ -367,10 +533,20 @@ def steer(
         schedule=schedule,
         layout=layout,
         prompt_len=prompt_len,
-        strength=float(strength),
+        strength=strength,
         mode=mode,
         phase=phase,
         is_boundary=sentence_boundary_fn(tokenizer) if tokenizer is not None else None,
+        live=live,
+        panels=panels,
+        image_end=int(image_end),
     )
-    with active(hook):
-        yield hook
+    if live is not None:
+        hook.membership_of(live.target)  # the starting target is checked here, in the caller's thread
+        live._bind(hook)
+    try:
+        with active(hook):
+            yield hook
+    finally:
+        if live is not None:
+            live._unbind(hook)

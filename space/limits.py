@@ -20,7 +20,9 @@ sessions are kept (least recently used dropped first) and the states expire
 Each session is bounded by construction: the image at most `MAX_SIDE` a side,
 the record at most `MAX_NEW_TOKENS` rows of float16 attention
 (`session_nbytes` measures it). An expired scene is a readable error
-(`live_scene`), not a silent switch to another image.
+(`live_scene`), not a silent switch to another image. Image prefixes (the
+KV cache of each image's prompt, for fast first words) are kept server-side,
+`PREFIX_PER_SESSION` images for each of at most `PREFIX_SESSIONS` visitors.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ MAX_UPLOAD_MB = 20  # default of Settings.max_upload_mb [GAZE_MAX_UPLOAD_MB]
 MAX_UPLOAD_PIXELS = 40_000_000  # decoded at most once (~120 MB RGB), then downscaled to MAX_SIDE
 MAX_SESSIONS = 100  # default of Settings.max_sessions [GAZE_MAX_SESSIONS]
 SESSION_TTL = 3600.0  # s; default of Settings.session_ttl [GAZE_SESSION_TTL]
+PREFIX_PER_SESSION = 2  # images whose prompt prefix (KV cache) a visitor keeps
+PREFIX_SESSIONS = 16  # visitors whose prefixes are kept (least recently active dropped): a Qwen3-VL-2B prefix of
+# ~1,000 image tokens is ~115 MB in bfloat16, so at most 32 of them (~3.7 GB) on a GPU; the organism's are KBs
 
 
 class LimitError(ValueError):

@@ -1,9 +1,10 @@
 """Pictures and HTML for the page: the strip with coloured panels, gaze heat maps, trajectories, tinted text.
 
 One palette for everything: panel k has `PANEL_COLOURS[k - 1]` on its outline
-in the strip, on its button, on the text it steered and on its trajectory row
-(Okabe-Ito colours, told apart by colour-blind readers too). A box target is
-`BOX_COLOUR`.
+in the strip, on its button, on the text it steered and on its trajectory row:
+the colours `gaze inspect` gives regions 1, 2, ... (`gaze.plots.region_colour`),
+so a panel looks the same in the Space and in an inspection. A box target is
+`BOX_COLOUR` (the palette's seventh colour, after the six panels').
 """
 
 from __future__ import annotations
@@ -15,11 +16,16 @@ from typing import Sequence
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from gaze.plots import heatmap
+from gaze.plots import heatmap, region_colour
 from gaze.regions import ImageLayout
 
-PANEL_COLOURS = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00")
-BOX_COLOUR = "#CC79A7"
+
+def _hex(rgb) -> str:
+    return "#{:02X}{:02X}{:02X}".format(*rgb)
+
+
+PANEL_COLOURS = tuple(_hex(region_colour(k)) for k in range(6))  # gaze inspect's region colours
+BOX_COLOUR = _hex(region_colour(6))
 TINT_ALPHA = "66"  # hex alpha of a token's background tint (about 40%)
 
 
@@ -102,6 +108,9 @@ def trajectory_image(traj: torch.Tensor, totals: torch.Tensor, names: Sequence[s
         ax.legend(loc="upper right", fontsize=7, framealpha=0.6)
     ax.set_xlabel("generated token", fontsize=8)
     ax.tick_params(axis="x", labelsize=7)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # tokens are whole: no 0.5 ticks on short answers
     ax.set_title("where the gaze heads looked (share of image attention)", fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()

@@ -19,13 +19,15 @@ from __future__ import annotations
 import os
 import re
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from gaze.discovery import discover
+from gaze.generation import PrefixCache
 from gaze.models import ORGANISM_DIR, Loaded, load
 from gaze.ranking import Ranking
-from space.limits import MAX_SESSIONS, MAX_UPLOAD_MB, SESSION_TTL
+from space.limits import MAX_SESSIONS, MAX_UPLOAD_MB, PREFIX_PER_SESSION, PREFIX_SESSIONS, SESSION_TTL
 
 DEFAULT_CACHE = Path.home() / ".cache" / "gaze"
 
@@ -215,3 +217,65 @@ def on_gpu(fn, duration: int = 120):
     except ImportError:
         return fn
     return spaces.GPU(duration=duration)(fn)
+
+
+class SessionPrefixes:
+    """Each visitor's `gaze.generation.PrefixCache` (their images' prompt prefixes), bounded twice: at most
+    `per_session` images per visitor and `max_sessions` visitors (least recently active dropped first)."""
+
+    def __init__(self, max_sessions: int = PREFIX_SESSIONS, per_session: int = PREFIX_PER_SESSION):
+        self.max_sessions, self.per_session = int(max_sessions), int(per_session)
+        self._caches: OrderedDict[str, PrefixCache] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._caches)
+
+    def get(self, session: str) -> PrefixCache:
+        with self._lock:
+            cache = self._caches.get(session)
+            if cache is None:
+                cache = self._caches[session] = PrefixCache(self.per_session)
+            self._caches.move_to_end(session)
+            while len(self._caches) > self.max_sessions:
+                self._caches.popitem(last=False)
+            return cache
+
+    def nbytes(self) -> int:
+        with self._lock:
+            caches = list(self._caches.values())
+        return sum(c.nbytes() for c in caches)
+
+
+@dataclass
+class LiveAnswers:
+    """The hover answer running in each session: its moving target and its own stop switch.
+
+    A move (`retarget`) reaches only the session's hover answer; leaving the image (`leave`) stops only that
+    answer, never one a click started meanwhile."""
+
+    _running: dict = field(default_factory=dict)  # session -> (LiveTarget, threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self, session: str, live, stop: threading.Event) -> None:
+        with self._lock:
+            self._running[session] = (live, stop)
+
+    def get(self, session: str):
+        with self._lock:
+            entry = self._running.get(session)
+        return None if entry is None or entry[1].is_set() else entry[0]
+
+    def leave(self, session: str) -> bool:
+        with self._lock:
+            entry = self._running.pop(session, None)
+        if entry is None:
+            return False
+        entry[1].set()
+        return True
+
+    def finish(self, session: str, live) -> None:
+        with self._lock:
+            entry = self._running.get(session)
+            if entry is not None and entry[0] is live:
+                del self._running[session]

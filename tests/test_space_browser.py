@@ -2,7 +2,10 @@
 
 Clicks a panel and reads the streamed answer, runs a schedule and checks the
 tint of every span, enters a bad schedule and reads the error, clicks a word
-and a point, and saves a screenshot under pytest's tmp dir.
+and a point, and saves a screenshot under pytest's tmp dir. Then hovers: the
+spotlight on panel 2, moved to panel 5 mid-answer (spans tinted 2 then 5),
+leaving the strip stops the answer, and two sessions hovering different panels
+at once each get their own answer.
 
 The model is the organism once it exists (gaze/organism/weights/config.json), else a
 tiny random Qwen3-VL with a ranking discovered on two bundled strips: with
@@ -97,15 +100,27 @@ def app_url(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(app_url):
+def browser(app_url):
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        pg = browser.new_page(viewport={"width": 1400, "height": 1500})
-        pg.set_default_timeout(30_000)
-        pg.goto(app_url)
-        pg.wait_for_selector("#model-info:has-text('Ranking')")  # the model loaded on first use
-        yield pg
-        browser.close()
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+def open_page(browser, url):
+    """A page in its own browser context: its own Gradio session."""
+    pg = browser.new_context(viewport={"width": 1400, "height": 1500}).new_page()
+    pg.set_default_timeout(30_000)
+    pg.goto(url)
+    pg.wait_for_selector("#model-info:has-text('Ranking')")  # the model loaded on first use
+    return pg
+
+
+@pytest.fixture(scope="module")
+def page(browser, app_url):
+    pg = open_page(browser, app_url)
+    yield pg
+    pg.context.close()
 
 
 def captions(name: str) -> list[str]:
@@ -228,3 +243,82 @@ def test_the_space_in_a_browser(page, tmp_path):
     pg.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
     print(f"\nscreenshot: {shot}  ({time.monotonic() - started:.1f} s in the browser)")
+
+
+def panel_point(pg, k: int, n_panels: int = 6) -> tuple[float, float]:
+    """Page coordinates of the centre of panel k of the strip on screen."""
+    box = pg.locator("#strip img").bounding_box()
+    return box["x"] + box["width"] * (k - 0.5) / n_panels, box["y"] + box["height"] / 2
+
+
+def hover_setup(pg, question: str, tokens: int, pace_ms: int) -> None:
+    pg.locator("#question textarea").fill(question)
+    for sel, value in (("#max-tokens input[type=number]", tokens), ("#pace input[type=number]", pace_ms)):
+        pg.fill(sel, str(value))
+        pg.press(sel, "Enter")
+    if not pg.locator("#hover-snap input").is_checked():
+        pg.click("#hover-snap input")
+    pg.mouse.move(5, 5)
+
+
+def spans_in_order(labels: list) -> list:
+    """The distinct labels in the order their runs appear."""
+    runs = []
+    for label in labels:
+        if not runs or runs[-1] != label:
+            runs.append(label)
+    return runs
+
+
+def test_hover_moves_the_answer_and_leaving_stops_it(browser, app_url, tmp_path):
+    from space.render import panel_colour
+
+    pg = open_page(browser, app_url)
+    hover_setup(pg, NARRATION_PROMPT, tokens=64, pace_ms=200)
+    x, y = panel_point(pg, 2)
+    pg.mouse.move(x - 5, y)  # one step each: straight onto panel 2, then wiggle inside it
+    pg.mouse.move(x, y)
+    pg.wait_for_selector("#answer .tok[data-target='panel 2']")
+    pg.wait_for_function("document.querySelectorAll('#answer .tok').length >= 3")
+    x5, y5 = panel_point(pg, 5)
+    pg.mouse.move(x5, y5)  # mid-answer, in one jump (not across panels 3 and 4): the next token follows
+    pg.wait_for_function("document.querySelectorAll(\"#answer .tok[data-target='panel 5']\").length >= 4")
+    before_leaving = answer_text(pg)
+    pg.mouse.move(x5, y5 + 400, steps=4)  # off the strip: the answer stops after a short grace
+    pg.wait_for_selector("#status:has-text('tokens in'):has-text('(stopped)')", timeout=15_000)
+    spans = span_targets(pg)
+    labels = [t for t, _ in spans]
+    assert spans_in_order(labels) == ["panel 2", "panel 5"], labels
+    for t, bg in spans:
+        assert bg.startswith(rgb(panel_colour(int(t[-1]))))
+    assert len(labels) < 64  # stopped, not run to the end
+    if ORGANISM:  # the text written after the switch names panel 5's object or character
+        words = captions(EXAMPLE)[4].split()  # e.g. "the cat sits by a tree"
+        after = "".join(t for t, (label, _) in zip(pg.locator("#answer .tok").all_inner_texts(), spans)
+                        if label == "panel 5")
+        assert words[-1] in after or words[1] in after, (after, words)
+    assert before_leaving
+    pg.screenshot(path=str(tmp_path / "space-hover.png"), full_page=True)
+    pg.context.close()
+
+
+def test_two_sessions_hovering_at_once_get_their_own_answers(browser, app_url):
+    pages = [open_page(browser, app_url) for _ in range(2)]
+    wanted = {0: 1, 1: 4}  # page -> panel hovered
+    for pg in pages:
+        hover_setup(pg, "What is the main action happening in this comic strip? Answer briefly.", tokens=16,
+                    pace_ms=150)
+    for i, pg in enumerate(pages):  # one after the other, within a fraction of a second: both answers run at once
+        x, y = panel_point(pg, wanted[i])
+        pg.mouse.move(x, y)
+    for i, pg in enumerate(pages):
+        pg.wait_for_selector(f"#answer .tok[data-target='panel {wanted[i]}']")
+    for i, pg in enumerate(pages):
+        pg.wait_for_selector("#status:has-text('following the spotlight'):has-text('tokens in')", timeout=30_000)
+        labels = [t for t, _ in span_targets(pg)]
+        assert labels and set(labels) == {f"panel {wanted[i]}"}, labels
+        if ORGANISM:
+            words = captions(EXAMPLE)[wanted[i] - 1].split()
+            assert answer_text(pg).strip().rstrip(".") == f"{words[-1]} with the {words[1]}", answer_text(pg)
+    for pg in pages:
+        pg.context.close()
