@@ -234,8 +234,10 @@ def test_every_option_of_every_command_has_help_that_shows_its_default():
 
     from gaze.cli import HelpFormatter, build_parser
 
-    commands = build_parser()._subparsers._group_actions[0].choices
-    assert set(commands) == {"discover", "steer", "inspect", "eval", "doctor"}
+    commands = dict(build_parser()._subparsers._group_actions[0].choices)
+    assert set(commands) == {"discover", "steer", "inspect", "eval", "doctor", "probe"}
+    probes = commands.pop("probe")._subparsers._group_actions[0].choices
+    commands.update({f"probe {k}": v for k, v in probes.items()})
     for name, sub in commands.items():
         for action in sub._actions:
             if not action.option_strings or isinstance(action, argparse._HelpAction):

@@ -1174,13 +1174,13 @@ def _finite(text: str) -> float:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add `probe reading-order` to a `gaze` argparse subparsers object."""
-    from gaze.cli import device_arg
+    from gaze.cli import HelpFormatter, device_arg
 
     d = ProbeConfig()
     probe_p = subparsers.add_parser("probe", help="probes of the residual stream (reading-order)")
     kinds = probe_p.add_subparsers(dest="probe", required=True)
     p = kinds.add_parser("reading-order", help="the paper's read-in-reverse residual direction, layer by layer",
-                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                         description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default=d.model, help="hub id, local folder, or 'organism' (default)")
     p.add_argument("--strips", default=d.strips,
                    help="strips with letter overlays: procedural:eval (datagen, default), procedural:SEED0, folders or a dataset")
@@ -1198,7 +1198,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--narration-strips", type=_count(0), default=d.narration_strips,
                    help=f"held-out strips narrated with and without the direction (default {d.narration_strips})")
     p.add_argument("--narration-layers", type=_layers_arg, default=None, help="layers steered in narration (default: the band)")
-    p.add_argument("--narration-tokens", type=_count(1), default=d.narration_tokens)
+    p.add_argument("--narration-tokens", type=_count(1), default=d.narration_tokens,
+                   help="tokens generated per narration (with and without the direction)")
     p.add_argument("--answer-tokens", type=_count(1), default=d.answer_tokens, help="tokens per letter answer")
     p.add_argument("--alpha", type=_finite, default=d.alpha, help="scale of the added direction (paper: 1.0)")
     p.add_argument("--positions", default=d.positions, choices=POSITIONS,
