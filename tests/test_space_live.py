@@ -36,7 +36,8 @@ def test_a_hover_answer_follows_the_spotlight_token_by_token(ready, strip, monke
 
     The move is made when token 3 is out (from the generating thread, so the step is known: the threads'
     timing is tests/test_live.py's business)."""
-    live = LiveTarget(h.hover_target(strip, 96, 32, 20, snap=True))  # panel 2 of the 384x64 strip
+    x2, x5 = [(strip.panels[k][0] + strip.panels[k][2]) / 2 for k in (1, 4)]  # the centres of panels 2 and 5
+    live = LiveTarget(h.hover_target(strip, x2, 32, 20, snap=True))
     assert live.target == Panel(2)
     real, said = h.generate, []
 
@@ -44,7 +45,7 @@ def test_a_hover_answer_follows_the_spotlight_token_by_token(ready, strip, monke
         def on(event):
             on_token(event)
             if event.index == 2:
-                said.append(h.retarget(live, strip, 290, 32, 20, snap=True))
+                said.append(h.retarget(live, strip, x5, 32, 20, snap=True))
         return real(*args, on_token=on, **kwargs)
 
     monkeypatch.setattr(h, "generate", generate_moving)
@@ -65,10 +66,11 @@ def test_the_spotlight_box_and_snapping():
     assert h.hover_target(pic, 100, 100, 30, snap=False) == Box((70.0, 70.0, 130.0, 130.0))
     assert h.hover_target(pic, 5, 250, 30, snap=True) == Box((0.0, 220.0, 35.0, 256.0))  # clipped; no panels
     strip = load_example(example_names()[0])
-    assert h.hover_target(strip, 300, 10, 8, snap=True) == Panel(5)
+    x0, _, x1, _ = strip.panels[4]
+    assert h.hover_target(strip, (x0 + x1) / 2, 10, 8, snap=True) == Panel(5)
     assert h.hover_target(strip, 10_000, 10, 8, snap=True) == Panel(6)  # clamped into the image
-    assert h.target_label(Box((260.0, 0.0, 300.0, 64.0)), strip, spotlight=True) == ("spotlight on panel 5",
-                                                                                      panel_colour(5))
+    assert h.target_label(Box((x0 + 2.0, 0.0, x1 - 2.0, 64.0)), strip, spotlight=True) == ("spotlight on panel 5",
+                                                                                          panel_colour(5))
     assert h.target_label(Box((0.0, 0.0, 9.0, 9.0)), pic, spotlight=True)[0] == "spotlight"
     with pytest.raises(InputError):
         h.hover_target(strip, float("nan"), 1, 1, snap=False)
@@ -128,7 +130,8 @@ def test_session_prefixes_and_hover_answers_are_bounded_and_per_session():
 
 def test_how_an_upload_was_read_and_a_warning_for_panels_under_a_token(ready, strip):
     note = h.reading_note(ready, strip)
-    assert "12x2 grid of 24 image tokens" in note and "6 panels of 4 tokens each" in note
+    cols = round(strip.image.width / 32)  # the processor rounds the strip to whole 32 px tokens
+    assert f"{cols}x2 grid of {2 * cols} image tokens" in note and "6 panels" in note
     assert "Warning" not in note
     narrow = Scene(Image.new("RGB", (128, 64), "white"), "narrow", panels=tuple(
         (round(i * 128 / 6), 0, round((i + 1) * 128 / 6), 64) for i in range(6)))
