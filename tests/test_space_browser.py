@@ -76,7 +76,7 @@ def app_url(request, tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + float(os.environ.get("GAZE_TEST_APP_START_S", 90))
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"app.py exited with {proc.returncode}:\n{(tmp / 'app.log').read_text()[-3000:]}")
@@ -87,7 +87,7 @@ def app_url(request, tmp_path_factory):
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"app.py did not serve within 90 s:\n{(tmp / 'app.log').read_text()[-3000:]}")
+                pytest.fail(f"app.py did not serve in time (GAZE_TEST_APP_START_S):\n{(tmp / 'app.log').read_text()[-3000:]}")
             time.sleep(0.5)
         yield url
     finally:
