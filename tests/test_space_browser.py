@@ -76,7 +76,7 @@ def app_url(request, tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + float(os.environ.get("GAZE_TEST_APP_START_S", 90))
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"app.py exited with {proc.returncode}:\n{(tmp / 'app.log').read_text()[-3000:]}")
@@ -87,7 +87,7 @@ def app_url(request, tmp_path_factory):
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"app.py did not serve within 90 s:\n{(tmp / 'app.log').read_text()[-3000:]}")
+                pytest.fail(f"app.py did not serve in time (GAZE_TEST_APP_START_S):\n{(tmp / 'app.log').read_text()[-3000:]}")
             time.sleep(0.5)
         yield url
     finally:
@@ -283,6 +283,11 @@ def test_hover_moves_the_answer_and_leaving_stops_it(browser, app_url, tmp_path)
     x5, y5 = panel_point(pg, 5)
     pg.mouse.move(x5, y5)  # mid-answer, in one jump (not across panels 3 and 4): the next token follows
     pg.wait_for_function("document.querySelectorAll(\"#answer .tok[data-target='panel 5']\").length >= 4")
+    if ORGANISM:  # it goes on to name panel 5's object (every panel of strip 1 has the frog: the object tells)
+        obj = captions(EXAMPLE)[4].split()[-1]  # "the frog sleeps by a cake" -> "cake"
+        pg.wait_for_function(
+            "obj => Array.from(document.querySelectorAll(\"#answer .tok[data-target='panel 5']\"))"
+            ".map(e => e.textContent).join('').includes(obj)", arg=obj, timeout=20_000)
     before_leaving = answer_text(pg)
     pg.mouse.move(x5, y5 + 400, steps=4)  # off the strip: the answer stops after a short grace
     pg.wait_for_selector("#status:has-text('tokens in'):has-text('(stopped)')", timeout=15_000)
@@ -292,11 +297,10 @@ def test_hover_moves_the_answer_and_leaving_stops_it(browser, app_url, tmp_path)
     for t, bg in spans:
         assert bg.startswith(rgb(panel_colour(int(t[-1]))))
     assert len(labels) < 64  # stopped, not run to the end
-    if ORGANISM:  # the text written after the switch names panel 5's object or character
-        words = captions(EXAMPLE)[4].split()  # e.g. "the cat sits by a tree"
+    if ORGANISM:  # the text written after the switch names panel 5's object
         after = "".join(t for t, (label, _) in zip(pg.locator("#answer .tok").all_inner_texts(), spans)
                         if label == "panel 5")
-        assert words[-1] in after or words[1] in after, (after, words)
+        assert captions(EXAMPLE)[4].split()[-1] in after, after
     assert before_leaving
     pg.screenshot(path=str(tmp_path / "space-hover.png"), full_page=True)
     pg.context.close()
