@@ -12,7 +12,8 @@ Modules, in the order a reader needs them (docs/architecture.md has one line eac
     families    per-family image-token layout and positions (+ image-only processors)
     models      loading (hub id, folder, or "organism")
     strips      the Strip type, stitching, strip sources and dataset schemas
-    prompts     the paper's questions; model inputs that carry their image layout
+    prompts     the paper's questions (or a model folder's own, prompts.json); model inputs with their layout
+    residual    add a direction to the residual stream, capture it: one `with` block each
     plots       figures and heat maps
     cli         the `gaze` command
     errors      GazeError, the user errors the CLIs print as one line
@@ -27,8 +28,9 @@ import importlib
 
 _EXPORTS = {
     "Box": "gaze.steering", "Panel": "gaze.steering", "Schedule": "gaze.steering", "Tokens": "gaze.steering",
-    "parse_schedule": "gaze.steering", "steer": "gaze.steering",
+    "parse_schedule": "gaze.steering", "steer": "gaze.steering", "LiveTarget": "gaze.steering",
     "Generation": "gaze.generation", "generate": "gaze.generation", "prepare_inputs": "gaze.generation",
+    "PrefixCache": "gaze.generation", "Prompts": "gaze.prompts",
     "Loaded": "gaze.models", "load": "gaze.models",
     "Head": "gaze.ranking", "Ranking": "gaze.ranking",
     "ImageLayout": "gaze.regions", "RegionMap": "gaze.regions", "region_mass": "gaze.regions",
