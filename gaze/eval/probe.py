@@ -1150,18 +1150,6 @@ def _orderings_arg(text: str) -> int:
     return value
 
 
-def _count(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is too small: give a whole number >= {low}")
-        return value
-    return parse
-
-
 def _finite(text: str) -> float:
     try:
         value = float(text)
@@ -1174,7 +1162,7 @@ def _finite(text: str) -> float:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add `probe reading-order` to a `gaze` argparse subparsers object."""
-    from gaze.cli import HelpFormatter, device_arg
+    from gaze.cli import HelpFormatter, _at_least, device_arg
 
     d = ProbeConfig()
     probe_p = subparsers.add_parser("probe", help="probes of the residual stream (reading-order)")
@@ -1185,22 +1173,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--strips", default=d.strips,
                    help="strips with letter overlays: procedural:eval (datagen, default), procedural:SEED0, folders or a dataset")
     p.add_argument("--out", required=True, help="output folder (resumable): items, aggregate.json, figures, report.md")
-    p.add_argument("--n-strips", type=_count(2), default=d.n_strips,
+    p.add_argument("--n-strips", type=_at_least(2), default=d.n_strips,
                    help=f"strips (even-indexed build the directions, odd-indexed measure them; default {d.n_strips})")
     p.add_argument("--ranking", default=None, help="a ranking from `gaze discover`: its top gaze heads' layers in the figures")
-    p.add_argument("--top-k", type=_count(1), default=None, help="gaze heads drawn from --ranking (default: the paper's share)")
+    p.add_argument("--top-k", type=_at_least(1), default=None, help="gaze heads drawn from --ranking (default: the paper's share)")
     p.add_argument("--orderings", type=_orderings_arg, default=d.orderings,
                    help=f"panel orderings besides reverse: a seeded sample of N, or 'all' (720; default {d.orderings})")
     p.add_argument("--ordering", type=_order_arg, action="append", default=[], metavar="4,2,6,1,3,5",
                    help="an ordering to include in the sweep (repeatable; 1,2,3,4,5,6 is the zero-direction control)")
-    p.add_argument("--ordering-layer", type=_count(0), default=None, help="layer of the ordering sweep (default: the best)")
+    p.add_argument("--ordering-layer", type=_at_least(0), default=None, help="layer of the ordering sweep (default: the best)")
     p.add_argument("--layers", type=_layers_arg, default=None, help="layers of the sweep, e.g. 16-30 (default: all)")
-    p.add_argument("--narration-strips", type=_count(0), default=d.narration_strips,
+    p.add_argument("--narration-strips", type=_at_least(0), default=d.narration_strips,
                    help=f"held-out strips narrated with and without the direction (default {d.narration_strips})")
     p.add_argument("--narration-layers", type=_layers_arg, default=None, help="layers steered in narration (default: the band)")
-    p.add_argument("--narration-tokens", type=_count(1), default=d.narration_tokens,
+    p.add_argument("--narration-tokens", type=_at_least(1), default=d.narration_tokens,
                    help="tokens generated per narration (with and without the direction)")
-    p.add_argument("--answer-tokens", type=_count(1), default=d.answer_tokens, help="tokens per letter answer")
+    p.add_argument("--answer-tokens", type=_at_least(1), default=d.answer_tokens, help="tokens per letter answer")
     p.add_argument("--alpha", type=_finite, default=d.alpha, help="scale of the added direction (paper: 1.0)")
     p.add_argument("--positions", default=d.positions, choices=POSITIONS,
                    help="where the direction is added: every position (default) or the answer (last prompt token "
@@ -1213,8 +1201,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--skip", type=lambda t: tuple(x for x in t.split(",") if x), default=(),
                    help=f"sections to skip: {','.join(SECTIONS)}")
     p.add_argument("--seed", type=int, default=d.seed, help="the ordering sample and the bootstrap")
-    p.add_argument("--n-boot", type=_count(1), default=d.n_boot, help="bootstrap resamples")
-    p.add_argument("--panel-size", type=_count(16), default=d.panel_size, help="procedural strips: panel side in px")
+    p.add_argument("--n-boot", type=_at_least(1), default=d.n_boot, help="bootstrap resamples")
+    p.add_argument("--panel-size", type=_at_least(16), default=d.panel_size, help="procedural strips: panel side in px")
     p.add_argument("--device", default=None, type=device_arg, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=d.dtype, help="float32 | bfloat16 | float16")
     p.add_argument("--device-map", default=None, help="'auto' to spread a large model over all GPUs")
