@@ -533,19 +533,19 @@ class TrainingHook(Hook):
         return ALL_ROWS
 
     def record(self, layer, rows, value):  # rows [B, H, S, S]
-        s = rows.shape[-1]
+        q, s = rows.shape[-2], rows.shape[-1]
         forced = self.biases[layer] if self.biases else None
+        # [B, H, q] 1 where a head's row is its own: a head the augmentation forces reads where it is told
+        free = None if forced is None else (forced[:, :, -q:, :s] == 0).all(-1).float()
         if self.focus is not None:
-            mass = rows * self.focus[:, None, -rows.shape[2]:, :s]  # [B, H, S, S]: off-panel mass
-            if forced is not None:  # a forced head reads where it is told
-                mass = mass * (forced[:, :, -rows.shape[2]:, :s] == 0).all(-1, keepdim=True).float()
-            self.penalty = self.penalty + mass.sum() / rows.shape[0]
+            mass = (rows * self.focus[:, None, -q:, :s]).sum(-1)  # [B, H, q]: off-panel mass
+            self.penalty = self.penalty + (mass if free is None else mass * free).sum() / rows.shape[0]
         if self.row_weights is None:
             return
         keys = self.image_keys[:, None, :s] * (1 - torch.eye(s))[None]  # [B, S, S]: image keys, not self
         mass = (rows * keys[:, None]).sum(-1)  # [B, H, S]: image mass of each row and head
-        if forced is not None:  # the augmentation's heads read where they are told
-            mass = mass * (forced[:, :, -s:, :s] == 0).all(-1).float()
+        if free is not None:
+            mass = mass * free
         self.penalty = self.penalty + (mass.sum(1) * self.row_weights).sum() / rows.shape[0]
 
 
