@@ -784,6 +784,14 @@ def _gaze_bars(ax, agg: dict):
     twin.legend(loc="upper right", fontsize=7)
 
 
+def _save(plt, fig, path: Path) -> str:
+    """Lay out, write and close a figure; its file name, for the report."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path.name
+
+
 def _layer_plot(agg: dict, field_: str, ylabel: str, path: Path, baseline: float | None = None) -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3))
@@ -803,10 +811,7 @@ def _layer_plot(agg: dict, field_: str, ylabel: str, path: Path, baseline: float
     ax.set_ylabel(ylabel)
     ax.legend(loc="upper left", fontsize=7)
     _gaze_bars(ax, agg)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path.name
+    return _save(plt, fig, path)
 
 
 def _silhouette_plot(agg: dict, path: Path) -> str | None:
@@ -821,10 +826,7 @@ def _silhouette_plot(agg: dict, path: Path) -> str | None:
     ax.set_ylabel("silhouette")
     ax.legend(loc="upper left", fontsize=7)
     _gaze_bars(ax, agg)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path.name
+    return _save(plt, fig, path)
 
 
 def _ordering_plot(agg: dict, path: Path) -> str | None:
@@ -846,10 +848,7 @@ def _ordering_plot(agg: dict, path: Path) -> str | None:
     ax.set_xlabel(f"flip rate at layer {o['layer']}")
     ax.set_ylabel("orderings")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path.name
+    return _save(plt, fig, path)
 
 
 def pct(x) -> str:
