@@ -109,12 +109,14 @@ def described_panels(pieces: list[str]) -> list[int]:
 
 
 def staircase(loaded, strips, heads, prompt: str, max_new_tokens: int = 80, looking: float = 0.1) -> dict:
-    """Share of narration tokens at which `heads`' summed mass peaks on the panel being described; and the
-    same share among the tokens at which those heads put at least `looking` of their summed attention on
-    the image (where they look at all)."""
+    """Share of narration tokens at which `heads`' summed mass peaks on the panel being described; the mean
+    share of a head's attention that lies on the image (`image_mass`: where it is near 0 the argmax is noise);
+    and the agreement among the tokens at which those heads put at least `looking` of their summed attention
+    on the image (where they look at all)."""
     from gaze.generation import generate, regions_for
 
     agree = total = agree_looking = n_looking = 0
+    mass = 0.0
     for s in strips:
         g = generate(loaded, s.image, prompt, track=list(heads), max_new_tokens=max_new_tokens)
         traj = g.trajectory(regions_for(g.layout, s.panels))  # [tokens, 6]
@@ -123,10 +125,11 @@ def staircase(loaded, strips, heads, prompt: str, max_new_tokens: int = 80, look
                 hit = int(int(traj[i].argmax()) + 1 == p)
                 total += 1
                 agree += hit
+                mass += float(traj[i].sum()) / len(heads)
                 if float(traj[i].sum()) >= looking * len(heads):
                     n_looking += 1
                     agree_looking += hit
-    return {"share": round(agree / max(1, total), 4), "tokens": total,
+    return {"share": round(agree / max(1, total), 4), "tokens": total, "image_mass": round(mass / max(1, total), 4),
             "share_looking": round(agree_looking / max(1, n_looking), 4), "tokens_looking": n_looking}
 
 
@@ -142,7 +145,9 @@ def show_mechanism(report: dict) -> None:
           f"top score {m['top_score']}")
     s = report["staircase"]
     print(f"narration: argmax panel = described panel on {s['top']['share']:.1%} of {s['top']['tokens']} tokens "
-          f"(top heads), {s['random']['share']:.1%} (random low-score heads); at the {s['top']['tokens_looking']} "
+          f"(top heads, {s['top'].get('image_mass', float('nan')):.3f} of a head's attention on the image), "
+          f"{s['random']['share']:.1%} (random low-score heads, {s['random'].get('image_mass', float('nan')):.4f} "
+          f"on the image); at the {s['top']['tokens_looking']} "
           f"tokens where the top heads look at the image (>= 0.1 of their attention each): "
           f"{s['top']['share_looking']:.1%}", flush=True)
 

@@ -178,6 +178,9 @@ class OrganismConfig:
     rope_theta: float = 10000.0  # language rotary base
     vocab_size: int = 400  # tokenizer size at most
     pool_per_combo: int = 6  # rendered panels per (character, action, object)
+    letters_per_strip: bool = True  # draw each panel's letter (letter, place, colour) anew for every strip; False
+    # (the recipe before 2026-12-03 noon): one letter per rendered panel, so that a panel's letter can be told
+    # from the drawing it sits on, and a tower learns renders, not letters
     cast_per_panel: float = 0.5  # share of strips with a different character in every panel
     panel_flip: float = 0.0  # share of panels drawn upside down
     mix: str = "panel:0.25,short:0.05,vqa:0.12,this:0.08,narration:0.2,reverse:0.15,letter:0.15"  # task weights
@@ -190,6 +193,10 @@ class OrganismConfig:
     # looking elsewhere costs; looking at panel k or at text is free
     focus_from: float = 0.33  # share of stage 2's steps after which the focus term is on (from the first step it
     # slowed learning: NOTES.md)
+    row_readout: float = 0.0  # weight of a linear readout (discarded afterwards) that names, from the last hidden
+    # state of EVERY row that predicts an answer token, the character, object and letter of the panel that token
+    # describes (from the focus term's step on): every row of a description then has a reason to know its panel,
+    # as every token of a real model's rich description has; it names no head
     gaze_augment: float = 0.3  # share of examples whose random heads are forced onto the described panel
     gaze_augment_heads: int = 4  # at most this many heads per such example
     vision_pos_embed: str = "learned"  # "learned": the tower's absolute position table; "zero": none
@@ -257,9 +264,10 @@ class PanelPool:
                     for _ in range(cfg.pool_per_combo):
                         panel = draw_panel(c, a, o, rng.choice(SCENES), cfg.panel_height, rng)
                         letter = rng.choice(LETTERS)
-                        image = panel.image.copy()
-                        draw_letter(image, letter, rng, avoid=[ob["box"] for ob in panel.objects])
-                        variants.append((image, letter))
+                        image, avoid = panel.image.copy(), [ob["box"] for ob in panel.objects]
+                        if not cfg.letters_per_strip:
+                            draw_letter(image, letter, rng, avoid=avoid)
+                        variants.append((image, letter, avoid))
                     self.items[(c, a, o)] = variants
         self.characters, self.actions, self.objects = CHARACTERS, ACTIONS, OBJECTS
 
@@ -269,6 +277,7 @@ class PanelPool:
         from PIL import Image
 
         from datagen.assemble import stitch_widths
+        from datagen.letters import LETTERS, draw_letter
         from gaze.strips import Strip
 
         cfg = self.cfg
@@ -277,10 +286,16 @@ class PanelPool:
         actions, objects = rng.sample(self.actions, 6), rng.sample(self.objects, 6)
         images, letters = [], []
         for c, a, o in zip(cast, actions, objects):
-            for _ in range(20):
-                image, letter = rng.choice(self.items[(c, a, o)])
-                if letter not in letters:
-                    break
+            if cfg.letters_per_strip:
+                image, _, avoid = rng.choice(self.items[(c, a, o)])
+                letter = rng.choice([x for x in LETTERS if x not in letters])
+                image = image.copy()
+                draw_letter(image, letter, rng, avoid=avoid)
+            else:
+                for _ in range(20):
+                    image, letter, _ = rng.choice(self.items[(c, a, o)])
+                    if letter not in letters:
+                        break
             if rng.random() < cfg.panel_flip:
                 image = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
             images.append(image)
@@ -294,8 +309,6 @@ class PanelPool:
             fx, fy = size[0] / image.width, size[1] / image.height
             image = image.resize(size, Image.BICUBIC)
             boxes = tuple((round(x0 * fx), round(y0 * fy), round(x1 * fx), round(y1 * fy)) for x0, y0, x1, y1 in boxes)
-        from datagen.letters import LETTERS
-
         labels = [(self.characters.index(c), self.objects.index(o), LETTERS.index(l))
                   for c, o, l in zip(cast, objects, letters)]
         return Strip(image, boxes, captions=tuple(organism_caption(c, o) for c, o in zip(cast, objects)),
@@ -385,7 +398,34 @@ def readout_targets(prepared: Prepared) -> torch.Tensor:
 READOUT = (6, 8, 24, 6)  # classes of the vision readout: characters, objects, letters, panel places
 
 
-def vision_stage(model, prepared: list[Prepared], cfg: OrganismConfig, log=print) -> dict:
+def labelled(strip):
+    """A datagen strip with the (character, object, letter) label indices the readouts name (`meta["labels"]`)."""
+    from dataclasses import replace
+
+    from datagen.letters import LETTERS
+    from datagen.story import CHARACTERS, OBJECTS
+
+    story = strip.meta["story"]
+    labels = [(CHARACTERS.index(story["character"]), OBJECTS.index(o), LETTERS.index(l))
+              for o, l in zip(story["objects"], strip.letters)]
+    return replace(strip, meta={**strip.meta, "labels": labels})
+
+
+@torch.no_grad()
+def readout_accuracy(visual, readout, prepared: list[Prepared]) -> dict[str, float]:
+    """Token accuracy of the tower's readout (character, object, letter, place) on `prepared` strips."""
+    right, n = torch.zeros(4), 0
+    for p in prepared:
+        out = visual(p.pixel_values.float(), grid_thw=p.grid_thw[None], return_dict=True).pooler_output
+        tgt = readout_targets(p)
+        valid = tgt[:, 0] >= 0
+        for j, lg in enumerate(readout(out).split(READOUT, dim=-1)):
+            right[j] += float((lg.argmax(-1)[valid] == tgt[valid, j]).sum())
+        n += int(valid.sum())
+    return dict(zip(("character", "object", "letter", "place"), (round(float(r) / max(1, n), 4) for r in right)))
+
+
+def vision_stage(model, prepared: list[Prepared], cfg: OrganismConfig, log=print, held: list[Prepared] = ()) -> dict:
     """Stage 1: the vision tower alone, with a linear readout (discarded afterwards) that names, from EVERY
     merged token, the character, object and letter of the panel the token lies in and that panel's place
     in reading order. The readout names no head and sees no text: it makes every token of a panel carry
@@ -423,9 +463,13 @@ def vision_stage(model, prepared: list[Prepared], cfg: OrganismConfig, log=print
                 f"letter {mean[2]:.3f} place {mean[3]:.3f}  {time.time() - t0:.0f}s")
     visual.eval()
     tail = accs[-50:]
-    return {"vision_minutes": round((time.time() - t0) / 60, 2),
-            "vision_token_accuracy": dict(zip(("character", "object", "letter", "place"),
-                                              (round(sum(a[j] for a in tail) / len(tail), 4) for j in range(4))))}
+    record = {"vision_minutes": round((time.time() - t0) / 60, 2),
+              "vision_token_accuracy": dict(zip(("character", "object", "letter", "place"),
+                                                (round(sum(a[j] for a in tail) / len(tail), 4) for j in range(4))))}
+    if held:  # strips the pool never drew (datagen's held-out seeds): does the tower read, or remember?
+        record["vision_held_out_accuracy"] = readout_accuracy(visual, readout, held)
+        log(f"vision held out ({len(held)} strips): token accuracy {record['vision_held_out_accuracy']}")
+    return record
 
 
 @torch.no_grad()
@@ -610,8 +654,9 @@ def check_config(cfg: OrganismConfig) -> None:
         raise ValueError("--rescale-min must be above 0 and at most --rescale-max")
     if cfg.gaze_augment_heads < 1 or cfg.steps < 0 or cfg.batch < 1 or cfg.vision_batch < 1:
         raise ValueError("--gaze-augment-heads, --batch and --vision-batch are at least 1, --steps at least 0")
-    if min(cfg.vision_steps, cfg.unmask_steps, cfg.penalty, cfg.letter_weight, cfg.focus) < 0:
-        raise ValueError("--vision-steps, --unmask-steps, --penalty, --letter-weight and --focus are at least 0")
+    if min(cfg.vision_steps, cfg.unmask_steps, cfg.penalty, cfg.letter_weight, cfg.focus, cfg.row_readout) < 0:
+        raise ValueError("--vision-steps, --unmask-steps, --penalty, --letter-weight, --focus and --row-readout are "
+                         "at least 0")
     if cfg.pool_strips < max(cfg.batch, cfg.vision_batch):
         raise ValueError("--pool-strips must be at least --batch and --vision-batch")
     if cfg.vision_pos_embed not in ("zero", "learned"):
@@ -631,9 +676,29 @@ def check_config(cfg: OrganismConfig) -> None:
                              f"{vision['patch_size']} --merge-size {vision['spatial_merge_size']}")
 
 
+def row_targets(examples, info: list, seq_len: int) -> torch.Tensor:
+    """[B, S, 3] long: at each row that predicts an answer token, the (character, object, letter) of the panel
+    that token describes; -100 elsewhere. `info`: `build_batch`'s."""
+    out = torch.full((len(examples), seq_len, 3), -100, dtype=torch.long)
+    for i, ((prep, *_), (_, _, _, described)) in enumerate(zip(examples, info)):
+        labels = prep.strip.meta["labels"]
+        for r, p in enumerate(described[1:].tolist()):  # row r predicts the token at r + 1
+            if p:
+                out[i, r] = torch.tensor(labels[p - 1])
+    return out
+
+
+def readout_loss(readout, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of the row readout's (character, object, letter) over the rows that have targets."""
+    logits = readout(hidden).split(READOUT[:3], dim=-1)
+    return sum(torch.nn.functional.cross_entropy(lg.flatten(0, 1), targets[..., j].flatten(), ignore_index=-100)
+               for j, lg in enumerate(logits))
+
+
 def step_loss(model, prompts: PromptIds, examples, cfg: OrganismConfig, aug_rng: random.Random, stage: int,
-              n_layers: int, n_heads: int, focus_on: bool = True):
-    """(answer cross-entropy, image-attention penalty) of one micro-batch. Stage 2: silent rows blinded,
+              n_layers: int, n_heads: int, focus_on: bool = True, readout=None):
+    """(answer cross-entropy, image-attention penalty plus the weighted row readout's loss where `readout` is
+    given and `focus_on`) of one micro-batch. Stage 2: silent rows blinded,
     the augmentation at the rows that speak; stage 3: no blinding, the penalty on silent rows, the
     augmentation at every row of a single-panel answer's sequence (as steering at every row does)."""
     batch, info = build_batch(prompts, examples)
@@ -651,9 +716,14 @@ def step_loss(model, prompts: PromptIds, examples, cfg: OrganismConfig, aug_rng:
     focus = focus_weights(info, batch["input_ids"].shape[1], cfg.focus) if cfg.focus > 0 and focus_on else None
     hook = TrainingHook(biases, penalty_weights(batch, image_token, cfg) if penalised else None,
                         (batch["input_ids"] == image_token).float(), blind, focus)
+    reading = readout is not None and focus_on and cfg.row_readout > 0
     with active(hook):
-        result = model(**batch)
-    return result.loss, hook.penalty
+        result = model(**batch, output_hidden_states=reading)
+    extra = hook.penalty
+    if reading:
+        targets = row_targets(examples, info, batch["input_ids"].shape[1])
+        extra = extra + cfg.row_readout * readout_loss(readout, result.hidden_states[-1], targets)
+    return result.loss, extra
 
 
 def lr_schedule(peak: float, step: int, steps: int, warm: int) -> float:
@@ -720,7 +790,11 @@ def train(cfg: OrganismConfig, out: str | Path, log=print, checkpoints: int = 0)
             earlier = json.loads(source.read_text())
             record["tower"] = {k: v for k, v in earlier.items() if k == "config" or k.startswith("vision_")}
     elif cfg.vision_readout and cfg.vision_steps:
-        record.update(vision_stage(model, prepared, cfg, log))
+        from gaze.organism.check import held_out
+
+        geo = {k: getattr(cfg, k) for k in ("panel_height", "min_width", "max_width", "gap")}
+        held = [prepare(processor, labelled(s)) for s in held_out("1x6", 48, geo=geo)]
+        record.update(vision_stage(model, prepared, cfg, log, held=held))
     if cfg.vision_readout:
         for p in model.model.visual.parameters():  # stages 2 and 3: the tower is frozen, its outputs cached
             p.requires_grad_(False)
@@ -729,7 +803,12 @@ def train(cfg: OrganismConfig, out: str | Path, log=print, checkpoints: int = 0)
     prompts = PromptIds(processor)
     weights = parse_mix(cfg.mix)
     aug_rng = random.Random(f"organism-gaze-augment/{cfg.seed}")
+    row_readout = None
+    if cfg.row_readout > 0:  # discarded after training, like stage 1's
+        torch.manual_seed(cfg.seed + 1)
+        row_readout = torch.nn.Linear(model.config.text_config.hidden_size, sum(READOUT[:3]))
     trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable += list(row_readout.parameters()) if row_readout is not None else []
     opt = torch.optim.AdamW([{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
                              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.98))
@@ -761,7 +840,7 @@ def train(cfg: OrganismConfig, out: str | Path, log=print, checkpoints: int = 0)
                 continue
             part = sum(len(e[2]) for e in group) / n_answer  # share of the batch's answer text
             ce, pen = step_loss(model, prompts, group, cfg, aug_rng, stage, n_layers, n_heads,
-                                focus_on=step >= cfg.focus_from * cfg.steps)
+                                focus_on=step >= cfg.focus_from * cfg.steps, readout=row_readout)
             loss = loss + part * ce + len(group) / cfg.batch * pen
             answer_loss += part * float(ce.detach())
             penalty += len(group) / cfg.batch * float(pen.detach() if torch.is_tensor(pen) else pen)
