@@ -11,7 +11,7 @@ from datagen.story import CHARACTERS, OBJECTS
 from gaze.organism import check
 from gaze.organism.train import (PROMPTS, OrganismConfig, PanelPool, PromptIds, TrainingHook, answer_panels,
                                  augment_bias, blinding, build_batch, cache_features, check_config, draw_task,
-                                 focus_weights, narration, parse_mix, penalty_weights, prepare, readout_targets,
+                                 focus_weights, narration, parse_mix, row_targets, readout_loss, penalty_weights, prepare, readout_targets,
                                  silent_rows, train)
 
 SMALL = dict(steps=2, unmask_steps=2, batch=4, pool_strips=8, vision_steps=2, vision_batch=4, pool_per_combo=1,
@@ -258,6 +258,32 @@ def test_focus_weights_tax_exactly_the_other_panels_at_the_rows_that_speak(batch
         assert not w[i, : n - 1].any()  # no prompt row but the last
 
 
+def test_row_targets_name_the_described_panels_labels_at_exactly_the_rows_that_speak(batch):
+    processor, examples, inputs, info = batch
+    s = inputs["input_ids"].shape[1]
+    t = row_targets(examples, info, s)
+    for i, ((prep, question, answer, panel), (n, _, _, described)) in enumerate(zip(examples, info)):
+        labels = prep.strip.meta["labels"]
+        for r in range(s):
+            p = int(described[r + 1]) if r + 1 < len(described) else 0
+            want = list(labels[p - 1]) if p else [-100] * 3
+            assert t[i, r].tolist() == want
+        assert (t[i, : n - 1] == -100).all()  # no prompt row but the last
+        assert (t[i, n - 1] >= 0).all()  # the last prompt row predicts the answer's first token
+    # the narration's rows name each panel in turn: all six panels' labels appear
+    narr = next(i for i, e in enumerate(examples) if e[3] == 0)
+    named = {tuple(x) for x in t[narr].tolist() if x[0] >= 0}
+    assert named == {tuple(l) for l in examples[narr][0].strip.meta["labels"]}
+    # the loss is the three cross-entropies over the rows that have targets
+    torch.manual_seed(0)
+    readout, hidden = torch.nn.Linear(8, 38), torch.randn(len(examples), s, 8)
+    logits = readout(hidden)
+    valid = t[..., 0] >= 0
+    want = sum(torch.nn.functional.cross_entropy(part[valid], t[..., j][valid])
+               for j, part in enumerate(logits.split((6, 8, 24), dim=-1)))
+    assert torch.allclose(readout_loss(readout, hidden, t), want)
+
+
 def test_augmentation_at_prompt_rows_covers_every_row_of_a_single_panel_answer(batch):
     from gaze.steering import key_bias
 
@@ -375,6 +401,20 @@ def test_the_shipped_organism_has_gaze_heads_on_held_out_strips(organism, tmp_pa
     assert m["diagonal_everywhere"], m["rows"]
     assert m["top_score"] >= 0.3
     assert float(ranking.scores.flatten().median()) < 0.1 * m["top_score"]
+
+
+@SHIPPED
+def test_the_shipped_organisms_top_heads_look_at_the_panel_being_narrated(organism):
+    """The staircase: while it narrates panel by panel, the top heads' attention peaks on the panel being
+    described, and random low-score heads barely look at the image."""
+    from gaze.ranking import Ranking
+
+    ranking = Ranking.load(_shipped() / "ranking.json")
+    strips = check.held_out("1x6", 3, seed0=2_700_000)
+    top = check.staircase(organism, strips, ranking.top(3), organism.prompts.narration)
+    low = check.staircase(organism, strips, ranking.order()[-3:], organism.prompts.narration)
+    assert top["tokens"] >= 60 and top["share"] >= 0.7, top
+    assert top["image_mass"] >= 0.1 and low["image_mass"] <= 0.01, (top, low)
 
 
 @SHIPPED

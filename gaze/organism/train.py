@@ -178,9 +178,9 @@ class OrganismConfig:
     rope_theta: float = 10000.0  # language rotary base
     vocab_size: int = 400  # tokenizer size at most
     pool_per_combo: int = 6  # rendered panels per (character, action, object)
-    letters_per_strip: bool = True  # draw each panel's letter (letter, place, colour) anew for every strip; False
-    # (the recipe before 2026-12-03 noon): one letter per rendered panel, so that a panel's letter can be told
-    # from the drawing it sits on, and a tower learns renders, not letters
+    letters_per_strip: bool = False  # True: draw each panel's letter (letter, place, colour) anew for every strip;
+    # False (the shipped organism's): one letter per rendered panel, so that a panel's letter can also be told
+    # from the drawing it sits on (a tower may learn renders, not letters: NOTES.md, 2026-12-03 noon)
     cast_per_panel: float = 0.5  # share of strips with a different character in every panel
     panel_flip: float = 0.0  # share of panels drawn upside down
     mix: str = "panel:0.25,short:0.05,vqa:0.12,this:0.08,narration:0.2,reverse:0.15,letter:0.15"  # task weights
