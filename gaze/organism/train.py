@@ -178,6 +178,8 @@ class OrganismConfig:
     rope_theta: float = 10000.0  # language rotary base
     vocab_size: int = 400  # tokenizer size at most
     pool_per_combo: int = 6  # rendered panels per (character, action, object)
+    letter_local: bool = False  # stage 1: the letter readout asks only the tokens whose cell overlaps the letter's
+    # ink (a local feature), not every token of the panel (needs --letters-per-strip true)
     letters_per_strip: bool = False  # True: draw each panel's letter (letter, place, colour) anew for every strip;
     # False (the shipped organism's): one letter per rendered panel, so that a panel's letter can also be told
     # from the drawing it sits on (a tower may learn renders, not letters: NOTES.md, 2026-12-03 noon)
@@ -284,13 +286,13 @@ class PanelPool:
         c = rng.choice(self.characters)
         cast = rng.sample(self.characters, 6) if rng.random() < cfg.cast_per_panel else [c] * 6
         actions, objects = rng.sample(self.actions, 6), rng.sample(self.objects, 6)
-        images, letters = [], []
+        images, letters, inks = [], [], []
         for c, a, o in zip(cast, actions, objects):
             if cfg.letters_per_strip:
                 image, _, avoid = rng.choice(self.items[(c, a, o)])
                 letter = rng.choice([x for x in LETTERS if x not in letters])
                 image = image.copy()
-                draw_letter(image, letter, rng, avoid=avoid)
+                inks.append(draw_letter(image, letter, rng, avoid=avoid))
             else:
                 for _ in range(20):
                     image, letter, _ = rng.choice(self.items[(c, a, o)])
@@ -303,16 +305,21 @@ class PanelPool:
         rows, cols = LAYOUTS["2x3" if rng.random() < cfg.grid_share else "1x6"]
         widths = [rng.randint(cfg.min_width, cfg.max_width) for _ in images]
         image, boxes = stitch_widths(images, widths, rows=rows, cols=cols, gap=cfg.gap)
+        # each letter's ink box in strip pixels: panel x scaled to the panel's width, then shifted to its box
+        inks = [[b[0] + round(x0 * (b[2] - b[0]) / im.width), b[1] + round(y0 * (b[3] - b[1]) / im.height),
+                 b[0] + round(x1 * (b[2] - b[0]) / im.width), b[1] + round(y1 * (b[3] - b[1]) / im.height)]
+                for (x0, y0, x1, y1), b, im in zip(inks, boxes, images)]
         if rng.random() < cfg.rescale_share:
             f = rng.uniform(cfg.rescale_min, cfg.rescale_max)
             size = (max(1, round(image.width * f)), max(1, round(image.height * f)))
             fx, fy = size[0] / image.width, size[1] / image.height
             image = image.resize(size, Image.BICUBIC)
             boxes = tuple((round(x0 * fx), round(y0 * fy), round(x1 * fx), round(y1 * fy)) for x0, y0, x1, y1 in boxes)
+            inks = [[round(x0 * fx), round(y0 * fy), round(x1 * fx), round(y1 * fy)] for x0, y0, x1, y1 in inks]
         labels = [(self.characters.index(c), self.objects.index(o), LETTERS.index(l))
                   for c, o, l in zip(cast, objects, letters)]
         return Strip(image, boxes, captions=tuple(organism_caption(c, o) for c, o in zip(cast, objects)),
-                     letters=tuple(letters), meta={"labels": labels})
+                     letters=tuple(letters), meta={"labels": labels, "letter_boxes": inks or None})
 
 
 def draw_task(strip, rng: random.Random, weights: dict[str, float]) -> tuple[str, str, int]:
@@ -384,13 +391,22 @@ def prepare(processor, strip) -> Prepared:
     return Prepared(strip, enc["pixel_values"].to(torch.float16), thw, grid, processed, token_panel.long())
 
 
-def readout_targets(prepared: Prepared) -> torch.Tensor:
+def readout_targets(prepared: Prepared, letter_local: bool = False) -> torch.Tensor:
     """[T, 4] long: per merged token the (character, object, letter, panel) of the panel it lies in, -100
-    for a token that lies in no panel."""
+    for a token that lies in no panel. `letter_local`: the letter only at the tokens whose cell overlaps
+    the letter's ink box (`strip.meta["letter_boxes"]`), -100 at the panel's other tokens."""
     out = torch.full((len(prepared.token_panel), 4), -100, dtype=torch.long)
+    inks = prepared.strip.meta.get("letter_boxes") if letter_local else None
+    if letter_local and not inks:
+        raise ValueError("a local letter readout needs the letters' ink boxes: train with --letters-per-strip true")
+    cells = prepared.layout(0).cells if letter_local else None
     for t, p in enumerate(prepared.token_panel.tolist()):
         if p:
             c, o, l = prepared.strip.meta["labels"][p - 1]
+            if inks is not None:
+                x0, y0, x1, y1 = inks[p - 1]
+                cx0, cy0, cx1, cy1 = cells[t].tolist()
+                l = l if (cx0 < x1 and x0 < cx1 and cy0 < y1 and y0 < cy1) else -100
             out[t] = torch.tensor([c, o, l, p - 1])
     return out
 
@@ -412,17 +428,19 @@ def labelled(strip):
 
 
 @torch.no_grad()
-def readout_accuracy(visual, readout, prepared: list[Prepared]) -> dict[str, float]:
-    """Token accuracy of the tower's readout (character, object, letter, place) on `prepared` strips."""
-    right, n = torch.zeros(4), 0
+def readout_accuracy(visual, readout, prepared: list[Prepared], letter_local: bool = False) -> dict[str, float]:
+    """Token accuracy of the tower's readout (character, object, letter, place) on `prepared` strips (the letter
+    over the tokens `readout_targets` asks it of)."""
+    right, n = torch.zeros(4), torch.zeros(4)
     for p in prepared:
         out = visual(p.pixel_values.float(), grid_thw=p.grid_thw[None], return_dict=True).pooler_output
-        tgt = readout_targets(p)
-        valid = tgt[:, 0] >= 0
+        tgt = readout_targets(p, letter_local)
         for j, lg in enumerate(readout(out).split(READOUT, dim=-1)):
+            valid = tgt[:, j] >= 0
             right[j] += float((lg.argmax(-1)[valid] == tgt[valid, j]).sum())
-        n += int(valid.sum())
-    return dict(zip(("character", "object", "letter", "place"), (round(float(r) / max(1, n), 4) for r in right)))
+            n[j] += int(valid.sum())
+    return dict(zip(("character", "object", "letter", "place"),
+                    (round(float(r) / max(1.0, float(k)), 4) for r, k in zip(right, n))))
 
 
 def vision_stage(model, prepared: list[Prepared], cfg: OrganismConfig, log=print, held: list[Prepared] = ()) -> dict:
@@ -435,7 +453,7 @@ def vision_stage(model, prepared: list[Prepared], cfg: OrganismConfig, log=print
     params = [p for p in visual.parameters() if p.requires_grad] + list(readout.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     rng = random.Random(f"organism-vision/{cfg.seed}")
-    targets = [readout_targets(p) for p in prepared]
+    targets = [readout_targets(p, cfg.letter_local) for p in prepared]
     warm = max(1, int(cfg.vision_steps * cfg.warmup))
     visual.train()
     t0, accs = time.time(), []
@@ -454,8 +472,8 @@ def vision_stage(model, prepared: list[Prepared], cfg: OrganismConfig, log=print
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        valid = tgt[:, 0] >= 0
-        accs.append([float((lg.argmax(-1)[valid] == tgt[valid, j]).float().mean()) for j, lg in enumerate(logits)])
+        accs.append([float((lg.argmax(-1)[tgt[:, j] >= 0] == tgt[tgt[:, j] >= 0, j]).float().mean())
+                     for j, lg in enumerate(logits)])
         if step % 50 == 0 or step == cfg.vision_steps - 1:
             tail = accs[-50:]
             mean = [sum(a[j] for a in tail) / len(tail) for j in range(4)]
@@ -467,7 +485,7 @@ def vision_stage(model, prepared: list[Prepared], cfg: OrganismConfig, log=print
               "vision_token_accuracy": dict(zip(("character", "object", "letter", "place"),
                                                 (round(sum(a[j] for a in tail) / len(tail), 4) for j in range(4))))}
     if held:  # strips the pool never drew (datagen's held-out seeds): does the tower read, or remember?
-        record["vision_held_out_accuracy"] = readout_accuracy(visual, readout, held)
+        record["vision_held_out_accuracy"] = readout_accuracy(visual, readout, held, cfg.letter_local)
         log(f"vision held out ({len(held)} strips): token accuracy {record['vision_held_out_accuracy']}")
     return record
 
@@ -657,6 +675,8 @@ def check_config(cfg: OrganismConfig) -> None:
     if min(cfg.vision_steps, cfg.unmask_steps, cfg.penalty, cfg.letter_weight, cfg.focus, cfg.row_readout) < 0:
         raise ValueError("--vision-steps, --unmask-steps, --penalty, --letter-weight, --focus and --row-readout are "
                          "at least 0")
+    if cfg.letter_local and not cfg.letters_per_strip:
+        raise ValueError("--letter-local true needs --letters-per-strip true (the letters' ink boxes)")
     if cfg.pool_strips < max(cfg.batch, cfg.vision_batch):
         raise ValueError("--pool-strips must be at least --batch and --vision-batch")
     if cfg.vision_pos_embed not in ("zero", "learned"):
