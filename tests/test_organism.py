@@ -241,6 +241,42 @@ def test_readout_targets_name_the_labels_of_the_panel_each_token_lies_in(batch):
     assert all(int((prep.token_panel == p).sum()) >= 1 for p in range(1, 7))  # every panel owns tokens
 
 
+def test_letters_drawn_per_strip_keep_their_ink_boxes_and_the_local_readout_asks_only_those_tokens(trained):
+    from dataclasses import replace
+
+    from transformers import AutoProcessor
+
+    from gaze.families import register_image_only_processors
+
+    register_image_only_processors()
+    cfg = replace(OrganismConfig(**SMALL), letters_per_strip=True, rescale_share=0.5, grid_share=0.5)
+    pool, rng = PanelPool(cfg), random.Random(3)
+    processor = AutoProcessor.from_pretrained(trained[0])
+    for _ in range(6):
+        s = pool.strip(rng)
+        inks = s.meta["letter_boxes"]
+        assert len(inks) == 6 and len(set(s.letters)) == 6
+        for (x0, y0, x1, y1), (px0, py0, px1, py1) in zip(inks, s.panels):
+            assert px0 - 1 <= x0 < x1 <= px1 + 1 and py0 - 1 <= y0 < y1 <= py1 + 1  # inside its panel
+        prep = prepare(processor, s)
+        whole, local = readout_targets(prep), readout_targets(prep, letter_local=True)
+        assert torch.equal(whole[:, [0, 1, 3]], local[:, [0, 1, 3]])  # only the letter column changes
+        cells = prep.layout(0).cells
+        for t, p in enumerate(prep.token_panel.tolist()):
+            if not p:
+                continue
+            x0, y0, x1, y1 = inks[p - 1]
+            cx0, cy0, cx1, cy1 = cells[t].tolist()
+            overlaps = cx0 < x1 and x0 < cx1 and cy0 < y1 and y0 < cy1
+            assert int(local[t, 2]) == (int(whole[t, 2]) if overlaps else -100)
+        asked = {int(prep.token_panel[t]) for t in range(len(local)) if local[t, 2] >= 0}
+        assert asked <= set(range(1, 7)) and len(asked) >= 4  # most letters cover some token's cell
+    # the same draw without per-strip letters has no ink boxes, and the local readout refuses it
+    plain = prepare(processor, PanelPool(OrganismConfig(**SMALL)).strip(random.Random(3)))
+    with pytest.raises(ValueError, match="letters-per-strip"):
+        readout_targets(plain, letter_local=True)
+
+
 def test_focus_weights_tax_exactly_the_other_panels_at_the_rows_that_speak(batch):
     processor, examples, inputs, info = batch
     s = inputs["input_ids"].shape[1]
