@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gaze.eval.cli import config_from_args, main, register
-from gaze.eval.config import AGGREGATE, RECORDS, EvalConfig, EvalError
+from gaze.eval.config import AGGREGATE, RECORDS, EvalConfig, EvalError, resolve_preset
 from gaze.eval.heads import PriorScores, head_sets, random_pool
 from gaze.eval.protocols import aggregate, derangement, run_eval, segments, size_class
 from gaze.eval.records import RecordLog, record_key
@@ -244,7 +244,7 @@ def test_protocols_count_known_answers(tmp_path):
     from gaze.eval.protocols import dynamic_narration, eval_strips, vqa
 
     strips = eval_strips("procedural:eval", 4)
-    cfg = EvalConfig(every=3, seed=0)
+    cfg = resolve_preset(EvalConfig(every=3, seed=0))
     # steered heads obey the target; with no heads the model always describes panel 1
     ctx = ScriptedContext(cfg, lambda strip, heads, k: k if heads else 1)
     records = list(vqa(ctx, strips, "gaze", [(0, 0)], 1)) + list(vqa(ctx, strips, "none", [], 0))
@@ -252,7 +252,10 @@ def test_protocols_count_known_answers(tmp_path):
     records += list(dynamic_narration(ctx, strips, "none", [], 0))
     assert len({r["key"] for r in records}) == len(records) == 4 * 6 * 2 + 4 * 2
     p = aggregate(records, n_boot=200)["protocols"]
-    assert p["vqa"]["gaze"]["accuracy"] == 1.0 and p["vqa"]["gaze"]["ci"] == [1.0, 1.0]
+    # steered to panel 1, the answer is the unsteered one: the baseline-identical rule makes it a miss
+    assert p["vqa"]["gaze"]["accuracy"] == pytest.approx(5 / 6) and p["vqa"]["gaze"]["identical"] == pytest.approx(1 / 6)
+    assert p["vqa"]["gaze"]["judged_accuracy"] == 1.0 and p["vqa"]["gaze"]["per_panel"]["1"]["accuracy"] == 0
+    assert p["vqa"]["none"]["identical"] is None
     assert p["vqa"]["none"]["accuracy"] == pytest.approx(1 / 6)
     assert p["vqa"]["none"]["per_panel"]["1"]["accuracy"] == 1.0 and p["vqa"]["none"]["per_panel"]["4"]["accuracy"] == 0
     assert p["vqa"]["none"]["matched_share"] == {"1": 1.0}
