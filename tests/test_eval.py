@@ -152,7 +152,8 @@ def tiny_ranking(loaded_qwen3, tmp_path_factory):
 def test_tiny_end_to_end_eval_and_report(loaded_qwen3, qwen3_path, tiny_ranking, tmp_path):
     from gaze.eval.report import write_report
 
-    cfg = EvalConfig(model=str(qwen3_path), ranking=str(tiny_ranking), strips="procedural:eval", n_strips=1,
+    cfg = EvalConfig(model=str(qwen3_path), preset="organism", ranking=str(tiny_ranking), strips="procedural:eval",
+                     n_strips=1,
                      out=str(tmp_path / "eval"), top_k=2, ks=(1, 2), targets=(2,), every=1, max_new_tokens=3,
                      narration_tokens=4, n_scenes=1, n_objects=2, prior_strips=1, n_boot=200)
     agg = run_eval(cfg, loaded=loaded_qwen3, progress=False)
@@ -192,7 +193,8 @@ def test_tiny_end_to_end_eval_and_report(loaded_qwen3, qwen3_path, tiny_ranking,
 
 
 def test_resume_after_interruption_gives_the_same_aggregate(qwen3_path, tiny_ranking, tmp_path, capsys):
-    common = ["--model", str(qwen3_path), "--ranking", str(tiny_ranking), "--strips", "procedural:eval",
+    common = ["--model", str(qwen3_path), "--preset", "organism", "--ranking", str(tiny_ranking),
+              "--strips", "procedural:eval",
               "--n-strips", "2", "--protocols", "vqa", "--conditions", "gaze,none", "--targets", "3",
               "--top-k", "2", "--max-new-tokens", "2", "--n-boot", "200", "--device", "cpu", "--quiet", "--no-report"]
     fresh, resumed = tmp_path / "fresh", tmp_path / "resumed"
@@ -329,7 +331,8 @@ def _older_format(path):
     (_other_strip, "stale: strip"), (_older_format, "stale: written by an older version")])
 def test_resume_names_and_recomputes_a_damaged_record(loaded_qwen3, qwen3_path, tiny_ranking, tmp_path, capsys,
                                                        damage, why):
-    cfg = EvalConfig(model=str(qwen3_path), ranking=str(tiny_ranking), strips="procedural:eval", n_strips=2,
+    cfg = EvalConfig(model=str(qwen3_path), preset="organism", ranking=str(tiny_ranking), strips="procedural:eval",
+                     n_strips=2,
                      out=str(tmp_path / "eval"), protocols=("vqa",), conditions=("gaze", "none"), top_k=2,
                      targets=(2,), max_new_tokens=2, n_boot=100)
     fresh = run_eval(cfg, loaded=loaded_qwen3, progress=False)
@@ -349,7 +352,8 @@ def test_resume_names_and_recomputes_a_damaged_record(loaded_qwen3, qwen3_path, 
 
 def test_targets_beyond_the_strips_panels_are_refused_before_generating(loaded_qwen3, qwen3_path, tiny_ranking,
                                                                          tmp_path):
-    cfg = EvalConfig(model=str(qwen3_path), ranking=str(tiny_ranking), strips="procedural:eval", n_strips=1,
+    cfg = EvalConfig(model=str(qwen3_path), preset="organism", ranking=str(tiny_ranking), strips="procedural:eval",
+                     n_strips=1,
                      out=str(tmp_path / "eval"), protocols=("vqa",), conditions=("none",), targets=(2, 7))
     with pytest.raises(EvalError, match="--targets 7: the strips have 6 panels"):
         run_eval(cfg, loaded=loaded_qwen3, progress=False)

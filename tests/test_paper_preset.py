@@ -171,3 +171,38 @@ def test_aggregate_with_and_without_the_baseline_identical_rule():
     rec = _records(0.85)[0]
     assert rec["identical"] and not rec["correct"] and rec["judged_correct"] and rec["similarity"] == 1.0
     assert rec["baseline_answer"] == "cat digs" and "identical to the unsteered answer" in rec["why"]
+
+
+# ---------------------------------------------------------------- end to end on a tiny random model
+
+def test_paper_preset_end_to_end_records_its_settings_and_refuses_others(loaded_qwen3, qwen3_path, tmp_path):
+    import json
+
+    from gaze.eval.config import MANIFEST, RECORDS
+    from gaze.eval.protocols import mapped_panels, run_eval
+    from gaze.generation import prepare_inputs
+
+    cfg = EvalConfig(model=str(qwen3_path), strips="procedural:eval", n_strips=1, out=str(tmp_path / "eval"),
+                     protocols=("vqa",), conditions=("gaze", "none"), top_k=2, targets=(2,), n_discovery=1,
+                     max_new_tokens=2, narration_tokens=2, n_boot=50)  # a folder without prompts.json: "paper"
+    agg = run_eval(cfg, loaded=loaded_qwen3, progress=False)
+    manifest = json.loads((tmp_path / "eval" / MANIFEST).read_text())
+    assert {k: manifest[k] for k in ("preset", "mapping", "assembly", "panel_size", "every", "dynamic_phase",
+                                     "identical_threshold", "identical_tokens", "narration_tokens")} == {
+        "preset": "paper", "mapping": "proportional", "assembly": "official", "panel_size": 256, "every": 50,
+        "dynamic_phase": "decode", "identical_threshold": 0.85, "identical_tokens": "word", "narration_tokens": 2}
+    assert manifest["max_new_tokens"] == 2 and manifest["questions"]["dynamic"].startswith("Please describe each")
+    recs = {r["condition"]: r for r in map(json.loads, (tmp_path / "eval" / RECORDS).read_text().splitlines())}
+    assert recs["none"]["identical"] is None
+    steered = recs["gaze"]
+    assert steered["baseline_answer"] == recs["none"]["answer"] and "judged_correct" in steered
+    assert steered["similarity"] == (None if not steered["answer"].strip() else pytest.approx(
+        answer_similarity(steered["answer"], recs["none"]["answer"]), abs=1e-4))
+    assert agg["meta"]["preset"] == "paper" and "identical" in agg["protocols"]["vqa"]["gaze"]
+    # the proportional boxes give every image token of the strip to one panel
+    strip = eval_strips("procedural:eval", 1, panel_size=256, assembly="official")[0]
+    _, layout = prepare_inputs(loaded_qwen3, strip.image, "")
+    member = panel_regions(layout, mapped_panels(loaded_qwen3, strip)).membership
+    assert member.sum(0).eq(1).all()
+    with pytest.raises(EvalError, match="other settings.*mapping"):
+        run_eval(dataclasses.replace(cfg, mapping="centre"), loaded=loaded_qwen3, progress=False)
