@@ -187,6 +187,12 @@ def proportional_columns(n_cols: int, widths: Sequence[float]) -> list[int]:
     return bounds + [n_cols]
 
 
+def one_row(panels: Sequence[Rect]) -> bool:
+    """Whether the panels (reading order) form one row, left to right: each starts where the last one ended or
+    further right."""
+    return all(float(panels[i + 1][0]) >= float(panels[i][2]) for i in range(len(panels) - 1))
+
+
 def proportional_boxes(layout: ImageLayout, panels: Sequence[Rect]) -> tuple[Rect, ...]:
     """Pixel boxes whose cell-centre membership is the official code's proportional mapping of `panels`.
 
@@ -198,10 +204,10 @@ def proportional_boxes(layout: ImageLayout, panels: Sequence[Rect]) -> tuple[Rec
     if layout.grid is None or layout.grid[0] * layout.grid[1] != layout.n_tokens:
         raise RegionError("the proportional mapping needs one row-major token grid (Qwen-VL style): "
                           "use mapping 'centre' for this family")
-    xs = [(float(b[0]), float(b[2])) for b in panels]
-    if any(xs[i + 1][0] < xs[i][1] for i in range(len(xs) - 1)):
+    if not one_row(panels):
         raise RegionError("the proportional mapping splits columns among ONE row of panels, left to right (as the "
                           "official code does); these panels are in several rows: use mapping 'centre'")
+    xs = [(float(b[0]), float(b[2])) for b in panels]
     cols = layout.grid[1]
     bounds = proportional_columns(cols, [x1 - x0 for x0, x1 in xs])
     left = layout.cells[:cols, 0].double()  # [cols] left edge of each column (row 0)

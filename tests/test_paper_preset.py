@@ -206,3 +206,16 @@ def test_paper_preset_end_to_end_records_its_settings_and_refuses_others(loaded_
     assert member.sum(0).eq(1).all()
     with pytest.raises(EvalError, match="other settings.*mapping"):
         run_eval(dataclasses.replace(cfg, mapping="centre"), loaded=loaded_qwen3, progress=False)
+
+
+def test_proportional_mapping_refuses_two_row_strips_before_generating():
+    from gaze.eval.protocols import _check_strips
+
+    strips = eval_strips("procedural:eval", 1)
+    two_rows = dataclasses.replace(strips[0], panels=tuple((c * 64, r * 32, (c + 1) * 64, (r + 1) * 32)
+                                                           for r in range(2) for c in range(3)))
+    cfg = resolve_preset(EvalConfig(preset="paper", protocols=("vqa",)))
+    _check_strips(cfg, strips)  # one row: fine
+    with pytest.raises(EvalError, match="several rows.*--mapping centre"):
+        _check_strips(cfg, [two_rows])
+    _check_strips(dataclasses.replace(cfg, mapping="centre"), [two_rows])

@@ -58,7 +58,7 @@ from gaze.eval.statistics import bootstrap_ci, spearman
 from gaze.discovery import manifest_diff, write_manifest
 from gaze.prompts import NARRATION_PROMPT
 from gaze.ranking import Head, Ranking
-from gaze.regions import RegionError, box_membership, region_mass
+from gaze.regions import RegionError, box_membership, one_row, region_mass
 from gaze.steering import Box, Panel, Schedule
 from gaze.strips import Strip, StripError, load_strips
 
@@ -551,6 +551,10 @@ def check_targets(targets: Sequence[int] | None, n_panels: int) -> None:
 def _check_strips(cfg: EvalConfig, strips: Sequence[Strip]) -> None:
     """Fail before generating anything when the strips lack what the judges compare against."""
     check_targets(cfg.targets, max(s.n_panels for s in strips))
+    several = next((s for s in strips if not one_row(s.panels)), None) if cfg.mapping == "proportional" else None
+    if several is not None:
+        raise EvalError(f"strip {several.strip_id} has its panels in several rows, which the proportional mapping "
+                        "(the official code's, one row only) cannot split: use --mapping centre")
     panel = {"vqa", "narration", "sweep"} & set(cfg.protocols)
     letters = cfg.judge == "letter"
     for s in strips:
