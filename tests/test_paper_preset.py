@@ -219,3 +219,28 @@ def test_proportional_mapping_refuses_two_row_strips_before_generating():
     with pytest.raises(EvalError, match="several rows.*--mapping centre"):
         _check_strips(cfg, [two_rows])
     _check_strips(dataclasses.replace(cfg, mapping="centre"), [two_rows])
+
+
+def test_comic_folders_are_stitched_the_official_way_under_the_official_assembly(tmp_path):
+    from PIL import Image
+
+    from gaze.strips import load_strips, stitch_official
+
+    sizes = [(100, 100), (150, 100), (300, 200), (90, 120), (100, 100), (500, 250)]
+    comic = tmp_path / "comics" / "comic1"
+    comic.mkdir(parents=True)
+    for k, (w, h) in enumerate(sizes, start=1):
+        Image.new("RGB", (w, h), (10 * k, 0, 0)).save(comic / f"p{k}.png")
+    # at height 256: widths int(w * 256 / h) = 256, 384, 384, 192, 256, 512, each rounded to a multiple of 32
+    image, boxes = stitch_official([Image.open(comic / f"p{k}.png") for k in range(1, 7)])
+    assert [b[2] - b[0] for b in boxes] == [256, 384, 384, 192, 256, 512] and image.size == (1984, 256)
+    assert [b[0] for b in boxes] == [0, 256, 640, 1024, 1216, 1472]  # abutting
+    px = image.load()
+    assert px[253, 100] == px[258, 100] == (255, 255, 255) and px[252, 100] == (10, 0, 0) and px[259, 100] == (20, 0, 0)
+    # a 70 x 100 panel: int(179.2) = 179 px, 5.6 multiples of 32 -> 192; 60 x 100: 153 px, 4.8 -> 160
+    assert [b[2] - b[0] for b in stitch_official([Image.new("RGB", (70, 100)), Image.new("RGB", (60, 100))])[1]] \
+        == [192, 160]
+    strips = eval_strips(str(tmp_path / "comics"), 1, align=32, panel_size=256, assembly="official")
+    assert strips[0].panels == boxes and strips[0].image.tobytes() == image.tobytes()
+    grid = eval_strips(str(tmp_path / "comics"), 1, align=32)[0]  # other assemblies: one cell size, as before
+    assert len({b[2] - b[0] for b in grid.panels}) == 1

@@ -60,7 +60,7 @@ from gaze.prompts import NARRATION_PROMPT
 from gaze.ranking import Head, Ranking
 from gaze.regions import RegionError, box_membership, one_row, region_mass
 from gaze.steering import Box, Panel, Schedule
-from gaze.strips import Strip, StripError, load_strips
+from gaze.strips import OFFICIAL_MULTIPLE, Strip, StripError, load_strips
 
 def derangement(n: int, rng: random.Random) -> list[int]:
     """A random order of panels 1..n with no panel in its own place (so never left to right)."""
@@ -94,7 +94,6 @@ def _procedural_seed0(spec: str, what: str) -> int:
 
 
 PAPER_GAP = 6  # px of white between panels, as the paper assembles its strips
-OFFICIAL_MULTIPLE = 32  # the official code rounds panel height and widths to multiples of 32 px
 
 
 def paper_widths(height: int) -> tuple[int, int]:
@@ -104,17 +103,10 @@ def paper_widths(height: int) -> tuple[int, int]:
 
 
 def painted_seams(strip: Strip, gap: int = PAPER_GAP) -> Strip:
-    """`strip` with `gap` px of white painted over each seam between abutting panels (gap // 2 px left of the
-    seam, the rest right of it), as the official code draws its gaps: the panel boxes and the strip's width
-    stay as they were, so widths that are multiples of the token size stay on the token grid."""
-    from PIL import ImageDraw
+    """`strip` with `gap` px of white painted over each seam between its abutting panels (`strips.paint_seams`)."""
+    from gaze.strips import paint_seams
 
-    image = strip.image.copy()
-    draw = ImageDraw.Draw(image)
-    for box in strip.panels[:-1]:
-        x = int(box[2])
-        draw.rectangle([x - gap // 2, int(box[1]), x + (gap - gap // 2) - 1, int(box[3]) - 1], fill="white")
-    return dataclasses.replace(strip, image=image)
+    return dataclasses.replace(strip, image=paint_seams(strip.image, strip.panels, gap))
 
 
 def eval_strips(source: str, n_strips: int, *, align: int | None = None, panel_size: int = 64,
@@ -124,7 +116,9 @@ def eval_strips(source: str, n_strips: int, *, align: int | None = None, panel_s
     (`assembly="paper"`: panels at the common height `panel_size`, widths drawn from 1 to 1.75 times it,
     6 px white gaps), as its official code does (`"official"`: height and widths rounded to multiples of
     32 px, panels abutting, 6 px of white painted over each seam), or as square panels snapped to the
-    model's token grid (`"aligned"`)."""
+    model's token grid (`"aligned"`). Other sources' separate panels (comic folders, paper-schema datasets)
+    are stitched the official way under `"official"` (`gaze.strips.stitch_official` at `panel_size`), else
+    on one cell size as `load_strips` does."""
     if source.startswith("procedural:"):
         from datagen import make_strip
 
@@ -139,7 +133,8 @@ def eval_strips(source: str, n_strips: int, *, align: int | None = None, panel_s
                     for i in range(n_strips)]
         snap = align if align and panel_size % align == 0 else None
         return [make_strip(seed0 + i, panel_size=panel_size, align=snap) for i in range(n_strips)]
-    strips = list(load_strips(source, n_strips=n_strips, align=align))
+    stitch = dict(assembly="official", height=panel_size) if assembly == "official" else {}
+    strips = list(load_strips(source, n_strips=n_strips, align=align, **stitch))
     if not strips:
         raise StripError(f"the strip source {source} gave no strips")
     return strips
