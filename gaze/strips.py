@@ -246,8 +246,8 @@ def panel_files(folder: Path, n_panels: int = 6) -> list[Path]:
 
 
 def load_folder_strip(
-    folder: str | Path, *, n_panels: int = 6, gap: int = 0, align: int | None = None, cell: tuple[int, int] | None = None,
-    assembly: str = "grid", height: int = OFFICIAL_HEIGHT,
+    folder: str | Path, *, n_panels: int = 6, gap: int = 0, align: int | None = None,
+    cell: tuple[int, int] | None = None, assembly: str = "grid", height: int = OFFICIAL_HEIGHT,
 ) -> Strip:
     """A strip from `folder/p1.png .. pN.png`, stitched left to right (`assembly` "grid": `stitch_panels`;
     "official": `stitch_official` at `height`).

@@ -166,7 +166,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
     return EvalConfig(
-        model=args.model, preset=args.preset, ranking=args.ranking, strips=args.strips, n_strips=args.n_strips, out=args.out,
+        model=args.model, preset=args.preset, ranking=args.ranking, strips=args.strips, n_strips=args.n_strips,
+        out=args.out,
         protocols=tuple(args.protocols), conditions=tuple(args.conditions), top_k=args.top_k, ks=tuple(args.ks),
         targets=tuple(args.targets) if args.targets else None, every=args.every, at_sentence=args.at_sentence,
         seed=args.seed, judge=args.judge,

@@ -144,7 +144,8 @@ class EvalConfig:
         bad = {p for p, _ in self.questions} - set(PROTOCOLS)
         if bad:
             raise EvalError(f"--question for unknown protocols {sorted(bad)}: write PROTOCOL=TEXT, e.g. vqa=...")
-        if self.n_strips < 1 or (self.every is not None and self.every < 1) or (self.top_k is not None and self.top_k < 1):
+        every = 1 if self.every is None else self.every
+        if self.n_strips < 1 or every < 1 or (self.top_k is not None and self.top_k < 1):
             raise EvalError("--n-strips, --every and --top-k must be at least 1")
         if any(k < 1 for k in self.ks):
             raise EvalError(f"--ks must be positive head counts, got {list(self.ks)}")

@@ -60,7 +60,7 @@ from gaze.prompts import NARRATION_PROMPT
 from gaze.ranking import Head, Ranking
 from gaze.regions import RegionError, box_membership, one_row, region_mass
 from gaze.steering import Box, Panel, Schedule
-from gaze.strips import OFFICIAL_MULTIPLE, Strip, StripError, load_strips
+from gaze.strips import OFFICIAL_MULTIPLE, Strip, StripError, aligned_size, load_strips
 
 def derangement(n: int, rng: random.Random) -> list[int]:
     """A random order of panels 1..n with no panel in its own place (so never left to right)."""
@@ -124,10 +124,9 @@ def eval_strips(source: str, n_strips: int, *, align: int | None = None, panel_s
 
         seed0 = _procedural_seed0(source.split(":", 1)[1], "strip")
         if assembly == "official":
-            m = OFFICIAL_MULTIPLE
-            height = max(m, m * round(panel_size / m))
+            height = aligned_size(panel_size, OFFICIAL_MULTIPLE)
             return [painted_seams(make_strip(seed0 + i, panel_size=height, widths=paper_widths(height),
-                                             width_multiple=m)) for i in range(n_strips)]
+                                             width_multiple=OFFICIAL_MULTIPLE)) for i in range(n_strips)]
         if assembly == "paper":
             return [make_strip(seed0 + i, panel_size=panel_size, gap=PAPER_GAP, widths=paper_widths(panel_size))
                     for i in range(n_strips)]
@@ -285,7 +284,7 @@ def identical_rule(record: dict, baseline: str | None, similarity: float | None,
     return record
 
 
-def _tokenizer_of(ctx) -> object:
+def _tokenizer_of(ctx):  # text -> the model tokenizer's ids
     tok = ctx.loaded.processor.tokenizer
     return lambda text: tok(text, add_special_tokens=False)["input_ids"]
 
@@ -397,7 +396,8 @@ def dynamic_narration(ctx: Context, strips, condition, heads, k, *, done=()) -> 
                    correct=sum(s["correct"] for s in segs) / len(segs) > 0.5, matched=None,
                    why=f"{sum(s['correct'] for s in segs)}/{len(segs)} segments on schedule")
         if g.tracker is not None:
-            traj = g.trajectory(regions_for(g.layout, strip.panels, mapping=cfg.mapping), normalise=True)  # [tokens, R]
+            regions = regions_for(g.layout, strip.panels, mapping=cfg.mapping)
+            traj = g.trajectory(regions, normalise=True)  # [tokens, R]
             rec["trajectory"] = [[round(float(v), 3) for v in row] for row in traj]
             rec["tracked"] = [list(h) for h in ctx.track_heads]
         yield rec
@@ -525,7 +525,8 @@ def _check_manifest(out: Path, manifest: dict) -> None:
     if path.exists():
         old = json.loads(path.read_text())  # runs from before `phase` recorded `prefill_only`, or (older) nothing
         legacy = {"phase": "prefill" if old.get("prefill_only") else "all"}  # manifests from before the presets:
-        legacy.update(preset="organism", dynamic_phase="all" if legacy["phase"] == "prefill" else legacy["phase"],
+        phase = old.get("phase", legacy["phase"])
+        legacy.update(preset="organism", dynamic_phase="all" if phase == "prefill" else phase,
                       assembly="paper", mapping="centre", identical_threshold=None, identical_tokens=None)
         diff = manifest_diff(path, manifest, defaults=legacy)
         if diff:
