@@ -78,12 +78,15 @@ def make_strip(
     letter_font: str | None = None,
     strip_id: str | None = None,
     widths: tuple[int, int] | None = None,
+    width_multiple: int | None = None,
 ) -> Strip:
     """One six-panel strip, in memory; the same arguments give the same pixels.
 
     `widths` (lo, hi): assemble as the paper does: panels keep the common
     height `panel_size` and are stretched to widths drawn (seeded) from lo..hi
-    px, with `gap` px of white between them (`align` must then be None).
+    px, with `gap` px of white between them (`align` must then be None);
+    `width_multiple`: each drawn width rounded to the nearest multiple of it
+    (at least one), as the official code rounds panel widths to 32 px.
 
     `renderer`: "procedural" (default) or a renderer object such as
     `DiffusionRenderer(pipeline, model_id=...)`. `story`: written elsewhere
@@ -111,6 +114,8 @@ def make_strip(
             raise DatagenError(f"widths {widths!r}: give (lo, hi) px with 1 <= lo <= hi")
         rng = random.Random(f"widths/{seed}")
         panel_widths = [rng.randint(lo, hi) for _ in images]
+        if width_multiple:
+            panel_widths = [max(width_multiple, width_multiple * round(w / width_multiple)) for w in panel_widths]
     return assemble(
         images, layout=layout, gap=gap, align=align, strip_id=strip_id or f"seed-{seed}", widths=panel_widths,
         captions=story.captions, letters=chosen, letter_boxes=letter_boxes, object_boxes=objects,

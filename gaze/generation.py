@@ -46,7 +46,8 @@ from gaze.families import QwenVL
 from gaze.models import Loaded
 from gaze.prompts import Inputs, chat_text
 from gaze.ranking import Head
-from gaze.regions import ImageLayout, RegionMap, equal_panel_regions, panel_regions
+from gaze.regions import ImageLayout, RegionMap, panel_regions
+from gaze.strips import equal_panels
 from gaze.steering import (DEFAULT_STRENGTH, LiveTarget, Mode, Phase, Schedule, Steering, Target, check_heads,
                             image_prefix_len, steer)
 from gaze.tracking import Tracker
@@ -380,6 +381,10 @@ def generate(
     )
 
 
-def regions_for(layout: ImageLayout, panels: Sequence | None = None, n_panels: int = 6) -> RegionMap:
-    """Panel regions from boxes, or `n_panels` equal panels when no boxes are known."""
-    return panel_regions(layout, panels) if panels is not None else equal_panel_regions(layout, n_panels)
+def regions_for(layout: ImageLayout, panels: Sequence | None = None, n_panels: int = 6,
+                mapping: str = "centre") -> RegionMap:
+    """Panel regions from boxes (token membership by `mapping`, see `panel_regions`), or `n_panels` equal
+    panels when no boxes are known."""
+    if panels is None:
+        panels = equal_panels(layout.image_size, n_panels)
+    return panel_regions(layout, panels, mapping)

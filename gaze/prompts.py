@@ -19,6 +19,10 @@ STRIP_QUESTION = "What is the main action or event happening in this comic strip
 NARRATION_PROMPT = ("Please describe what happens in each panel, in order. Start each panel description with "
                     "'Panel 1:', 'Panel 2:', and so on.")
 THIS_PANEL_QUESTION = "What is happening in this panel of the comic strip?"  # static narration
+# dynamic narration, as the official code asks it (05_steer_dynamic_narration.py)
+DYNAMIC_NARRATION_PROMPT = ("Please describe each panel of this comic strip in order as I point you to them. Keep each "
+                            "description SHORT \u2014 one brief sentence per panel, naming the action and the salient "
+                            "objects. Do not summarise the whole strip first; just describe panel by panel.")
 REVERSE_QUESTION = "Read the comic in reverse, what is happening in the {ordinal} panel from the left?"
 
 

@@ -10,7 +10,10 @@ A `RegionMap` is a [regions, image tokens] 0/1 membership matrix: panels of a
 strip (disjoint) or arbitrary pixel boxes (possibly overlapping). A token
 belongs to a region when its cell CENTRE lies inside the region's box, which
 splits panel columns proportionally even when a panel's width is not a
-multiple of the merged patch size.
+multiple of the merged patch size ("centre" mapping). The paper's official code
+maps panels differently ("proportional"): the token grid's columns are cut in
+proportion to the panel widths, every column going to some panel, gaps included
+(`proportional_columns`); the two agree when panels abut on token columns.
 
 All functions here are pure: tensors in, tensors out, no model.
 """
@@ -160,8 +163,69 @@ def box_regions(layout: ImageLayout, boxes: Sequence[Rect], names: Sequence[str]
     return RegionMap(membership, names, tuple(tuple(float(v) for v in b) for b in boxes))
 
 
-def panel_regions(layout: ImageLayout, panels: Sequence[Rect]) -> RegionMap:
-    """A region per panel box (reading order); every panel must own at least one token."""
+MAPPINGS = ("centre", "proportional")  # how panel boxes become image tokens (`panel_regions`)
+
+
+def proportional_columns(n_cols: int, widths: Sequence[float]) -> list[int]:
+    """Column boundaries [0, b1, ..., n_cols] that cut `n_cols` token columns in proportion to panel `widths`.
+
+    The official code's rule: boundary k is the cumulative width share times `n_cols`, rounded (Python's
+    `round`, halves to even), then clamped so that boundaries strictly increase and every panel keeps at
+    least one column (when there are at least as many columns as panels).
+    """
+    n = len(widths)
+    if n == 0:
+        return [0, n_cols]
+    total = max(1.0, float(sum(widths)))
+    cum = [n_cols * float(sum(widths[: k + 1])) / total for k in range(n)]
+    bounds = [0]
+    enough = n_cols >= n
+    for k in range(1, n):
+        lo = bounds[-1] + (1 if enough else 0)
+        hi = n_cols - (n - k) if enough else n_cols
+        bounds.append(min(max(int(round(cum[k - 1])), lo), hi))
+    return bounds + [n_cols]
+
+
+def one_row(panels: Sequence[Rect]) -> bool:
+    """Whether the panels (reading order) form one row, left to right: each starts where the last one ended or
+    further right."""
+    return all(float(panels[i + 1][0]) >= float(panels[i][2]) for i in range(len(panels) - 1))
+
+
+def proportional_boxes(layout: ImageLayout, panels: Sequence[Rect]) -> tuple[Rect, ...]:
+    """Pixel boxes whose cell-centre membership is the official code's proportional mapping of `panels`.
+
+    Panel k gets the token columns [b_k, b_k+1) of `proportional_columns(cols, panel widths)` in every grid
+    row; its box runs from the left edge of column b_k to the left edge of column b_k+1 (the image's right
+    edge for the last panel), full height, so `box_membership` picks exactly those columns. One row of
+    panels and one row-major token grid only (the official code's strips); anything else raises.
+    """
+    if layout.grid is None or layout.grid[0] * layout.grid[1] != layout.n_tokens:
+        raise RegionError("the proportional mapping needs one row-major token grid (Qwen-VL style): "
+                          "use mapping 'centre' for this family")
+    if not one_row(panels):
+        raise RegionError("the proportional mapping splits columns among ONE row of panels, left to right (as the "
+                          "official code does); these panels are in several rows: use mapping 'centre'")
+    xs = [(float(b[0]), float(b[2])) for b in panels]
+    cols = layout.grid[1]
+    bounds = proportional_columns(cols, [x1 - x0 for x0, x1 in xs])
+    left = layout.cells[:cols, 0].double()  # [cols] left edge of each column (row 0)
+    w, h = layout.image_size
+    edges = [float(left[b]) if b < cols else float(max(w, float(layout.cells[cols - 1, 2]))) for b in bounds]
+    return tuple((edges[k], 0.0, edges[k + 1], float(h)) for k in range(len(panels)))
+
+
+def panel_regions(layout: ImageLayout, panels: Sequence[Rect], mapping: str = "centre") -> RegionMap:
+    """A region per panel box (reading order); every panel must own at least one token.
+
+    `mapping` "centre": a token belongs to the panel whose box holds its cell centre (gap tokens to none);
+    "proportional": the official code's column split (`proportional_boxes`; every column to some panel).
+    """
+    if mapping not in MAPPINGS:
+        raise RegionError(f"unknown panel mapping {mapping!r}: use one of {', '.join(MAPPINGS)}")
+    if mapping == "proportional":
+        panels = proportional_boxes(layout, panels)
     try:
         regions = box_regions(layout, panels, [f"panel {k + 1}" for k in range(len(panels))])
     except RegionError as e:

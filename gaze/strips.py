@@ -147,6 +147,49 @@ def stitch_panels(
     return strip, tuple(boxes)
 
 
+OFFICIAL_HEIGHT, OFFICIAL_MULTIPLE, OFFICIAL_GAP = 256, 32, 6  # the official code's strips (docs/paper-protocol.md)
+
+
+def paint_seams(image: Image.Image, boxes: Sequence[Rect], gap: int = OFFICIAL_GAP) -> Image.Image:
+    """A copy of `image` with `gap` px of white painted over each seam between consecutive abutting panels
+    (gap // 2 px left of the seam, the rest right of it): the official code's gaps, which leave the panel boxes
+    and the strip's width as they were."""
+    from PIL import ImageDraw
+
+    image = image.copy()
+    draw = ImageDraw.Draw(image)
+    for box in boxes[:-1]:
+        x = int(box[2])
+        draw.rectangle([x - gap // 2, int(box[1]), x + (gap - gap // 2) - 1, int(box[3]) - 1], fill="white")
+    return image
+
+
+def stitch_official(panels: Sequence[Image.Image], *, height: int = OFFICIAL_HEIGHT, multiple: int = OFFICIAL_MULTIPLE,
+                    gap: int = OFFICIAL_GAP) -> tuple[Image.Image, tuple[Rect, ...]]:
+    """Panels left to right as the paper's official code assembles a strip: each resized to the common height
+    (rounded to a multiple of `multiple`) keeping its aspect, its width rounded to a multiple too, pasted
+    abutting, then `gap` px of white painted over each seam (`paint_seams`). Returns (strip, boxes)."""
+    if not panels:
+        raise StripError("no panels to stitch")
+    h = aligned_size(height, multiple)
+    widths = [aligned_size(int(p.size[0] * h / max(p.size[1], 1)), multiple) for p in panels]
+    strip = Image.new("RGB", (sum(widths), h), (255, 255, 255))
+    boxes, x = [], 0
+    for panel, w in zip(panels, widths):
+        strip.paste(panel.convert("RGB").resize((w, h), Image.LANCZOS), (x, 0))
+        boxes.append((x, 0, x + w, h))
+        x += w
+    return paint_seams(strip, boxes, gap), tuple(boxes)
+
+
+def _stitched(images, *, assembly: str, gap: int, align: int | None, cell=None, height: int = OFFICIAL_HEIGHT):
+    if assembly == "official":
+        return stitch_official(images, height=height)
+    if assembly != "grid":
+        raise StripError(f"unknown strip assembly {assembly!r}: use 'grid' or 'official'")
+    return stitch_panels(images, gap=gap, align=align, cell=cell)
+
+
 def equal_panels(size: tuple[int, int], n: int, rows: int = 1) -> tuple[Rect, ...]:
     """Boxes of `n` equal panels covering an image of `size` (w, h): `rows` rows, reading order."""
     if n < 1 or rows < 1 or n % rows:
@@ -203,16 +246,18 @@ def panel_files(folder: Path, n_panels: int = 6) -> list[Path]:
 
 
 def load_folder_strip(
-    folder: str | Path, *, n_panels: int = 6, gap: int = 0, align: int | None = None, cell: tuple[int, int] | None = None
+    folder: str | Path, *, n_panels: int = 6, gap: int = 0, align: int | None = None,
+    cell: tuple[int, int] | None = None, assembly: str = "grid", height: int = OFFICIAL_HEIGHT,
 ) -> Strip:
-    """A strip from `folder/p1.png .. pN.png`, stitched left to right.
+    """A strip from `folder/p1.png .. pN.png`, stitched left to right (`assembly` "grid": `stitch_panels`;
+    "official": `stitch_official` at `height`).
 
     `captions.json` (a list of N strings, or {"captions": [...], "letters": [...]})
     beside the panels travels with the strip.
     """
     folder = Path(folder)
     images = [open_image(p) for p in panel_files(folder, n_panels)]
-    image, boxes = stitch_panels(images, gap=gap, align=align, cell=cell)
+    image, boxes = _stitched(images, assembly=assembly, gap=gap, align=align, cell=cell, height=height)
     captions = letters = None
     meta: dict = {}
     meta_file = folder / "captions.json"
@@ -312,8 +357,10 @@ def _to_image(value, where: str) -> Image.Image:
     raise StripError(f"{where}: missing image")
 
 
-def strip_from_row(row: dict, index: int, *, align: int | None = None, gap: int = 0) -> Strip:
-    """Convert one dataset row (either schema) to a `Strip`."""
+def strip_from_row(row: dict, index: int, *, align: int | None = None, gap: int = 0, assembly: str = "grid",
+                   height: int = OFFICIAL_HEIGHT) -> Strip:
+    """Convert one dataset row (either schema) to a `Strip` (separate panels stitched by `assembly`, as
+    `load_folder_strip` does; a project-schema strip keeps its own image)."""
     columns = list(row)
     schema = detect(columns)
     strip_id = next((str(row[c]) for c in ID_COLUMNS if c in row and row[c] is not None), f"row{index}")
@@ -331,7 +378,7 @@ def strip_from_row(row: dict, index: int, *, align: int | None = None, gap: int 
             raise StripError(f"comic {strip_id}: panel {k} ({col}) is missing; pass skip_bad=True (--skip-bad) to "
                              "skip such rows")
         images.append(_to_image(row[col], f"comic {strip_id} panel {k}"))
-    image, boxes = stitch_panels(images, gap=gap, align=align)
+    image, boxes = _stitched(images, assembly=assembly, gap=gap, align=align, height=height)
     captions = None
     cap_cols = _caption_columns(columns, len(panel_cols))
     if cap_cols:
@@ -396,6 +443,8 @@ def load_strips(
     skip_bad: bool = False,
     on_skip=None,
     panel_boxes: Sequence[Rect] | None = None,
+    assembly: str = "grid",
+    height: int = OFFICIAL_HEIGHT,
 ) -> Iterator[Strip]:
     """Strips from a `--strips` source, lazily, in a stable order.
 
@@ -404,6 +453,9 @@ def load_strips(
       or a hub id (project schema: `strip` image + `panel_boxes`; paper schema:
       `panel_1 .. panel_6` images);
     - one image file with its `panel_boxes`, or split into `n_panels` equal panels left to right.
+
+    Separate panels (comic folders, paper-schema rows) are stitched by `assembly`: "grid" (`stitch_panels`,
+    one cell size, `gap` and `align`) or "official" (`stitch_official` at `height`: the official code's).
 
     A strip with a missing or unreadable panel is an error naming it, unless
     `skip_bad`: then it is skipped and reported to `on_skip(strip_id, reason)`
@@ -435,7 +487,7 @@ def load_strips(
         return
     if path.is_dir() and not _is_dataset_folder(path):
         if any((path / f"p1{s}").exists() for s in IMAGE_SUFFIXES):
-            yield load_folder_strip(path, n_panels=n_panels, align=align, gap=gap)
+            yield load_folder_strip(path, n_panels=n_panels, align=align, gap=gap, assembly=assembly, height=height)
             return
         folders = list(iter_comic_folders(path))
         if not folders:
@@ -443,7 +495,8 @@ def load_strips(
                 f"{path} holds no comic folders: expected comicN/p1.png .. p{n_panels}.png, a dataset, or an image"
             )
         for folder in folders[start:stop]:
-            strip = guarded(lambda: load_folder_strip(folder, n_panels=n_panels, align=align, gap=gap), folder.name)
+            strip = guarded(lambda: load_folder_strip(folder, n_panels=n_panels, align=align, gap=gap,
+                                                      assembly=assembly, height=height), folder.name)
             if strip is not None:
                 yield strip
         return
@@ -456,6 +509,7 @@ def load_strips(
     for i in range(start, end):
         row = rows[i]
         strip_id = str(next((row[c] for c in ("strip_id", "comic_id", "id") if c in row), f"row{i}"))
-        strip = guarded(lambda: strip_from_row(row, i, align=align, gap=gap), f"comic {strip_id}")
+        strip = guarded(lambda: strip_from_row(row, i, align=align, gap=gap, assembly=assembly, height=height),
+                        f"comic {strip_id}")
         if strip is not None:
             yield strip

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gaze.eval.cli import config_from_args, main, register
-from gaze.eval.config import AGGREGATE, RECORDS, EvalConfig, EvalError
+from gaze.eval.config import AGGREGATE, RECORDS, EvalConfig, EvalError, resolve_preset
 from gaze.eval.heads import PriorScores, head_sets, random_pool
 from gaze.eval.protocols import aggregate, derangement, run_eval, segments, size_class
 from gaze.eval.records import RecordLog, record_key
@@ -152,7 +152,8 @@ def tiny_ranking(loaded_qwen3, tmp_path_factory):
 def test_tiny_end_to_end_eval_and_report(loaded_qwen3, qwen3_path, tiny_ranking, tmp_path):
     from gaze.eval.report import write_report
 
-    cfg = EvalConfig(model=str(qwen3_path), ranking=str(tiny_ranking), strips="procedural:eval", n_strips=1,
+    cfg = EvalConfig(model=str(qwen3_path), preset="organism", ranking=str(tiny_ranking), strips="procedural:eval",
+                     n_strips=1,
                      out=str(tmp_path / "eval"), top_k=2, ks=(1, 2), targets=(2,), every=1, max_new_tokens=3,
                      narration_tokens=4, n_scenes=1, n_objects=2, prior_strips=1, n_boot=200)
     agg = run_eval(cfg, loaded=loaded_qwen3, progress=False)
@@ -192,7 +193,8 @@ def test_tiny_end_to_end_eval_and_report(loaded_qwen3, qwen3_path, tiny_ranking,
 
 
 def test_resume_after_interruption_gives_the_same_aggregate(qwen3_path, tiny_ranking, tmp_path, capsys):
-    common = ["--model", str(qwen3_path), "--ranking", str(tiny_ranking), "--strips", "procedural:eval",
+    common = ["--model", str(qwen3_path), "--preset", "organism", "--ranking", str(tiny_ranking),
+              "--strips", "procedural:eval",
               "--n-strips", "2", "--protocols", "vqa", "--conditions", "gaze,none", "--targets", "3",
               "--top-k", "2", "--max-new-tokens", "2", "--n-boot", "200", "--device", "cpu", "--quiet", "--no-report"]
     fresh, resumed = tmp_path / "fresh", tmp_path / "resumed"
@@ -244,7 +246,7 @@ def test_protocols_count_known_answers(tmp_path):
     from gaze.eval.protocols import dynamic_narration, eval_strips, vqa
 
     strips = eval_strips("procedural:eval", 4)
-    cfg = EvalConfig(every=3, seed=0)
+    cfg = resolve_preset(EvalConfig(every=3, seed=0))
     # steered heads obey the target; with no heads the model always describes panel 1
     ctx = ScriptedContext(cfg, lambda strip, heads, k: k if heads else 1)
     records = list(vqa(ctx, strips, "gaze", [(0, 0)], 1)) + list(vqa(ctx, strips, "none", [], 0))
@@ -252,7 +254,10 @@ def test_protocols_count_known_answers(tmp_path):
     records += list(dynamic_narration(ctx, strips, "none", [], 0))
     assert len({r["key"] for r in records}) == len(records) == 4 * 6 * 2 + 4 * 2
     p = aggregate(records, n_boot=200)["protocols"]
-    assert p["vqa"]["gaze"]["accuracy"] == 1.0 and p["vqa"]["gaze"]["ci"] == [1.0, 1.0]
+    # steered to panel 1, the answer is the unsteered one: the baseline-identical rule makes it a miss
+    assert p["vqa"]["gaze"]["accuracy"] == pytest.approx(5 / 6) and p["vqa"]["gaze"]["identical"] == pytest.approx(1 / 6)
+    assert p["vqa"]["gaze"]["judged_accuracy"] == 1.0 and p["vqa"]["gaze"]["per_panel"]["1"]["accuracy"] == 0
+    assert p["vqa"]["none"]["identical"] is None
     assert p["vqa"]["none"]["accuracy"] == pytest.approx(1 / 6)
     assert p["vqa"]["none"]["per_panel"]["1"]["accuracy"] == 1.0 and p["vqa"]["none"]["per_panel"]["4"]["accuracy"] == 0
     assert p["vqa"]["none"]["matched_share"] == {"1": 1.0}
@@ -326,7 +331,8 @@ def _older_format(path):
     (_other_strip, "stale: strip"), (_older_format, "stale: written by an older version")])
 def test_resume_names_and_recomputes_a_damaged_record(loaded_qwen3, qwen3_path, tiny_ranking, tmp_path, capsys,
                                                        damage, why):
-    cfg = EvalConfig(model=str(qwen3_path), ranking=str(tiny_ranking), strips="procedural:eval", n_strips=2,
+    cfg = EvalConfig(model=str(qwen3_path), preset="organism", ranking=str(tiny_ranking), strips="procedural:eval",
+                     n_strips=2,
                      out=str(tmp_path / "eval"), protocols=("vqa",), conditions=("gaze", "none"), top_k=2,
                      targets=(2,), max_new_tokens=2, n_boot=100)
     fresh = run_eval(cfg, loaded=loaded_qwen3, progress=False)
@@ -346,7 +352,8 @@ def test_resume_names_and_recomputes_a_damaged_record(loaded_qwen3, qwen3_path, 
 
 def test_targets_beyond_the_strips_panels_are_refused_before_generating(loaded_qwen3, qwen3_path, tiny_ranking,
                                                                          tmp_path):
-    cfg = EvalConfig(model=str(qwen3_path), ranking=str(tiny_ranking), strips="procedural:eval", n_strips=1,
+    cfg = EvalConfig(model=str(qwen3_path), preset="organism", ranking=str(tiny_ranking), strips="procedural:eval",
+                     n_strips=1,
                      out=str(tmp_path / "eval"), protocols=("vqa",), conditions=("none",), targets=(2, 7))
     with pytest.raises(EvalError, match="--targets 7: the strips have 6 panels"):
         run_eval(cfg, loaded=loaded_qwen3, progress=False)

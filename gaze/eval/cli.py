@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from gaze.cli import HelpFormatter, _at_least, _writable, device_arg, dtype_arg, strength_arg
-from gaze.eval.config import CONDITIONS, PROTOCOLS, EvalConfig
+from gaze.eval.config import ASSEMBLIES, CONDITIONS, IDENTICAL_UNITS, MAPPINGS, PRESETS, PROTOCOLS, EvalConfig
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -77,6 +77,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = EvalConfig()
     p.add_argument("--model", default=d.model, help="hub id OWNER/NAME, local folder, or 'organism', the bundled "
                    "model organism")
+    p.add_argument("--preset", default=d.preset, choices=("auto", *PRESETS),
+                   help="the protocol's lengths, phases, strips, mapping and rules: 'paper' (the paper's, as its "
+                        "official code runs them; docs/paper-protocol.md), 'organism' (the shipped tiny model's "
+                        "short ones), or auto: organism for 'organism' or a folder with prompts.json, else paper. "
+                        "Flags given explicitly win")
     p.add_argument("--ranking", default=None,
                    help="ranking folder or ranking.json from `gaze discover` (default: discover into OUT/discovery)")
     p.add_argument("--strips", default=d.strips,
@@ -92,7 +97,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ks", type=_ints, default=d.ks, help="K values of the head-count sweep")
     p.add_argument("--targets", type=_ints, default=None,
                    help="panels to steer to, 1..the strips' panel count (default: all)")
-    p.add_argument("--every", type=_at_least(1), default=d.every, help="dynamic narration: tokens per schedule entry")
+    p.add_argument("--every", type=_at_least(1), default=None,
+                   help="dynamic narration: tokens per schedule entry (default: the preset's; paper 50, organism 10)")
     p.add_argument("--at-sentence", action="store_true",
                    help="dynamic narration: switch at the first sentence end after --every tokens")
     p.add_argument("--seed", type=int, default=d.seed, help="random heads, derangements, bootstrap")
@@ -105,15 +111,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "only over https or to a loopback server (default: none)")
     p.add_argument("--judge-allow-http", action="store_true",
                    help="send the judge's API key over plain http to a non-loopback --judge-endpoint")
-    p.add_argument("--max-new-tokens", type=_at_least(1), default=d.max_new_tokens,
-                   help="short answers (vqa, sweep, region)")
-    p.add_argument("--narration-tokens", type=_at_least(1), default=d.narration_tokens, help="static narration answers")
+    p.add_argument("--max-new-tokens", type=_at_least(1), default=None,
+                   help="short answers (vqa, sweep, region) (default: the preset's; paper 15, organism 24)")
+    p.add_argument("--narration-tokens", type=_at_least(1), default=None,
+                   help="static narration answers (default: the preset's; paper 100, organism 64)")
     p.add_argument("--strength", type=strength_arg, default=d.strength, help="steering bias B")
     p.add_argument("--mode", default=d.mode, choices=["boost", "suppress", "suppress_text"],
                    help="boost the target's image tokens, suppress them, or suppress the text tokens")
-    p.add_argument("--phase", default=d.phase, choices=["all", "prefill", "decode"],
-                   help="when to bias: all rows (default), the prompt's rows only (static targets; schedules steer "
-                        "every row), or decode steps only")
+    p.add_argument("--phase", default=None, choices=["all", "prefill", "decode"],
+                   help="when to bias static targets: all rows (both presets), the prompt's rows only, or decode "
+                        "steps only")
+    p.add_argument("--dynamic-phase", default=None, choices=["all", "decode"],
+                   help="when to bias dynamic schedules (default: the preset's; paper decode, organism as --phase)")
+    p.add_argument("--mapping", default=None, choices=MAPPINGS,
+                   help="which image tokens a panel owns: centre (its box holds the cell centre; organism) or "
+                        "proportional (grid columns split in proportion to panel widths, one row of panels; paper)")
+    p.add_argument("--identical-threshold", type=float, default=None,
+                   help="a steered answer at least this Jaccard-similar to the unsteered one is a miss (default: "
+                        "0.85, the official code's; above 1, e.g. 1.01, turns the rule off)")
+    p.add_argument("--identical-tokens", default=None, choices=IDENTICAL_UNITS,
+                   help="what that Jaccard counts: word (normalised words, default) or token (the model's tokenizer)")
     p.add_argument("--random-percentile", type=_fraction_pct, default=d.random_percentile,
                    help="random heads come from this bottom share of gaze scores, in percent")
     p.add_argument("--prior-strips", type=_at_least(1), default=d.prior_strips,
@@ -123,11 +140,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="scenes for the region protocol (default: --n-strips)")
     p.add_argument("--n-objects", type=_at_least(1), default=d.n_objects, help="objects per procedural scene")
     p.add_argument("--scene-size", type=_size, default=d.scene_size, help="procedural scene size WxH")
-    p.add_argument("--panel-size", type=_at_least(1), default=d.panel_size,
-                   help="procedural strips: panel height in pixels")
-    p.add_argument("--assembly", default=d.assembly, choices=("paper", "aligned"),
-                   help="procedural strips: 'paper' (common height, widths of their own, 6 px gaps) or 'aligned' "
-                        "(square panels on the token grid)")
+    p.add_argument("--panel-size", type=_at_least(1), default=None,
+                   help="procedural strips: panel height in pixels (default: the preset's; paper 256, organism 64)")
+    p.add_argument("--assembly", default=None, choices=ASSEMBLIES,
+                   help="procedural strips: 'paper' (common height, widths of their own, 6 px gaps inserted; "
+                        "organism), 'official' (height and widths rounded to 32 px, 6 px white painted over each "
+                        "seam; paper preset) or 'aligned' (square panels on the token grid)")
     p.add_argument("--question", type=_question, action="append", default=[], metavar="PROTOCOL=TEXT",
                    help="replace a protocol's question (repeatable; default: the paper's questions)")
     p.add_argument("--discovery-strips", default=d.discovery_strips, help="strips for discovery when --ranking is not given")
@@ -148,14 +166,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
     return EvalConfig(
-        model=args.model, ranking=args.ranking, strips=args.strips, n_strips=args.n_strips, out=args.out,
+        model=args.model, preset=args.preset, ranking=args.ranking, strips=args.strips, n_strips=args.n_strips,
+        out=args.out,
         protocols=tuple(args.protocols), conditions=tuple(args.conditions), top_k=args.top_k, ks=tuple(args.ks),
         targets=tuple(args.targets) if args.targets else None, every=args.every, at_sentence=args.at_sentence,
         seed=args.seed, judge=args.judge,
         judge_model=args.judge_model, judge_endpoint=args.judge_endpoint, judge_allow_http=args.judge_allow_http,
         max_new_tokens=args.max_new_tokens,
         narration_tokens=args.narration_tokens, strength=args.strength, mode=args.mode,
-        phase=args.phase, random_percentile=args.random_percentile, prior_strips=args.prior_strips, scenes=args.scenes,
+        phase=args.phase, dynamic_phase=args.dynamic_phase, mapping=args.mapping,
+        identical_threshold=args.identical_threshold, identical_tokens=args.identical_tokens,
+        random_percentile=args.random_percentile, prior_strips=args.prior_strips, scenes=args.scenes,
         n_scenes=args.n_scenes, n_objects=args.n_objects, scene_size=tuple(args.scene_size),
         panel_size=args.panel_size, assembly=args.assembly, questions=tuple(args.question), discovery_strips=args.discovery_strips,
         n_discovery=args.n_discovery, n_boot=args.n_boot, device=args.device, dtype=args.dtype,

@@ -1,6 +1,11 @@
-"""`gaze eval`'s settings: protocols, conditions, file names, and `EvalConfig` (one field per CLI flag).
+"""`gaze eval`'s settings: protocols, conditions, file names, presets, and `EvalConfig` (one field per CLI flag).
 
 Light on purpose (no torch): `gaze --help` builds the eval flags from these defaults.
+
+Presets (`PRESETS`, docs/paper-protocol.md): the settings a field left at None takes. "paper" is the paper's
+protocol as its official code runs it (the default for real checkpoints); "organism" the shipped tiny model's
+short one (the default for "organism" and for any folder with a prompts.json). Explicit values win;
+`resolve_preset` fills the rest, and the run manifest records every resolved value.
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ import math
 from dataclasses import dataclass
 
 from gaze.errors import GazeError
-from gaze.prompts import NARRATION_PROMPT, STRIP_QUESTION, THIS_PANEL_QUESTION
+from gaze.prompts import DYNAMIC_NARRATION_PROMPT, NARRATION_PROMPT, STRIP_QUESTION, THIS_PANEL_QUESTION
 
 PROTOCOLS = ("vqa", "narration", "dynamic", "region", "sweep")
 CONDITIONS = ("gaze", "random", "all", "image", "localization", "none")
@@ -25,6 +30,33 @@ DEFAULT_QUESTIONS = {  # protocol -> question, for caption-like judges
     "dynamic": NARRATION_PROMPT, "region": THIS_PANEL_QUESTION,
 }
 LETTER_QUESTIONS = {"vqa": LETTER_STRIP_QUESTION, "sweep": LETTER_STRIP_QUESTION, "narration": LETTER_PANEL_QUESTION}
+
+ASSEMBLIES = ("paper", "aligned", "official")  # procedural strips, see `gaze.eval.protocols.eval_strips`
+MAPPINGS = ("centre", "proportional")  # panel boxes -> image tokens, see `gaze.regions.panel_regions`
+IDENTICAL_UNITS = ("word", "token")  # what the baseline-identical rule's Jaccard counts
+PHASES = ("all", "prefill", "decode")
+
+# The settings each preset gives the fields left at None (docs/paper-protocol.md cites every value).
+PRESETS: dict[str, dict] = {
+    "paper": dict(
+        max_new_tokens=15,  # VQA answers (official 03_steer_vqa.py --max-new-tokens 15)
+        narration_tokens=100,  # static narration (04_steer_static_narration.py, "~100 token" answers)
+        every=50,  # dynamic narration: a new target every 50 decode tokens, 6 x 50 = 300 tokens in all
+        phase="all",  # vqa / narration: prefill and decode ("the paper recipe"; --full-sequence)
+        dynamic_phase="decode",  # dynamic narration: decode steps only (05_...py default decode_only=True)
+        panel_size=256,  # common panel height (gaze_heads/common.py DEFAULT_TARGET_HEIGHT)
+        assembly="official",  # widths rounded to multiples of 32, 6 px white painted over each seam
+        mapping="proportional",  # grid columns split in proportion to panel widths (gaze_heads/regions.py)
+        identical_threshold=0.85,  # steered ~ baseline (word Jaccard >= 0.85) is a miss (gaze_heads/judge.py)
+        identical_tokens="word",
+    ),
+    "organism": dict(
+        max_new_tokens=24, narration_tokens=64, every=10, phase="all",
+        dynamic_phase=None,  # as `phase` (a schedule steers every row when phase is "prefill")
+        panel_size=64, assembly="paper", mapping="centre", identical_threshold=0.85, identical_tokens="word",
+    ),
+}
+PAPER_QUESTIONS = {"dynamic": DYNAMIC_NARRATION_PROMPT}  # the paper preset's questions beside DEFAULT_QUESTIONS
 
 RECORDS = "records.jsonl"
 AGGREGATE = "aggregate.json"
@@ -51,26 +83,31 @@ class EvalConfig:
     top_k: int | None = None  # K for every condition; None: the paper's share (100/1,152 of all heads), >= 1
     ks: tuple[int, ...] = (1, 2, 4, 8)  # K values of the head-count sweep (capped at the model's head count)
     targets: tuple[int, ...] | None = None  # panels to steer to (1-based); None: every panel
-    every: int = 10  # dynamic narration: tokens per schedule entry (the paper: 50 for long 8B narrations)
+    every: int | None = None  # dynamic narration: tokens per schedule entry (None: the preset's; paper 50)
     at_sentence: bool = False  # dynamic narration: switch at the first sentence end after `every` tokens
     seed: int = 0  # random heads, derangements, bootstrap
     judge: str = "caption"  # caption | letter | embedding | llm
     judge_model: str | None = None  # embedding model / LLM (endpoint model name or local folder)
     judge_endpoint: str | None = None  # OpenAI-compatible base URL for --judge llm (key from $OPENAI_API_KEY)
     judge_allow_http: bool = False  # send the judge's API key over plain http to a non-loopback host
-    max_new_tokens: int = 24  # short answers: vqa, sweep, region
-    narration_tokens: int = 64  # static narration answers
+    preset: str = "auto"  # paper | organism | auto (organism for "organism" or a folder with prompts.json, else paper)
+    max_new_tokens: int | None = None  # short answers: vqa, sweep, region (None: the preset's)
+    narration_tokens: int | None = None  # static narration answers (None: the preset's)
     strength: float = 1e4  # steering bias B
     mode: str = "boost"  # boost | suppress | suppress_text
-    phase: str = "all"  # all | prefill (static targets bias the prompt's rows only; schedules always steer every row) | decode
+    phase: str | None = None  # all | prefill (the prompt's rows only) | decode; vqa, narration, region, sweep
+    dynamic_phase: str | None = None  # the dynamic schedule's phase: all | decode (None: the preset's, else `phase`)
+    mapping: str | None = None  # centre | proportional: which image tokens a panel box owns (None: the preset's)
+    identical_threshold: float | None = None  # steered vs unsteered Jaccard >= this: a miss (> 1 disables)
+    identical_tokens: str | None = None  # word (normalised words) | token (the model's tokenizer)
     random_percentile: float = 5.0  # random heads come from this bottom share of gaze scores (widened to 2K heads)
     prior_strips: int = 8  # strips for the image / localization head criteria
     scenes: str = "procedural"  # region protocol: procedural[:SEED0] (datagen scenes), strip-objects, or a folder
     n_scenes: int | None = None  # scenes for the region protocol; None: n_strips
     n_objects: int = 4  # objects per procedural scene
     scene_size: tuple[int, int] = (384, 192)  # procedural scene (width, height) in pixels
-    panel_size: int = 64  # procedural strips: panel height in pixels
-    assembly: str = "paper"  # procedural strips: "paper" (common height, widths of their own, 6 px gaps) | "aligned"
+    panel_size: int | None = None  # procedural strips: panel height in pixels (None: the preset's)
+    assembly: str | None = None  # procedural strips: paper | aligned | official (None: the preset's)
     questions: tuple[tuple[str, str], ...] = ()  # (protocol, question) overrides
     discovery_strips: str = "procedural:discovery"  # used when `ranking` is None
     n_discovery: int = 20  # strips for that discovery
@@ -88,8 +125,16 @@ class EvalConfig:
         return DEFAULT_QUESTIONS[protocol]
 
     def check(self) -> "EvalConfig":
-        if self.assembly not in ("paper", "aligned"):
-            raise EvalError(f"--assembly is 'paper' or 'aligned', not {self.assembly!r}")
+        if self.preset not in ("auto", *PRESETS):
+            raise EvalError(f"--preset is auto, {' or '.join(PRESETS)}, not {self.preset!r}")
+        for name, allowed in (("assembly", ASSEMBLIES), ("mapping", MAPPINGS), ("identical_tokens", IDENTICAL_UNITS),
+                              ("phase", PHASES), ("dynamic_phase", ("all", "decode"))):
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise EvalError(f"--{name.replace('_', '-')} is one of {', '.join(allowed)}, not {value!r}")
+        if self.identical_threshold is not None and not self.identical_threshold >= 0:
+            raise EvalError(f"--identical-threshold {self.identical_threshold}: give a Jaccard similarity in [0, 1] "
+                            "(above 1, e.g. 1.01, turns the rule off)")
         bad = set(self.protocols) - set(PROTOCOLS)
         if bad:
             raise EvalError(f"unknown protocols {sorted(bad)}; use some of {','.join(PROTOCOLS)}")
@@ -99,8 +144,35 @@ class EvalConfig:
         bad = {p for p, _ in self.questions} - set(PROTOCOLS)
         if bad:
             raise EvalError(f"--question for unknown protocols {sorted(bad)}: write PROTOCOL=TEXT, e.g. vqa=...")
-        if self.n_strips < 1 or self.every < 1 or (self.top_k is not None and self.top_k < 1):
+        every = 1 if self.every is None else self.every
+        if self.n_strips < 1 or every < 1 or (self.top_k is not None and self.top_k < 1):
             raise EvalError("--n-strips, --every and --top-k must be at least 1")
         if any(k < 1 for k in self.ks):
             raise EvalError(f"--ks must be positive head counts, got {list(self.ks)}")
         return self
+
+
+def preset_for(model: str) -> str:
+    """The preset "auto" means for `model`: "organism" for the shipped organism or a folder that records its own
+    prompts (prompts.json, as the organism's does), "paper" for anything else (hub ids, real checkpoints)."""
+    from pathlib import Path
+
+    if model == "organism" or (Path(model) / "prompts.json").is_file():
+        return "organism"
+    return "paper"
+
+
+def resolve_preset(cfg: EvalConfig) -> EvalConfig:
+    """`cfg` with its preset named and every field left at None given the preset's value (explicit values win)."""
+    from dataclasses import replace
+
+    cfg.check()
+    name = preset_for(cfg.model) if cfg.preset == "auto" else cfg.preset
+    values = {k: v for k, v in PRESETS[name].items() if getattr(cfg, k) is None}
+    out = replace(cfg, preset=name, **values)
+    if out.dynamic_phase is None:  # the organism's: as `phase`, and a schedule always steers the answer's rows
+        out = replace(out, dynamic_phase="all" if out.phase == "prefill" else out.phase)
+    if name == "paper":
+        given = dict(cfg.questions)
+        out = replace(out, questions=tuple({**PAPER_QUESTIONS, **given}.items()))
+    return out.check()

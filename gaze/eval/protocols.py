@@ -40,6 +40,7 @@ import hashlib
 import json
 import math
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ from typing import Container, Iterable, Iterator, Sequence
 import numpy as np
 
 from gaze.eval.config import (AGGREGATE, MANIFEST, PRIOR, PROTOCOL_ORDER, PROTOCOLS, RECORDS,
-                              SIZE_CLASSES, SPLIT_SEEDS, TRAJECTORIES, EvalConfig, EvalError)
+                              SIZE_CLASSES, SPLIT_SEEDS, TRAJECTORIES, EvalConfig, EvalError, resolve_preset)
 from gaze.eval.heads import PriorScores, head_sets, prior_scores, random_pool, resolve_top_k
 from gaze.eval.judges import CaptionJudge, CandidateJudge, Judge, make_judge, public_url
 from gaze.eval.records import RecordLog, record_key, run_identity
@@ -57,9 +58,9 @@ from gaze.eval.statistics import bootstrap_ci, spearman
 from gaze.discovery import manifest_diff, write_manifest
 from gaze.prompts import NARRATION_PROMPT
 from gaze.ranking import Head, Ranking
-from gaze.regions import RegionError, box_membership, region_mass
+from gaze.regions import RegionError, box_membership, one_row, region_mass
 from gaze.steering import Box, Panel, Schedule
-from gaze.strips import Strip, StripError, load_strips
+from gaze.strips import OFFICIAL_MULTIPLE, Strip, StripError, aligned_size, load_strips
 
 def derangement(n: int, rng: random.Random) -> list[int]:
     """A random order of panels 1..n with no panel in its own place (so never left to right)."""
@@ -101,22 +102,38 @@ def paper_widths(height: int) -> tuple[int, int]:
     return height, height * 7 // 4
 
 
+def painted_seams(strip: Strip, gap: int = PAPER_GAP) -> Strip:
+    """`strip` with `gap` px of white painted over each seam between its abutting panels (`strips.paint_seams`)."""
+    from gaze.strips import paint_seams
+
+    return dataclasses.replace(strip, image=paint_seams(strip.image, strip.panels, gap))
+
+
 def eval_strips(source: str, n_strips: int, *, align: int | None = None, panel_size: int = 64,
                 assembly: str = "paper") -> list[Strip]:
     """Strips from `source`: `procedural:SPLIT` (datagen strips, seeds SPLIT_SEEDS[SPLIT] + i) or any
     `load_strips` source (folders, datasets, an image). Procedural strips are assembled as the paper does
     (`assembly="paper"`: panels at the common height `panel_size`, widths drawn from 1 to 1.75 times it,
-    6 px white gaps) or as square panels snapped to the model's token grid (`"aligned"`)."""
+    6 px white gaps), as its official code does (`"official"`: height and widths rounded to multiples of
+    32 px, panels abutting, 6 px of white painted over each seam), or as square panels snapped to the
+    model's token grid (`"aligned"`). Other sources' separate panels (comic folders, paper-schema datasets)
+    are stitched the official way under `"official"` (`gaze.strips.stitch_official` at `panel_size`), else
+    on one cell size as `load_strips` does."""
     if source.startswith("procedural:"):
         from datagen import make_strip
 
         seed0 = _procedural_seed0(source.split(":", 1)[1], "strip")
+        if assembly == "official":
+            height = aligned_size(panel_size, OFFICIAL_MULTIPLE)
+            return [painted_seams(make_strip(seed0 + i, panel_size=height, widths=paper_widths(height),
+                                             width_multiple=OFFICIAL_MULTIPLE)) for i in range(n_strips)]
         if assembly == "paper":
             return [make_strip(seed0 + i, panel_size=panel_size, gap=PAPER_GAP, widths=paper_widths(panel_size))
                     for i in range(n_strips)]
         snap = align if align and panel_size % align == 0 else None
         return [make_strip(seed0 + i, panel_size=panel_size, align=snap) for i in range(n_strips)]
-    strips = list(load_strips(source, n_strips=n_strips, align=align))
+    stitch = dict(assembly="official", height=panel_size) if assembly == "official" else {}
+    strips = list(load_strips(source, n_strips=n_strips, align=align, **stitch))
     if not strips:
         raise StripError(f"the strip source {source} gave no strips")
     return strips
@@ -184,6 +201,17 @@ class Context:
     candidate_judge: CandidateJudge  # for dynamic segments and regions (captions or labels)
     track_heads: list[Head] = field(default_factory=list)  # heads whose attention dynamic records keep
     cache: dict = field(default_factory=dict)
+    _mapped: dict = field(default_factory=dict)  # strip id -> panel boxes under `cfg.mapping`
+
+    def panels_of(self, strip: Strip) -> tuple:
+        """The boxes that stand for `strip`'s panels when they become image tokens: the panels themselves
+        (mapping "centre"), or the boxes of the official code's column split (`regions.proportional_boxes`;
+        one layout per strip, as the grid does not depend on the question)."""
+        if self.cfg.mapping != "proportional":
+            return strip.panels
+        if strip.strip_id not in self._mapped:
+            self._mapped[strip.strip_id] = mapped_panels(self.loaded, strip)
+        return self._mapped[strip.strip_id]
 
     def ask(self, strip: Strip, question: str, heads: Sequence[Head], target=None, schedule: Schedule | None = None,
             max_new_tokens: int = 24, track: Sequence[Head] = ()):
@@ -197,13 +225,68 @@ class Context:
         if not track and key in self.cache:
             return self.cache[key]
         t0 = time.perf_counter()
+        panels = self.panels_of(strip) if isinstance(target, Panel) or schedule is not None else strip.panels
         g = generate(self.loaded, strip.image, question, heads=list(heads), target=target,
-                     schedule=schedule, panels=strip.panels, strength=self.cfg.strength,
+                     schedule=schedule, panels=panels, strength=self.cfg.strength,
                      mode=self.cfg.mode, max_new_tokens=max_new_tokens, track=list(track) or False,
-                     phase="all" if schedule is not None and self.cfg.phase == "prefill" else self.cfg.phase)
+                     phase=self.cfg.dynamic_phase if schedule is not None else self.cfg.phase)
         if not track:
             self.cache[key] = (g, time.perf_counter() - t0)
         return g, time.perf_counter() - t0
+
+
+def mapped_panels(loaded, strip: Strip) -> tuple:
+    """`strip`'s panels as the official code's proportional column split of this model's token grid."""
+    from gaze.generation import prepare_inputs
+    from gaze.regions import proportional_boxes
+
+    _, layout = prepare_inputs(loaded, strip.image, "")
+    return proportional_boxes(layout, strip.panels)
+
+
+# ---------------------------------------------------------------- baseline-identical answers
+
+def answer_words(text: str) -> list[str]:
+    """The words the baseline-identical rule compares: lower case, a leading "Panel k:" dropped, anything but
+    letters, digits and spaces made a space (as the official code normalises answers before comparing)."""
+    text = re.sub(r"^panel\s*\d+\s*:\s*", "", text.strip().lower())
+    return re.sub(r"[^a-z0-9 ]+", " ", text).split()
+
+
+def jaccard(a: Iterable, b: Iterable) -> float | None:
+    """|A & B| / |A | B| of the two sets; None when either is empty (an empty answer is never "identical")."""
+    a, b = set(a), set(b)
+    if not a or not b:
+        return None
+    return len(a & b) / len(a | b)
+
+
+def answer_similarity(steered: str, baseline: str, unit: str = "word", tokenize=None) -> float | None:
+    """Jaccard similarity of a steered and an unsteered answer over their words (`answer_words`) or, with
+    `unit="token"`, over the ids `tokenize(text)` gives (the model's tokenizer)."""
+    if unit == "word":
+        return jaccard(answer_words(steered), answer_words(baseline))
+    if tokenize is None:
+        raise EvalError("--identical-tokens token needs the model's tokenizer")
+    return jaccard(tokenize(steered.strip()), tokenize(baseline.strip()))
+
+
+def identical_rule(record: dict, baseline: str | None, similarity: float | None, threshold: float) -> dict:
+    """Record the baseline comparison; a steered answer at least `threshold` similar to the unsteered one is a
+    miss (steering that changed nothing is no hit). The judge's own verdict stays in `judged_correct`."""
+    record.setdefault("judged_correct", record["correct"])
+    identical = baseline is not None and similarity is not None and similarity >= threshold
+    record.update(baseline_answer=baseline, similarity=None if similarity is None else round(similarity, 4),
+                  identical=bool(identical) if baseline is not None else None)
+    if identical:
+        record.update(correct=False, why=f"identical to the unsteered answer (Jaccard {similarity:.2f} >= "
+                                         f"{threshold:g}); the judge said: {record.get('why', '')}")
+    return record
+
+
+def _tokenizer_of(ctx):  # text -> the model tokenizer's ids
+    tok = ctx.loaded.processor.tokenizer
+    return lambda text: tok(text, add_special_tokens=False)["input_ids"]
 
 
 def _base(protocol: str, condition: str, strip: Strip, target, k: int, question: str, g, seconds: float) -> dict:
@@ -234,8 +317,22 @@ def panel_protocol(ctx: Context, protocol: str, strips: Sequence[Strip], conditi
                 continue
             g, seconds = ctx.ask(strip, question, heads, Panel(target), max_new_tokens=budget)
             verdict = ctx.judge.judge(g.text, strip, target)
-            rec = _base(protocol, condition, strip, target, k, question, g, seconds)
-            yield _judged(rec, verdict, ctx.judge.name, g.degenerate)
+            rec = _judged(_base(protocol, condition, strip, target, k, question, g, seconds), verdict,
+                          ctx.judge.name, g.degenerate)
+            yield _against_baseline(ctx, rec, strip, question, heads, target, budget, g.text)
+
+
+def _against_baseline(ctx: Context, rec: dict, strip: Strip, question: str, heads, target: int, budget: int,
+                      text: str) -> dict:
+    """A steered record compared with the unsteered answer to the same (strip, question) (cached: one
+    generation per strip); unsteered records get `identical: None`."""
+    cfg = ctx.cfg
+    if not heads:
+        return identical_rule(rec, None, None, cfg.identical_threshold)
+    base, _ = ctx.ask(strip, question, [], Panel(target), max_new_tokens=budget)
+    tokenize = _tokenizer_of(ctx) if cfg.identical_tokens == "token" else None
+    sim = answer_similarity(text, base.text, cfg.identical_tokens, tokenize)
+    return identical_rule(rec, base.text, sim, cfg.identical_threshold)
 
 
 def vqa(ctx: Context, strips, condition, heads, k, *, done=()) -> Iterator[dict]:
@@ -299,7 +396,8 @@ def dynamic_narration(ctx: Context, strips, condition, heads, k, *, done=()) -> 
                    correct=sum(s["correct"] for s in segs) / len(segs) > 0.5, matched=None,
                    why=f"{sum(s['correct'] for s in segs)}/{len(segs)} segments on schedule")
         if g.tracker is not None:
-            traj = g.trajectory(regions_for(g.layout, strip.panels), normalise=True)  # [tokens, R]
+            regions = regions_for(g.layout, strip.panels, mapping=cfg.mapping)
+            traj = g.trajectory(regions, normalise=True)  # [tokens, R]
             rec["trajectory"] = [[round(float(v), 3) for v in row] for row in traj]
             rec["tracked"] = [list(h) for h in ctx.track_heads]
         yield rec
@@ -341,6 +439,7 @@ def _rate(records: list[dict], field_: str, n_boot: int, seed: int) -> dict:
 
 def _panel_summary(records: list[dict], n_boot: int, seed: int) -> dict:
     out = _rate(records, "correct", n_boot, seed)
+    out.update(_identical_summary(records, n_boot, seed))
     out["degenerate"] = float(np.mean([r["degenerate"] for r in records])) if records else math.nan
     out["unmatched"] = float(np.mean([r["matched"] is None for r in records])) if records else math.nan
     by_panel: dict[str, list[dict]] = {}
@@ -353,6 +452,16 @@ def _panel_summary(records: list[dict], n_boot: int, seed: int) -> dict:
         matched[str(r["matched"])] = matched.get(str(r["matched"]), 0) + 1
     out["matched_share"] = {m: c / len(records) for m, c in sorted(matched.items())}
     return out
+
+
+def _identical_summary(records: list[dict], n_boot: int, seed: int) -> dict:
+    """The share of steered answers identical to the unsteered one (None where none was compared), and the
+    accuracy the judge alone gave (before the rule)."""
+    compared = [r for r in records if r.get("identical") is not None]
+    judged = [{"c": r.get("judged_correct", r["correct"])} for r in records]
+    raw = _rate(judged, "c", n_boot, seed)
+    return {"identical": float(np.mean([r["identical"] for r in compared])) if compared else None,
+            "judged_accuracy": raw["accuracy"], "judged_ci": raw["ci"]}
 
 
 def aggregate(records: Iterable[dict], *, n_boot: int = 2000, seed: int = 0, meta: dict | None = None) -> dict:
@@ -403,7 +512,7 @@ def _manifest(cfg: EvalConfig, loaded, ranking: Ranking, k: int) -> dict:
     digest = hashlib.sha1(np.asarray(ranking.scores, dtype=np.float32).tobytes()).hexdigest()[:12]
     keep = ("strips", "every", "at_sentence", "seed", "judge", "judge_model", "max_new_tokens", "narration_tokens",
             "strength", "mode", "phase", "random_percentile", "prior_strips", "scenes", "n_objects", "scene_size",
-            "panel_size")
+            "panel_size", "preset", "dynamic_phase", "assembly", "mapping", "identical_threshold", "identical_tokens")
     m = {name: getattr(cfg, name) for name in keep}
     m["scene_size"] = list(cfg.scene_size)
     m.update(model_id=loaded.model_id, ranking_digest=digest, top_k=k,
@@ -415,7 +524,10 @@ def _check_manifest(out: Path, manifest: dict) -> None:
     path = out / MANIFEST
     if path.exists():
         old = json.loads(path.read_text())  # runs from before `phase` recorded `prefill_only`, or (older) nothing
-        legacy = {"phase": "prefill" if old.get("prefill_only") else "all"}
+        legacy = {"phase": "prefill" if old.get("prefill_only") else "all"}  # manifests from before the presets:
+        phase = old.get("phase", legacy["phase"])
+        legacy.update(preset="organism", dynamic_phase="all" if phase == "prefill" else phase,
+                      assembly="paper", mapping="centre", identical_threshold=None, identical_tokens=None)
         diff = manifest_diff(path, manifest, defaults=legacy)
         if diff:
             raise EvalError(f"{out} holds an evaluation with other settings {diff} (old, new): use another --out, "
@@ -435,6 +547,10 @@ def check_targets(targets: Sequence[int] | None, n_panels: int) -> None:
 def _check_strips(cfg: EvalConfig, strips: Sequence[Strip]) -> None:
     """Fail before generating anything when the strips lack what the judges compare against."""
     check_targets(cfg.targets, max(s.n_panels for s in strips))
+    several = next((s for s in strips if not one_row(s.panels)), None) if cfg.mapping == "proportional" else None
+    if several is not None:
+        raise EvalError(f"strip {several.strip_id} has its panels in several rows, which the proportional mapping "
+                        "(the official code's, one row only) cannot split: use --mapping centre")
     panel = {"vqa", "narration", "sweep"} & set(cfg.protocols)
     letters = cfg.judge == "letter"
     for s in strips:
@@ -451,6 +567,8 @@ def _get_ranking(cfg: EvalConfig, loaded, out: Path, align: int | None, progress
 
     strips = eval_strips(cfg.discovery_strips, cfg.n_discovery, align=align, panel_size=cfg.panel_size,
                          assembly=cfg.assembly)
+    if cfg.mapping == "proportional":  # discovery reads the panels as steering will target them
+        strips = [dataclasses.replace(s, panels=mapped_panels(loaded, s)) for s in strips]
     if cfg.discovery_strips == cfg.strips:
         print("warning: discovering on the evaluation strips themselves; pass --discovery-strips to keep them apart",
               file=sys.stderr)
@@ -474,7 +592,7 @@ def _trajectories(ctx: Context, strip: Strip, sets: dict[str, list[Head]]) -> di
     names = [n for n, hs in sets.items() if hs]
     tracked = sorted({h for n in names for h in sets[n]})  # one tracker, each head once
     g, _ = ctx.ask(strip, NARRATION_PROMPT, [], max_new_tokens=ctx.cfg.narration_tokens, track=tracked)
-    regions = regions_for(g.layout, strip.panels)
+    regions = regions_for(g.layout, strip.panels, mapping=ctx.cfg.mapping)
     att = g.tracker.attention()[: len(g.token_ids)]  # [tokens, heads, T]
     out = {}
     for n in names:
@@ -509,13 +627,14 @@ def run_eval(cfg: EvalConfig, *, loaded=None, ranking: Ranking | None = None, li
 
     from gaze.models import load
 
-    cfg.check()
+    cfg = resolve_preset(cfg)
     out = Path(cfg.out)
     if ranking is None and cfg.ranking is not None:  # read and checked against the model id before it loads
         ranking = Ranking.from_pretrained(cfg.ranking).check(None, cfg.model)
     out.mkdir(parents=True, exist_ok=True)
     loaded = loaded or load(cfg.model, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map)
-    cfg = with_model_prompts(cfg, loaded.prompts)
+    if cfg.preset == "organism":  # the paper preset asks the paper's questions, whatever the folder records
+        cfg = with_model_prompts(cfg, loaded.prompts)
     align = loaded.family.merged_patch(loaded.processor)
     ranking = ranking or _get_ranking(cfg, loaded, out, align, progress)
     ranking.check(loaded.model, loaded.model_id)
@@ -587,7 +706,10 @@ def run_eval(cfg: EvalConfig, *, loaded=None, ranking: Ranking | None = None, li
         "model_id": loaded.model_id, "n_layers": loaded.n_layers, "n_heads": loaded.n_heads, "n_total_heads": n_total,
         "top_k": k, "strips": cfg.strips, "n_strips": len(strips), "scenes": cfg.scenes, "judge": cfg.judge,
         "seed": cfg.seed, "every": cfg.every, "at_sentence": cfg.at_sentence, "strength": cfg.strength, "mode": cfg.mode,
-        "phase": cfg.phase, "random_percentile": cfg.random_percentile,
+        "phase": cfg.phase, "dynamic_phase": cfg.dynamic_phase, "preset": cfg.preset, "mapping": cfg.mapping,
+        "assembly": cfg.assembly, "panel_size": cfg.panel_size,
+        "identical": {"threshold": cfg.identical_threshold, "tokens": cfg.identical_tokens},
+        "random_percentile": cfg.random_percentile,
         "random_pool": len(random_pool(ranking, k, cfg.random_percentile)),
         "questions": {p: cfg.question(p) for p in cfg.protocols}, "protocols": list(cfg.protocols),
         "conditions": list(kinds), "heads": {c: [list(h) for h in hs] for c, hs in sets.items() if c != "all"},

@@ -231,11 +231,16 @@ def plot_region(region: dict, path: Path) -> str | None:
 
 def reproduce_command(config: dict) -> str:
     """The `gaze eval` command line that reproduces a run (non-default flags only)."""
-    from gaze.eval.config import EvalConfig
+    from gaze.eval.config import PAPER_QUESTIONS, PRESETS, EvalConfig
 
     default = EvalConfig()
+    preset = PRESETS.get(config.get("preset"), {})  # values the preset gives need no flag
+    derived = {**preset, "dynamic_phase": preset.get("dynamic_phase") or (
+        "all" if config.get("phase") == "prefill" else config.get("phase"))}
     parts = ["gaze", "eval"]
     for name, value in config.items():
+        if name in derived and value == derived[name]:
+            continue
         if name == "out" or value == getattr(default, name, object()) or (
                 isinstance(value, list) and tuple(value) == getattr(default, name, None)):
             continue
@@ -247,6 +252,8 @@ def reproduce_command(config: dict) -> str:
             continue
         if name == "questions":
             for p, q in value:
+                if config.get("preset") == "paper" and PAPER_QUESTIONS.get(p) == q:
+                    continue
                 parts += ["--question", shlex.quote(f"{p}={q}")]
             continue
         if isinstance(value, (list, tuple)):
@@ -296,23 +303,29 @@ def _rho_ci(v: dict) -> str:
 
 
 def _condition_table(p: dict) -> list[str]:
-    lines = ["| protocol | condition | K | accuracy [95% CI] | n | degenerate | unmatched |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| protocol | condition | K | accuracy [95% CI] | n | degenerate | unmatched | identical to unsteered "
+             "| judge alone |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def rule(e: dict) -> str:  # the baseline-identical rule's share, and the accuracy before it
+        if "judged_accuracy" not in e:
+            return " | |"
+        return f" {pct(e.get('identical'))} | {pct(e.get('judged_accuracy'))} |"
+
     for proto in ("vqa", "narration", "region"):
         for c in CONDITION_NAMES:
             e = p.get(proto, {}).get(c)
             if e:
                 lines.append(f"| {proto} | {c} | {e.get('k', '')} | {pct(e['accuracy'])}{ci(e['ci'])} | {e['n']} | "
-                             f"{pct(e.get('degenerate'))} | {pct(e.get('unmatched'))} |")
+                             f"{pct(e.get('degenerate'))} | {pct(e.get('unmatched'))} |" + rule(e))
     for c in CONDITION_NAMES:
         e = p.get("dynamic", {}).get(c)
         if e:
             lines.append(f"| dynamic (segments) | {c} | {e['k']} | {pct(e['segment_accuracy'])}{ci(e['ci'])} | "
-                         f"{e['n']} strips | {pct(e['degenerate'])} | |")
+                         f"{e['n']} strips | {pct(e['degenerate'])} | | | |")
     for c, by_k in p.get("sweep", {}).items():
         for kk, e in sorted(by_k.items(), key=lambda x: int(x[0])):
             lines.append(f"| sweep | {c} | {kk} | {pct(e['accuracy'])}{ci(e['ci'])} | {e['n']} | "
-                         f"{pct(e.get('degenerate'))} | {pct(e.get('unmatched'))} |")
+                         f"{pct(e.get('degenerate'))} | {pct(e.get('unmatched'))} |" + rule(e))
     return lines
 
 
@@ -343,6 +356,12 @@ def _judging_notes(meta: dict) -> list[str]:
         "- A miss is anything but the target: an empty or looping answer, an answer matching no caption, or one "
         "matching two captions about equally (ambiguous). `unmatched` is the share of answers the judge could not "
         "place on any single panel.",
+        f"- Baseline-identical answers: a steered answer whose Jaccard similarity "
+        f"({(meta.get('identical') or {}).get('tokens', 'word')}s) to the unsteered answer to the same strip and "
+        f"question is at least {(meta.get('identical') or {}).get('threshold', 'n/a')} counts as a miss, whatever "
+        "the judge said (steering that changed nothing is no hit; the official code's rule). `identical to "
+        "unsteered` is that share of the steered answers, `judge alone` the accuracy without the rule "
+        "(docs/paper-protocol.md).",
         "- Dynamic narration: each segment (the tokens produced under one schedule entry) is judged on its own "
         "with the caption judge; Spearman correlates the scheduled panels with the judged ones (segments the judge "
         "cannot place are left out; strips with fewer than two placed segments give no rho).",
