@@ -12,11 +12,11 @@ import torch
 
 from gaze.eval.cli import main
 from gaze.eval.config import AGGREGATE, RECORDS, EvalConfig, EvalError
-from gaze.eval.controls import (ControlSpec, band_layers, control_draws, control_summary, control_warning,
-                                empirical_p, paired_strip_bootstrap)
+from gaze.eval.controls import ControlSpec, band_layers, control_draws, control_summary, control_warning
 from gaze.eval.heads import (elbow_value, head_overlap, jaccard, label8, layer_zscores, localization_votes,
                              overlap_table, prior_from_maps, spatial_entropy, token_maps)
 from gaze.eval.protocols import aggregate, run_eval
+from gaze.eval.statistics import empirical_p, paired_strip_bootstrap
 from gaze.ranking import Ranking
 
 

@@ -183,29 +183,6 @@ def record_value(record: dict) -> float | None:
     return None if record.get("correct") is None else float(record["correct"])
 
 
-def empirical_p(gaze: float, controls: Sequence[float]) -> float:
-    """(1 + #draws scoring >= gaze) / (1 + N): the chance a control draw does as well as the gaze heads."""
-    return (1 + sum(c >= gaze for c in controls)) / (1 + len(controls))
-
-
-def paired_strip_bootstrap(pairs: Sequence[tuple[str, float]], n_boot: int = 2000, seed: int = 0,
-                           level: float = 0.95) -> tuple[float, float, float]:
-    """(mean, low, high) of a mean paired difference, resampling strips: each strip's pairs stay together.
-
-    `pairs` holds (strip id, difference) per (strip, target); the statistic is the mean over all pairs of the
-    resampled strips (strips with more pairs weigh more, as in the plain mean)."""
-    if not pairs:
-        return (math.nan, math.nan, math.nan)
-    strips = sorted({s for s, _ in pairs})
-    sums = np.array([sum(d for s, d in pairs if s == strip) for strip in strips], dtype=np.float64)  # [S]
-    counts = np.array([sum(1 for s, _ in pairs if s == strip) for strip in strips], dtype=np.float64)  # [S]
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(strips), (n_boot, len(strips)))  # [n_boot, S] resampled strips
-    means = sums[idx].sum(1) / counts[idx].sum(1)  # [n_boot]
-    tail = (1 - level) / 2 * 100
-    return (float(sums.sum() / counts.sum()), float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail)))
-
-
 def control_summary(gaze: Sequence[dict], controls: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> dict:
     """The gaze heads against N control draws of one protocol.
 
@@ -213,6 +190,8 @@ def control_summary(gaze: Sequence[dict], controls: Sequence[dict], n_boot: int 
     gaze minus control with a strip-clustered paired bootstrap CI: records are paired on (strip, target),
     the draws of a pair averaged, and strips resampled with their pairs.
     """
+    from gaze.eval.statistics import empirical_p, paired_strip_bootstrap  # imported here: it loads torch
+
     by_draw: dict[int, list[float]] = {}
     per_pair: dict[tuple[str, str], list[float]] = {}
     for r in controls:
