@@ -179,7 +179,8 @@ def plot_staircase(data: dict, path: Path) -> str | None:
 def plot_dynamic(records: list[dict], path: Path) -> str | None:
     """One strip's dynamic narration per condition: where the gaze heads look, the schedule (cyan), and
     the panel the judge read in each segment (white dots)."""
-    dyn = [r for r in records if r["protocol"] == "dynamic" and r.get("trajectory")]
+    dyn = [{**r, "condition": r["condition"].split(":")[0]} for r in records  # control draw 0 stands for `random`
+           if r["protocol"] == "dynamic" and r.get("trajectory") and r["condition"].split(":")[1:] in ([], ["0"])]
     if not dyn:
         return None
     first = sorted({r["strip_id"] for r in dyn})[0]
@@ -261,7 +262,7 @@ def _comparison(p: dict, meta: dict) -> list[str]:
     vqa, nar = p.get("vqa", {}), p.get("narration", {})
     rows = [("VQA redirection, top-K gaze heads", PAPER["vqa"], f"{_acc(vqa.get('gaze'))}, K={k}"),
             ("static narration redirection (\"this panel\")", PAPER["narration"], _acc(nar.get("gaze"))),
-            ("random non-gaze heads (VQA)", PAPER["random"], _acc(vqa.get("random"))),
+            ("random non-gaze heads (VQA)", PAPER["random"], _acc(vqa.get("random")) + _draws(vqa.get("random"))),
             ("unsteered (VQA answer happens to be the target)", PAPER["none"], _acc(vqa.get("none")))]
     if vqa.get("all"):
         a = vqa["all"]
@@ -288,6 +289,14 @@ def _comparison(p: dict, meta: dict) -> list[str]:
     lines = ["| result | paper (Qwen3-VL-8B) | ours |", "| --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return lines
+
+
+def _draws(entry: dict | None) -> str:
+    d = (entry or {}).get("draws")
+    if not d:
+        return ""
+    return (f"; {d['n_draws']} draws {pct(d['min'])}-{pct(d['max'])}, gaze above them at p = {num(d['p_value'], 3)}, "
+            f"gaze - control {pct(d['difference']['mean'])}{ci(d['difference']['ci'])}")
 
 
 def _rho_ci(v: dict) -> str:
