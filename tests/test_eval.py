@@ -158,7 +158,8 @@ def test_tiny_end_to_end_eval_and_report(loaded_qwen3, qwen3_path, tiny_ranking,
 
     cfg = EvalConfig(model=str(qwen3_path), ranking=str(tiny_ranking), strips="procedural:eval", n_strips=1,
                      out=str(tmp_path / "eval"), top_k=2, ks=(1, 2), targets=(2,), every=1, max_new_tokens=3,
-                     narration_tokens=4, n_scenes=1, n_objects=2, prior_strips=1, n_boot=200)
+                     narration_tokens=4, n_scenes=1, n_objects=2, prior_strips=1, n_boot=200,
+                     control_draws=2)
     agg = run_eval(cfg, loaded=loaded_qwen3, progress=False)
     out = tmp_path / "eval"
     for name in (RECORDS, AGGREGATE, "trajectories.json", "prior_heads.json", "ranking.json", "eval.json"):
