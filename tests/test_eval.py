@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import math
 import random
 import re
 
@@ -11,6 +12,7 @@ import torch
 
 from gaze.eval.cli import config_from_args, main, register
 from gaze.eval.config import AGGREGATE, RECORDS, EvalConfig, EvalError, resolve_preset
+from gaze.eval.controls import ControlSpec
 from gaze.eval.heads import PriorScores, head_sets, random_pool
 from gaze.eval.protocols import aggregate, derangement, run_eval, segments, size_class
 from gaze.eval.records import RecordLog, record_key
@@ -68,22 +70,24 @@ def _ranking(n_layers=4, n_heads=8) -> Ranking:
 
 def test_head_sets_conditions():
     r = _ranking()
-    sets = head_sets(r, 3, seed=0, kinds=("gaze", "random", "all", "none"))
+    widened = ControlSpec("bottom-p", 1, widen=True)
+    sets = head_sets(r, 3, seed=0, kinds=("gaze", "random", "all", "none"), control=widened)
     assert sets["gaze"] == [(0, 0), (0, 1), (0, 2)]
     assert len(sets["random"]) == 3 and not set(sets["random"]) & set(sets["gaze"])
-    pool = random_pool(r, 3, percentile=5.0)
+    pool = random_pool(r, 3, percentile=5.0, widen=True)
     assert len(pool) == 6 and set(sets["random"]) <= set(pool)  # bottom 5% widened to 2K heads
     assert set(pool) == set(r.order()[-6:])
+    # not widened (the default): the bottom 5% of 32 heads is 2 heads, fewer than K, and both are drawn
+    assert head_sets(r, 3, seed=0)["random"] == sorted(r.order()[-2:]) == sorted(random_pool(r, 3))
     assert sets["all"] == r.order() and sets["none"] == []
-    assert head_sets(r, 3, seed=0)["random"] == sets["random"]  # seeded
-    assert any(head_sets(r, 3, seed=s)["random"] != sets["random"] for s in range(1, 6))
-    prior = PriorScores(image_mass=torch.rand(4, 8, generator=torch.Generator().manual_seed(0)),
-                        concentration=torch.rand(4, 8, generator=torch.Generator().manual_seed(1)), n_strips=1)
+    assert head_sets(r, 3, seed=0, control=widened)["random"] == sets["random"]  # seeded
+    assert any(head_sets(r, 3, seed=s, control=widened)["random"] != sets["random"] for s in range(1, 6))
+    z = torch.rand(4, 8, generator=torch.Generator().manual_seed(0))
+    prior = PriorScores(image_mass=z, image_z=z, votes=torch.zeros(4, 8), entropy=torch.full((4, 8), math.nan),
+                        n_strips=1, n_samples=6)
     ps = head_sets(r, 2, kinds=("image", "localization"), prior=prior)
-    flat = prior.image_mass.flatten()
-    assert ps["image"][0] == divmod(int(flat.argmax()), 8)
-    median = flat.median()
-    assert all(prior.image_mass[h] >= median for h in ps["localization"])
+    assert ps["image"][0] == divmod(int(z.flatten().argmax()), 8)
+    assert ps["localization"] == ps["image"]  # no votes, no entropy: by image mass
     with pytest.raises(EvalError, match="prior"):
         head_sets(r, 2, kinds=("image",))
 
@@ -155,7 +159,8 @@ def test_tiny_end_to_end_eval_and_report(loaded_qwen3, qwen3_path, tiny_ranking,
     cfg = EvalConfig(model=str(qwen3_path), preset="organism", ranking=str(tiny_ranking), strips="procedural:eval",
                      n_strips=1,
                      out=str(tmp_path / "eval"), top_k=2, ks=(1, 2), targets=(2,), every=1, max_new_tokens=3,
-                     narration_tokens=4, n_scenes=1, n_objects=2, prior_strips=1, n_boot=200)
+                     narration_tokens=4, n_scenes=1, n_objects=2, prior_strips=1, n_boot=200,
+                     control_draws=2)
     agg = run_eval(cfg, loaded=loaded_qwen3, progress=False)
     out = tmp_path / "eval"
     for name in (RECORDS, AGGREGATE, "trajectories.json", "prior_heads.json", "ranking.json", "eval.json"):

@@ -66,6 +66,17 @@ def _size(text: str) -> tuple[int, int]:
     return (w, h)
 
 
+def _band(text: str) -> tuple[float, float]:
+    """An argparse type: LOW-HIGH (or LOW,HIGH) fractions of depth with 0 <= LOW < HIGH <= 1."""
+    try:
+        lo, hi = (float(v) for v in text.replace(",", "-").split("-"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give LOW-HIGH fractions of depth, e.g. 0.55-1.0") from None
+    if not 0 <= lo < hi <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= LOW < HIGH <= 1")
+    return (lo, hi)
+
+
 def _question(text: str) -> tuple[str, str]:
     protocol, sep, question = text.partition("=")
     if not sep or protocol not in PROTOCOLS or not question.strip():
@@ -133,6 +144,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="what that Jaccard counts: word (normalised words, default) or token (the model's tokenizer)")
     p.add_argument("--random-percentile", type=_fraction_pct, default=d.random_percentile,
                    help="random heads come from this bottom share of gaze scores, in percent")
+    # the random condition's control heads (gaze.eval.controls)
+    p.add_argument("--control", default=d.control, choices=("bottom-p", "layer-band", "layer-matched"),
+                   help="random heads: bottom-p (bottom --random-percentile of scores), layer-band (uniform over "
+                        "--control-band's layers) or layer-matched (the gaze heads' layer histogram); never the top K")
+    p.add_argument("--control-draws", type=_at_least(1), default=d.control_draws,
+                   help="seeded draws of the random heads, each its own condition run (mean, spread, p-value)")
+    p.add_argument("--control-band", type=_band, default=d.control_band, metavar="LOW-HIGH",
+                   help="layer-band: fractions of depth, e.g. 0.55-1.0 (the paper's layers 20-35 of 36)")
+    p.add_argument("--control-widen", action="store_true",
+                   help="bottom-p: widen a pool under 2K heads to 2K heads (default: keep it and warn)")
     p.add_argument("--prior-strips", type=_at_least(1), default=d.prior_strips,
                    help="strips for the image/localization heads")
     p.add_argument("--scenes", default=d.scenes, help="region protocol: procedural[:SEED0], strip-objects, or a folder")
@@ -181,6 +202,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         panel_size=args.panel_size, assembly=args.assembly, questions=tuple(args.question), discovery_strips=args.discovery_strips,
         n_discovery=args.n_discovery, n_boot=args.n_boot, device=args.device, dtype=args.dtype,
         device_map=args.device_map,
+        control=args.control, control_draws=args.control_draws, control_band=tuple(args.control_band),
+        control_widen=args.control_widen,
     ).check()
 
 

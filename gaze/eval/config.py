@@ -100,7 +100,12 @@ class EvalConfig:
     mapping: str | None = None  # centre | proportional: which image tokens a panel box owns (None: the preset's)
     identical_threshold: float | None = None  # steered vs unsteered Jaccard >= this: a miss (> 1 disables)
     identical_tokens: str | None = None  # word (normalised words) | token (the model's tokenizer)
-    random_percentile: float = 5.0  # random heads come from this bottom share of gaze scores (widened to 2K heads)
+    random_percentile: float = 5.0  # bottom-p control: random heads come from this bottom share of gaze scores
+    # the random condition's control heads (gaze.eval.controls)
+    control: str = "bottom-p"  # bottom-p | layer-band | layer-matched
+    control_draws: int = 10  # seeded draws of the control set, each its own condition run (random:0, random:1, ...)
+    control_band: tuple[float, float] = (0.55, 1.0)  # layer-band: [low, high) fractions of depth (paper: 20-35 of 36)
+    control_widen: bool = False  # bottom-p: widen a pool under 2K heads to 2K (else it is reported, not widened)
     prior_strips: int = 8  # strips for the image / localization head criteria
     scenes: str = "procedural"  # region protocol: procedural[:SEED0] (datagen scenes), strip-objects, or a folder
     n_scenes: int | None = None  # scenes for the region protocol; None: n_strips
@@ -147,6 +152,9 @@ class EvalConfig:
         every = 1 if self.every is None else self.every
         if self.n_strips < 1 or every < 1 or (self.top_k is not None and self.top_k < 1):
             raise EvalError("--n-strips, --every and --top-k must be at least 1")
+        from gaze.eval.controls import ControlSpec
+
+        ControlSpec.from_config(self)
         if any(k < 1 for k in self.ks):
             raise EvalError(f"--ks must be positive head counts, got {list(self.ks)}")
         return self

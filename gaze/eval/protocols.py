@@ -17,12 +17,12 @@ Protocols (each a function yielding one JSON record per generation):
 Conditions, i.e. which heads are steered (`head_sets`):
 
     gaze          the top-K heads of the ranking
-    random        K heads sampled (seeded) from the bottom `random_percentile`% of gaze scores
+    random        N seeded control draws of K heads (`gaze.eval.controls`: bottom-p,
+                  layer-band or layer-matched), conditions random:0 .. random:N-1
     all           every head of the backbone
-    image         prior work's "image heads": most attention mass on image tokens
-    localization  prior work's "localization heads": among heads with at least median image
-                  mass, the most spatially concentrated (1 - normalised entropy of the
-                  image-attention distribution), after Kang et al.'s two-step criterion
+    image         MaskCD's "image heads": per-layer z-score of image-attention mass > 2.5
+    localization  Kang et al.'s "localization heads": image-attention sum above the elbow,
+                  then lowest spatial entropy (`gaze.eval.heads`)
     none          no steering: the chance level the model itself sets
 
 Every record is keyed by (protocol, condition, strip, target, K) and appended to
@@ -51,7 +51,9 @@ import numpy as np
 
 from gaze.eval.config import (AGGREGATE, MANIFEST, PRIOR, PROTOCOL_ORDER, PROTOCOLS, RECORDS,
                               SIZE_CLASSES, SPLIT_SEEDS, TRAJECTORIES, EvalConfig, EvalError, resolve_preset)
-from gaze.eval.heads import PriorScores, head_sets, prior_scores, random_pool, resolve_top_k
+from gaze.eval.controls import (ControlSpec, add_control_summaries, base_condition, control_manifest, control_meta,
+                                draw_tags)
+from gaze.eval.heads import PriorScores, condition_sets, overlap_table, prior_scores, resolve_top_k
 from gaze.eval.judges import CaptionJudge, CandidateJudge, Judge, make_judge, public_url
 from gaze.eval.records import RecordLog, record_key, run_identity
 from gaze.eval.statistics import bootstrap_ci, spearman
@@ -472,7 +474,7 @@ def aggregate(records: Iterable[dict], *, n_boot: int = 2000, seed: int = 0, met
     recs = sorted(records, key=lambda r: r["key"])
     groups: dict[tuple, list[dict]] = {}
     for r in recs:
-        groups.setdefault((r["protocol"], r["condition"]), []).append(r)
+        groups.setdefault((r["protocol"], base_condition(r["condition"])), []).append(r)  # draws pool
     out: dict = {}
     for (protocol, condition), rs in sorted(groups.items()):
         p = out.setdefault(protocol, {})
@@ -502,6 +504,7 @@ def aggregate(records: Iterable[dict], *, n_boot: int = 2000, seed: int = 0, met
                 by_size.setdefault(r["size_class"], []).append(r)
             summary["per_size"] = {s: _rate(by_size[s], "correct", n_boot, seed) for s, _ in SIZE_CLASSES if s in by_size}
             p[condition] = summary
+    add_control_summaries(out, recs, n_boot, seed)  # random: mean, spread and p-value over draws; gaze - control
     return {"meta": meta or {}, "protocols": out, "n_records": len(recs)}
 
 
@@ -517,6 +520,7 @@ def _manifest(cfg: EvalConfig, loaded, ranking: Ranking, k: int) -> dict:
     m["scene_size"] = list(cfg.scene_size)
     m.update(model_id=loaded.model_id, ranking_digest=digest, top_k=k,
              questions={p: cfg.question(p) for p in PROTOCOLS}, dtype=cfg.dtype)
+    m.update(control_manifest(cfg))
     return m
 
 
@@ -648,7 +652,8 @@ def run_eval(cfg: EvalConfig, *, loaded=None, ranking: Ranking | None = None, li
     _check_strips(cfg, strips)
     kinds = [c for c in cfg.conditions]
     prior = _prior(cfg, loaded, strips, out) if {"image", "localization"} & set(kinds) else None
-    sets = head_sets(ranking, k, cfg.seed, kinds, prior=prior, percentile=cfg.random_percentile)
+    control = ControlSpec.from_config(cfg)
+    sets = condition_sets(ranking, k, cfg.seed, kinds, control, prior=prior)  # random -> random:0 .. random:N-1
     judge = make_judge(cfg.judge, model=cfg.judge_model, endpoint=cfg.judge_endpoint, allow_http=cfg.judge_allow_http,
                        device=str(loaded.model.device))
     candidate = judge if isinstance(judge, CandidateJudge) else CaptionJudge()
@@ -665,15 +670,15 @@ def run_eval(cfg: EvalConfig, *, loaded=None, ranking: Ranking | None = None, li
         for protocol in sorted(cfg.protocols, key=PROTOCOL_ORDER.index):
             if protocol in ("vqa", "narration", "dynamic"):
                 fn = {"vqa": vqa, "narration": static_narration, "dynamic": dynamic_narration}[protocol]
-                for c in kinds:
+                for c in sets:
                     yield fn(ctx, strips, c, sets[c], len(sets[c]), done=done)
             elif protocol == "region":
-                for c in kinds:
+                for c in sets:
                     yield region_steering(ctx, scenes, c, sets[c], len(sets[c]), done=done)
             elif protocol == "sweep":
                 for kk in sorted({min(x, n_total) for x in cfg.ks}):
-                    swept = head_sets(ranking, kk, cfg.seed, [c for c in ("gaze", "random") if c in kinds] or ["gaze"],
-                                      percentile=cfg.random_percentile)
+                    swept = condition_sets(ranking, kk, cfg.seed, [c for c in ("gaze", "random") if c in kinds] or
+                                           ["gaze"], dataclasses.replace(control, draws=1), warn=False)
                     for c, hs in swept.items():
                         yield head_count_sweep(ctx, strips, c, hs, kk, done=done)
 
@@ -689,7 +694,7 @@ def run_eval(cfg: EvalConfig, *, loaded=None, ranking: Ranking | None = None, li
     stopped = False
     for job in jobs(log):
         for rec in job:
-            log.append({**rec, "strip_hash": strip_hashes[rec["strip_id"]]})
+            log.append({**rec, **draw_tags(rec["condition"], control), "strip_hash": strip_hashes[rec["strip_id"]]})
             new += 1
             bar.update(1)
             if limit is not None and new >= limit:
@@ -699,7 +704,8 @@ def run_eval(cfg: EvalConfig, *, loaded=None, ranking: Ranking | None = None, li
             break
     bar.close()
     if not stopped and not (out / TRAJECTORIES).exists():
-        show = {n: sets[n] for n in ("gaze", "random", "image", "localization") if n in sets}
+        show = {n: sets.get(n, sets.get(f"{n}:0")) for n in ("gaze", "random", "image", "localization")
+                if n in sets or f"{n}:0" in sets}
         show = show or {"gaze": ranking.top(k)}
         (out / TRAJECTORIES).write_text(json.dumps(_trajectories(ctx, strips[0], show)))
     meta = {
@@ -710,7 +716,7 @@ def run_eval(cfg: EvalConfig, *, loaded=None, ranking: Ranking | None = None, li
         "assembly": cfg.assembly, "panel_size": cfg.panel_size,
         "identical": {"threshold": cfg.identical_threshold, "tokens": cfg.identical_tokens},
         "random_percentile": cfg.random_percentile,
-        "random_pool": len(random_pool(ranking, k, cfg.random_percentile)),
+        "control": control_meta(ranking, k, control), "overlap": overlap_table(ranking, prior) if prior else None,
         "questions": {p: cfg.question(p) for p in cfg.protocols}, "protocols": list(cfg.protocols),
         "conditions": list(kinds), "heads": {c: [list(h) for h in hs] for c, hs in sets.items() if c != "all"},
         "chance": 1 / strips[0].n_panels, "ranking_strips": ranking.n_strips,

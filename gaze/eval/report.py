@@ -179,7 +179,8 @@ def plot_staircase(data: dict, path: Path) -> str | None:
 def plot_dynamic(records: list[dict], path: Path) -> str | None:
     """One strip's dynamic narration per condition: where the gaze heads look, the schedule (cyan), and
     the panel the judge read in each segment (white dots)."""
-    dyn = [r for r in records if r["protocol"] == "dynamic" and r.get("trajectory")]
+    dyn = [{**r, "condition": r["condition"].split(":")[0]} for r in records  # control draw 0 stands for `random`
+           if r["protocol"] == "dynamic" and r.get("trajectory") and r["condition"].split(":")[1:] in ([], ["0"])]
     if not dyn:
         return None
     first = sorted({r["strip_id"] for r in dyn})[0]
@@ -268,7 +269,7 @@ def _comparison(p: dict, meta: dict) -> list[str]:
     vqa, nar = p.get("vqa", {}), p.get("narration", {})
     rows = [("VQA redirection, top-K gaze heads", PAPER["vqa"], f"{_acc(vqa.get('gaze'))}, K={k}"),
             ("static narration redirection (\"this panel\")", PAPER["narration"], _acc(nar.get("gaze"))),
-            ("random non-gaze heads (VQA)", PAPER["random"], _acc(vqa.get("random"))),
+            ("random non-gaze heads (VQA)", PAPER["random"], _acc(vqa.get("random")) + _draws(vqa.get("random"))),
             ("unsteered (VQA answer happens to be the target)", PAPER["none"], _acc(vqa.get("none")))]
     if vqa.get("all"):
         a = vqa["all"]
@@ -295,6 +296,14 @@ def _comparison(p: dict, meta: dict) -> list[str]:
     lines = ["| result | paper (Qwen3-VL-8B) | ours |", "| --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return lines
+
+
+def _draws(entry: dict | None) -> str:
+    d = (entry or {}).get("draws")
+    if not d:
+        return ""
+    return (f"; {d['n_draws']} draws {pct(d['min'])}-{pct(d['max'])}, gaze above them at p = {num(d['p_value'], 3)}, "
+            f"gaze - control {pct(d['difference']['mean'])}{ci(d['difference']['ci'])}")
 
 
 def _rho_ci(v: dict) -> str:
@@ -365,17 +374,75 @@ def _judging_notes(meta: dict) -> list[str]:
         "- Dynamic narration: each segment (the tokens produced under one schedule entry) is judged on its own "
         "with the caption judge; Spearman correlates the scheduled panels with the judged ones (segments the judge "
         "cannot place are left out; strips with fewer than two placed segments give no rho).",
-        f"- Random heads: K heads sampled (seed {meta.get('seed')}) from the bottom {meta.get('random_percentile')}% "
-        f"of gaze scores, widened to at least 2K heads and never the top K (pool here: {meta.get('random_pool')} heads).",
-        "- Image heads: most attention mass on image tokens from the last prompt token. Localization heads: among "
-        "heads with at least median image mass, the most spatially concentrated (1 - normalised entropy of the "
-        "attention over image tokens). Both from the whole-strip, narration and \"this panel\" questions on the "
-        f"first {(meta.get('config') or {}).get('prior_strips', 8)} evaluation strips (no labels are used).",
+        _control_note(meta),
+        "- Image heads (MaskCD): per layer, the z-score of each head's attention mass on the image from the last "
+        "prompt token; heads above 2.5 are image heads, K heads are taken by z. Localization heads (Kang et al.): "
+        "per prompt, heads whose image-attention sum is at or above the elbow of the sorted sums (chord method), "
+        "outside layers 0-1 and not covering the whole bottom row, ranked by the spatial entropy of their "
+        "mean-thresholded attention map (8-connected components); K heads by how often a prompt ranks them among "
+        "its 10 lowest. Both from the six panel-query prompts on the first "
+        f"{(meta.get('config') or {}).get('prior_strips', 8)} evaluation strips (no labels are used).",
         f"- Region steering: object size classes by image tokens the box covers (small <= "
         f"{sizes.get('small', 2)}, medium <= {sizes.get('medium', 8)}, "
         "large above); boxes that cover no token centre are skipped, not counted.",
         "- 95% CIs: seeded percentile bootstrap over (strip, target) pairs (dynamic: over strips).",
     ]
+
+
+def _control_note(meta: dict) -> str:
+    c = meta.get("control")
+    if not c:  # runs from before the control draws
+        return (f"- Random heads: K heads sampled (seed {meta.get('seed')}) from the bottom "
+                f"{meta.get('random_percentile')}% of gaze scores, widened to at least 2K heads and never the top K "
+                f"(pool here: {meta.get('random_pool')} heads).")
+    how = {"bottom-p": f"from the bottom {c['percentile']:g}% of gaze scores"
+                       + (" (widened to at least 2K heads)" if c["widen"] else ""),
+           "layer-band": f"uniformly from layers {_layers(c.get('band_layers') or [])} (fractions "
+                         f"{c['band'][0]:g}-{c['band'][1]:g} of depth; the paper: layers 20-35 of 36)",
+           "layer-matched": "with the top-K gaze heads' histogram over layers"}[c["kind"]]
+    note = (f"- Random heads (control `{c['kind']}`): {c['draws']} seeded draws (seed {meta.get('seed')}) of K heads "
+            f"{how}, never the top K (pool: {c['pool']} heads). Each draw is its own condition run; the tables pool "
+            "them, the controls section gives their spread.")
+    return note + (f" **Warning: {c['warning']}.**" if c.get("warning") else "")
+
+
+def _layers(layers: list[int]) -> str:
+    return f"{layers[0]}-{layers[-1]}" if layers else "?"
+
+
+def _controls_section(p: dict) -> list[str]:
+    """Gaze heads against the control draws: mean, spread, p-value, paired difference."""
+    rows = [(proto, p[proto]["random"]["draws"]) for proto in ("vqa", "narration", "dynamic", "region")
+            if (p.get(proto, {}).get("random") or {}).get("draws")]
+    if not rows:
+        return []
+    lines = ["## Controls", "",
+             "Gaze heads against N seeded draws of control heads. p-value: (1 + draws scoring at least the gaze "
+             "rate) / (1 + N). Gaze - control: paired on (strip, target), the draws of a pair averaged, 95% CI "
+             "from a bootstrap that resamples strips with their pairs.", "",
+             "| protocol | gaze | control mean (sd) | control min-max | draws | p-value | gaze - control [95% CI] |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for proto, d in rows:
+        diff = d["difference"]
+        lines.append(f"| {proto} | {pct(d['gaze'])} | {pct(d['mean'])} ({pct(d['sd'])}) | {pct(d['min'])}-"
+                     f"{pct(d['max'])} | {d['n_draws']} | {num(d['p_value'], 3)} | {pct(diff['mean'])}"
+                     f"{ci(diff['ci'])} ({diff['n_pairs']} pairs, {diff['n_strips']} strips) |")
+    return lines + [""]
+
+
+def _overlap_section(meta: dict) -> list[str]:
+    o = meta.get("overlap")
+    if not o:
+        return []
+    lines = ["## Head-set overlap", "",
+             f"Jaccard overlap of the top-k heads of each criterion (MaskCD's z > 2.5 picks {o['image_set']} "
+             f"heads; {o['localization_set']} heads got a localization vote).", "",
+             "| k | gaze vs image | gaze vs localization | image vs localization |", "| --- | --- | --- | --- |"]
+    for k in o["ks"]:
+        j = o["jaccard"][str(k)]
+        lines.append(f"| {k} | {num(j['gaze|image'])} | {num(j['gaze|localization'])} | "
+                     f"{num(j['image|localization'])} |")
+    return lines + [""]
 
 
 def write_report(out: str | Path, *, title: str | None = None) -> Path:
@@ -440,6 +507,7 @@ def write_report(out: str | Path, *, title: str | None = None) -> Path:
         lines += ["## Redirection by condition", ""]
         lines += [f"![{n}]({FIGURES}/{made[n]})" for n in ("accuracy", "per_panel") if made.get(n)] + [""]
     lines += _condition_table(p) + [""]
+    lines += _controls_section(p) + _overlap_section(meta)
     if "vqa" in p:
         lines += ["### VQA accuracy per target panel", ""] + _per_panel_table(p["vqa"]) + [""]
     if made.get("sweep"):
@@ -465,7 +533,7 @@ def write_report(out: str | Path, *, title: str | None = None) -> Path:
         if heads:
             lines += ["Steered head sets (layer, head): " + "; ".join(
                 f"{c}: {', '.join(f'L{l}H{h}' for l, h in hs[:12])}{' ...' if len(hs) > 12 else ''}"
-                for c, hs in heads.items() if hs), ""]
+                for c, hs in heads.items() if hs and (not c.startswith("random:") or c == "random:0")), ""]
     lines += ["## How answers were judged", ""] + _judging_notes(meta) + [""]
     cost = agg.get("cost", {})
     if cost:
