@@ -542,5 +542,6 @@ def rejudge(cfg, *, judge=None, progress: bool = True) -> dict:
                                             "judge_calibration": calibration.to_dict() if calibration else None})
     folder = out / JUDGES_DIR / slug(judge.name)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / AGGREGATE).write_text(json.dumps(_finite(agg), indent=1, default=_json_default))
+    agg = _finite(agg)
+    (folder / AGGREGATE).write_text(json.dumps(agg, indent=1, default=_json_default))
     return agg
