@@ -311,7 +311,8 @@ def test_calibration_of_the_tiny_local_judge(loaded_qwen3):
     cal = calibrate(VLMJudge(loaded_qwen3), caption_items(strips), strips, "captions")
     d = cal.to_dict()
     assert d["n"] == 6 and len(d["confusion"]) == 6 and all(len(r) == 7 and sum(r) == 1 for r in d["confusion"])
-    assert sum(d["picked"].values()) == pytest.approx(1.0) and set(d["picked"]) == {"1", "2", "3", "4", "5", "6", "none"}
+    assert sum(d["picked"].values()) == pytest.approx(1.0)
+    assert set(d["picked"]) == {"1", "2", "3", "4", "5", "6", "none"}
     assert d["accuracy"] == pytest.approx(sum(d["confusion"][k][k] for k in range(6)) / 6)
     assert d["judge"] == f"vlm:{loaded_qwen3.model_id}"
 
@@ -323,7 +324,8 @@ def _cfg(tmp_path, qwen3_path, tiny_ranking, **kw):
 
     base = dict(model=str(qwen3_path), ranking=str(tiny_ranking), strips="procedural:eval", n_strips=2,
                 out=str(tmp_path / "eval"), protocols=("vqa",), conditions=("gaze", "none"), top_k=2,
-                targets=(2, 3), max_new_tokens=3, narration_tokens=4, n_boot=100, judge_calibration_strips=1, device="cpu")
+                targets=(2, 3), max_new_tokens=3, narration_tokens=4, n_boot=100, judge_calibration_strips=1,
+                device="cpu")
     return EvalConfig(**{**base, **kw})
 
 
@@ -406,6 +408,10 @@ def test_a_hosted_judge_in_a_run_never_writes_its_key(loaded_qwen3, qwen3_path, 
     assert len(stub.requests) == 6 + len(asked)  # the calibration's six captions, then each judgeable answer
     assert all(r["verdicts"][r["judge"]]["raw"].startswith('{"panel": 2') for r in asked if not r["degenerate"])
     assert all(h["authorization"] == f"Bearer {KEY}" for _, h, _ in stub.requests)
+    from gaze.eval.report import write_report
+
+    text = write_report(tmp_path / "eval").read_text()
+    assert "a hosted VLM shown the strip image" in text and "calibrated first on 6 answers of known panel" in text
     for path in (tmp_path / "eval").rglob("*"):
         if path.is_file():
             assert KEY.encode() not in path.read_bytes(), path

@@ -33,6 +33,9 @@ TRAJECTORIES = "trajectories.json"
 PRIOR = "prior_heads.json"
 
 
+JUDGE_CALIBRATIONS = ("captions", "answers", "none")  # what an image judge is calibrated on first
+
+
 class EvalError(GazeError):
     """An evaluation that cannot run as asked; the message says how to fix it."""
 
@@ -58,7 +61,7 @@ class EvalConfig:
     judge_model: str | None = None  # embedding model / LLM (endpoint model name or local folder)
     judge_endpoint: str | None = None  # OpenAI-compatible base URL for --judge llm (key from $OPENAI_API_KEY)
     judge_allow_http: bool = False  # send the judge's API key over plain http to a non-loopback host
-    # judges that see the image (--judge vlm | hosted; gaze.eval.image_judges)
+    # judges that see the image (--judge vlm | hosted; gaze.eval.image_judges); JUDGE_CALIBRATIONS above
     judge_api: str = "openai"  # hosted judge's format: openai (chat completions, also vLLM ...) | anthropic (messages)
     judge_key_env: str | None = None  # env var with the hosted judge's key; None: OPENAI_API_KEY / ANTHROPIC_API_KEY
     judge_retries: int = 5  # retries of a hosted call on HTTP 429, 5xx or a timeout (exponential backoff)
@@ -108,7 +111,7 @@ class EvalConfig:
             raise EvalError(f"--question for unknown protocols {sorted(bad)}: write PROTOCOL=TEXT, e.g. vqa=...")
         if self.n_strips < 1 or self.every < 1 or (self.top_k is not None and self.top_k < 1):
             raise EvalError("--n-strips, --every and --top-k must be at least 1")
-        if self.judge_api not in ("openai", "anthropic") or self.judge_calibration not in ("captions", "answers", "none"):
+        if self.judge_api not in ("openai", "anthropic") or self.judge_calibration not in JUDGE_CALIBRATIONS:
             raise EvalError("--judge-api is openai or anthropic; --judge-calibration is captions, answers or none")
         if self.judge_calibration_strips < 1 or self.judge_retries < 0 or not 0 <= (self.judge_min_accuracy or 0) <= 1:
             raise EvalError("--judge-calibration-strips >= 1, --judge-retries >= 0, --judge-min-accuracy in [0, 1]")
