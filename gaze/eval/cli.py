@@ -6,7 +6,12 @@
 
 Resumable: rerun the same command after an interruption and it continues.
 Offline by default (`--judge caption`); `--judge llm --judge-endpoint URL`
-reads its key from $OPENAI_API_KEY. Wired into `gaze` by `register(subparsers)`;
+reads its key from $OPENAI_API_KEY. Judges that see the strip, as the paper's:
+
+    gaze eval ... --judge vlm --judge-model Qwen/Qwen3-VL-8B-Instruct      # local, scored by likelihood
+    gaze eval ... --judge hosted --judge-api anthropic --judge-model claude-sonnet-4-6
+    gaze eval --out OUT --rejudge --judge hosted ...      # re-judge a finished run, no model run
+ Wired into `gaze` by `register(subparsers)`;
 `python -m gaze.eval.cli ...` runs it on its own.
 """
 
@@ -113,8 +118,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--at-sentence", action="store_true",
                    help="dynamic narration: switch at the first sentence end after --every tokens")
     p.add_argument("--seed", type=int, default=d.seed, help="random heads, derangements, bootstrap")
-    p.add_argument("--judge", default=d.judge, choices=["caption", "letter", "embedding", "llm"],
-                   help="caption (offline, default) | letter (exact; asks for the overlaid letter) | embedding | llm")
+    p.add_argument("--judge", default=d.judge, choices=["caption", "letter", "embedding", "llm", "vlm", "hosted"],
+                   help="caption (offline, default) | letter (exact; asks for the overlaid letter) | embedding | llm | "
+                        "vlm (a local VLM sees the strip: --judge-model) | hosted (a hosted VLM sees it: --judge-api)")
     p.add_argument("--judge-model", default=None,
                    help="embedding model, or LLM (endpoint model name or local folder) (default: the judge's own)")
     p.add_argument("--judge-endpoint", default=None,
@@ -122,6 +128,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "only over https or to a loopback server (default: none)")
     p.add_argument("--judge-allow-http", action="store_true",
                    help="send the judge's API key over plain http to a non-loopback --judge-endpoint")
+    # judges that see the image
+    p.add_argument("--judge-api", default=d.judge_api, choices=["openai", "anthropic"],
+                   help="--judge hosted: OpenAI chat completions (also vLLM and compatible servers) or Anthropic messages")
+    p.add_argument("--judge-key-env", default=None, metavar="VAR",
+                   help="environment variable holding the hosted judge's key (default: OPENAI_API_KEY or "
+                        "ANTHROPIC_API_KEY); the key itself is never a flag or written to disk")
+    p.add_argument("--judge-retries", type=_at_least(0), default=d.judge_retries,
+                   help="retries of a hosted judge call on HTTP 429, 5xx or a timeout, with exponential backoff")
+    p.add_argument("--judge-calibration", default=d.judge_calibration, choices=["captions", "answers", "none"],
+                   help="calibrate an image judge first on the strips' captions or the model's own panel answers")
+    p.add_argument("--judge-calibration-strips", type=_at_least(1), default=d.judge_calibration_strips,
+                   help="strips (each with all its panels) for that calibration")
+    p.add_argument("--judge-min-accuracy", type=float, default=d.judge_min_accuracy,
+                   help="refuse an image judge whose calibration accuracy is below this (0 accepts any)")
+    p.add_argument("--rejudge", action="store_true",
+                   help="re-judge the answers already in --out with --judge (no model is run) and re-aggregate into "
+                        "OUT/judges/NAME/aggregate.json")
     p.add_argument("--max-new-tokens", type=_at_least(1), default=None,
                    help="short answers (vqa, sweep, region) (default: the preset's; paper 15, organism 24)")
     p.add_argument("--narration-tokens", type=_at_least(1), default=None,
@@ -193,6 +216,9 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         targets=tuple(args.targets) if args.targets else None, every=args.every, at_sentence=args.at_sentence,
         seed=args.seed, judge=args.judge,
         judge_model=args.judge_model, judge_endpoint=args.judge_endpoint, judge_allow_http=args.judge_allow_http,
+        judge_api=args.judge_api, judge_key_env=args.judge_key_env, judge_retries=args.judge_retries,
+        judge_calibration=args.judge_calibration, judge_calibration_strips=args.judge_calibration_strips,
+        judge_min_accuracy=args.judge_min_accuracy,
         max_new_tokens=args.max_new_tokens,
         narration_tokens=args.narration_tokens, strength=args.strength, mode=args.mode,
         phase=args.phase, dynamic_phase=args.dynamic_phase, mapping=args.mapping,
@@ -238,6 +264,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from gaze.eval.protocols import check_targets, run_eval
 
     cfg = config_from_args(args)
+    if args.rejudge:
+        from gaze.eval.image_judges import rejudge
+
+        agg = rejudge(cfg, progress=not args.quiet)
+        print(summary(agg))
+        print(f"judged by {agg['meta']['judge']}: {cfg.out}/judges/ holds its aggregate and calibration")
+        return 0
     if cfg.strips.startswith("procedural:"):  # their panel count is known before the model loads
         from datagen.story import N_PANELS
 

@@ -65,6 +65,9 @@ TRAJECTORIES = "trajectories.json"
 PRIOR = "prior_heads.json"
 
 
+JUDGE_CALIBRATIONS = ("captions", "answers", "none")  # what an image judge is calibrated on first
+
+
 class EvalError(GazeError):
     """An evaluation that cannot run as asked; the message says how to fix it."""
 
@@ -93,6 +96,13 @@ class EvalConfig:
     preset: str = "auto"  # paper | organism | auto (organism for "organism" or a folder with prompts.json, else paper)
     max_new_tokens: int | None = None  # short answers: vqa, sweep, region (None: the preset's)
     narration_tokens: int | None = None  # static narration answers (None: the preset's)
+    # judges that see the image (--judge vlm | hosted; gaze.eval.image_judges); JUDGE_CALIBRATIONS above
+    judge_api: str = "openai"  # hosted judge's format: openai (chat completions, also vLLM ...) | anthropic (messages)
+    judge_key_env: str | None = None  # env var with the hosted judge's key; None: OPENAI_API_KEY / ANTHROPIC_API_KEY
+    judge_retries: int = 5  # retries of a hosted call on HTTP 429, 5xx or a timeout (exponential backoff)
+    judge_calibration: str = "captions"  # what an image judge is calibrated on: captions | answers (the model's) | none
+    judge_calibration_strips: int = 5  # strips (x their panels) of known answers for that calibration
+    judge_min_accuracy: float | None = 0.8  # refuse an image judge below this calibration accuracy; None: never
     strength: float = 1e4  # steering bias B
     mode: str = "boost"  # boost | suppress | suppress_text
     phase: str | None = None  # all | prefill (the prompt's rows only) | decode; vqa, narration, region, sweep
@@ -155,6 +165,10 @@ class EvalConfig:
         from gaze.eval.controls import ControlSpec
 
         ControlSpec.from_config(self)
+        if self.judge_api not in ("openai", "anthropic") or self.judge_calibration not in JUDGE_CALIBRATIONS:
+            raise EvalError("--judge-api is openai or anthropic; --judge-calibration is captions, answers or none")
+        if self.judge_calibration_strips < 1 or self.judge_retries < 0 or not 0 <= (self.judge_min_accuracy or 0) <= 1:
+            raise EvalError("--judge-calibration-strips >= 1, --judge-retries >= 0, --judge-min-accuracy in [0, 1]")
         if any(k < 1 for k in self.ks):
             raise EvalError(f"--ks must be positive head counts, got {list(self.ks)}")
         return self

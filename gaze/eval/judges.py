@@ -18,6 +18,11 @@ panel, or one that matches two panels equally (ambiguous) is a miss.
     LLMJudge        asks a chat model which caption the answer describes: any
                     OpenAI-compatible endpoint (key from the environment) or a
                     local transformers chat model; optional, never required.
+    VLMJudge        sees the strip image, as the paper's judge does: forced choice of
+    HostedJudge     the panel (1..N) the answer describes, plus a junk flag; a local
+                    VLM scored by next-token likelihood, or a hosted one (OpenAI
+                    chat completions or Anthropic messages). In `gaze.eval.image_judges`,
+                    with their calibration and `rejudge`.
 
 Candidate-based judges (caption, embedding, LLM) also judge object regions: a
 scene is a `Strip` whose "panels" are object boxes and whose captions are the
@@ -50,6 +55,18 @@ class Verdict:
     matched_panel: int | None  # 1-based panel the answer describes; None: empty, degenerate, unmatched or ambiguous
     correct: bool  # matched_panel == target panel
     why: str  # one line a reader can check
+    junk: bool = False  # an image judge flagged the answer as degenerate or irrelevant (then matched_panel is None)
+    raw: str | None = None  # the judge's raw reply, kept so a run can be audited and re-judged
+    scores: tuple[float, ...] | None = None  # a likelihood judge's probability of each option (panels 1..N, then junk)
+
+    def to_record(self) -> dict:
+        """The verdict as stored in an eval record's `verdicts` (plain JSON)."""
+        out = {"matched": self.matched_panel, "correct": bool(self.correct), "why": self.why, "junk": bool(self.junk)}
+        if self.raw is not None:
+            out["raw"] = self.raw
+        if self.scores is not None:
+            out["scores"] = [round(float(v), 6) for v in self.scores]
+        return out
 
 
 class Judge(Protocol):
@@ -355,7 +372,23 @@ def _no_redirects():
     return urllib.request.build_opener(Refuse)
 
 
+class TransientJudgeError(JudgeError):
+    """A hosted judge's failure worth retrying: HTTP 429, a 5xx, or a timeout."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after  # seconds the server asked to wait (Retry-After), if it said
+
+
+def _retry_after(headers) -> float | None:
+    try:
+        return max(0.0, float(headers.get("Retry-After")))
+    except (TypeError, ValueError, AttributeError):
+        return None  # absent, or an HTTP date: the backoff decides
+
+
 def _urllib_post(url: str, headers: dict, body: bytes, timeout: float = 60.0) -> dict:
+    import socket
     import urllib.error
     import urllib.request
 
@@ -368,10 +401,59 @@ def _urllib_post(url: str, headers: dict, body: bytes, timeout: float = 60.0) ->
         if 300 <= e.code < 400:
             raise JudgeError(f"LLM judge endpoint {shown} answered a redirect (HTTP {e.code}), which is not followed "
                              "(it would carry the API key elsewhere): give --judge-endpoint the final URL") from None
-        raise JudgeError(f"LLM judge endpoint {shown} answered HTTP {e.code}: {e.read()[:200]!r}") from None
+        detail = e.read()[:200]
+        if e.code == 429 or e.code >= 500:
+            raise TransientJudgeError(f"LLM judge endpoint {shown} answered HTTP {e.code}: {detail!r}",
+                                      _retry_after(e.headers)) from None
+        raise JudgeError(f"LLM judge endpoint {shown} answered HTTP {e.code}: {detail!r}") from None
+    except (TimeoutError, socket.timeout) as e:
+        raise TransientJudgeError(f"LLM judge endpoint {shown} timed out after {timeout:g} s ({e})") from None
     except urllib.error.URLError as e:
+        if isinstance(e.reason, (TimeoutError, socket.timeout)):
+            raise TransientJudgeError(f"LLM judge endpoint {shown} timed out after {timeout:g} s") from None
         raise JudgeError(f"cannot reach the LLM judge endpoint {shown} ({e.reason}): check --judge-endpoint, "
                          "or use --judge caption (offline)") from None
+
+
+def retrying(post: Post, *, retries: int = 5, backoff: float = 1.0, max_wait: float = 60.0,
+             sleep: Callable[[float], None] | None = None) -> Post:
+    """`post` retried on `TransientJudgeError` (429, 5xx, timeouts): waits backoff * 2**attempt seconds (or the
+    server's Retry-After, if longer; at most `max_wait`) between at most `retries` further tries."""
+    import time
+
+    wait = sleep or time.sleep
+
+    def send(url: str, headers: dict, body: bytes) -> dict:
+        for attempt in range(retries + 1):
+            try:
+                return post(url, headers, body)
+            except TransientJudgeError as e:
+                if attempt == retries:
+                    raise JudgeError(f"{e} (gave up after {retries + 1} tries: try again later, or raise "
+                                     "--judge-retries)") from None
+                wait(min(max_wait, max(backoff * 2 ** attempt, e.retry_after or 0.0)))
+        raise AssertionError("unreachable")
+
+    return send
+
+
+def checked_endpoint(base: str, key: str | None, api_key_env: str, *, allow_http: bool = False,
+                     official: str | None = None) -> str:
+    """`base` (a judge's endpoint URL), refused unless it is http(s); unless the key would go only over https or
+    to a loopback server (`allow_http` lifts that); and, for the `official` host, unless a key is set."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(base)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise JudgeError(f"--judge-endpoint {public_url(base)!r} is not an http(s) URL: give e.g. "
+                         "https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
+    if key is None and official and parts.hostname == official:
+        raise JudgeError(f"the LLM judge on {public_url(base)} needs an API key in ${api_key_env}: set it, point "
+                         "--judge-endpoint at a local server, or use --judge caption (offline, the default)")
+    if key and parts.scheme != "https" and parts.hostname not in LOOPBACK and not allow_http:
+        raise JudgeError(f"refusing to send the API key in ${api_key_env} over plain http to {public_url(base)}: "
+                         "use an https endpoint, a loopback server, or --judge-allow-http if you mean it")
+    return base
 
 
 class LLMJudge(CandidateJudge):
@@ -397,32 +479,22 @@ class LLMJudge(CandidateJudge):
 
     @classmethod
     def openai(cls, model: str, *, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
-               post: Post | None = None, timeout: float = 60.0, allow_http: bool = False) -> "LLMJudge":
+               post: Post | None = None, timeout: float = 60.0, allow_http: bool = False,
+               retries: int = 5) -> "LLMJudge":
         """A judge on an OpenAI-compatible `/chat/completions` endpoint (OpenAI, vLLM, llama.cpp, Ollama ...).
 
         The key is read from `api_key_env` (never from a flag or a file) and is
         sent only over https, or to a loopback server, unless `allow_http`;
         redirects are not followed; the endpoint is shown and recorded without
         credentials or query (`public_url`). A local endpoint may need no key.
-        `post` replaces the HTTP call (tests).
+        `post` replaces the HTTP call (tests); HTTP 429, 5xx and timeouts are retried with exponential backoff.
         """
-        from urllib.parse import urlsplit
-
         base = (base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/")
         key = os.environ.get(api_key_env)
-        parts = urlsplit(base)
-        if parts.scheme not in ("https", "http") or not parts.hostname:
-            raise JudgeError(f"--judge-endpoint {public_url(base)!r} is not an http(s) URL: give e.g. "
-                             "https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
-        if key is None and "api.openai.com" in base:
-            raise JudgeError(f"the LLM judge on {public_url(base)} needs an API key in ${api_key_env}: set it, point "
-                             "--judge-endpoint at a local server, or use --judge caption (offline, the default)")
-        if key and parts.scheme != "https" and parts.hostname not in LOOPBACK and not allow_http:
-            raise JudgeError(f"refusing to send the API key in ${api_key_env} over plain http to {public_url(base)}: "
-                             "use an https endpoint, a loopback server, or --judge-allow-http if you mean it")
+        checked_endpoint(base, key, api_key_env, allow_http=allow_http, official="api.openai.com")
         url = base + "/chat/completions"
         headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-        send = post or (lambda u, h, b: _urllib_post(u, h, b, timeout))
+        send = post or retrying(lambda u, h, b: _urllib_post(u, h, b, timeout), retries=retries)
 
         def complete(messages: list[dict]) -> str:
             body = json.dumps({"model": model, "messages": messages, "temperature": 0, "max_tokens": 8}).encode()
@@ -460,12 +532,16 @@ class LLMJudge(CandidateJudge):
 
 # ---------------------------------------------------------------- by name
 
-JUDGES = ("caption", "letter", "embedding", "llm")
+JUDGES = ("caption", "letter", "embedding", "llm", "vlm", "hosted")
 
 
 def make_judge(name: str, *, model: str | None = None, endpoint: str | None = None,
-               api_key_env: str = "OPENAI_API_KEY", device: str = "cpu", allow_http: bool = False) -> Judge:
-    """A judge from its CLI name. `model`: embedding model, or LLM (endpoint model name or local folder)."""
+               api_key_env: str | None = None, device: str = "cpu", allow_http: bool = False,
+               api: str = "openai", dtype: str = "float32", retries: int = 5) -> Judge:
+    """A judge from its CLI name. `model`: embedding model, LLM (endpoint model name or local folder), or for the
+    image judges the VLM (`vlm`: hub id or folder, loaded with `gaze.load`; `hosted`: the API's model name).
+    `api`: the hosted judge's wire format, openai or anthropic; `api_key_env`: the environment variable holding
+    its key (default OPENAI_API_KEY / ANTHROPIC_API_KEY)."""
     if name == "caption":
         return CaptionJudge()
     if name == "letter":
@@ -473,10 +549,28 @@ def make_judge(name: str, *, model: str | None = None, endpoint: str | None = No
     if name == "embedding":
         return EmbeddingJudge(model or "sentence-transformers/all-MiniLM-L6-v2", device=device)
     if name == "llm":
+        key_env = api_key_env or "OPENAI_API_KEY"
         if endpoint:
-            return LLMJudge.openai(model or "gpt-4o-mini", base_url=endpoint, api_key_env=api_key_env,
-                                   allow_http=allow_http)
+            return LLMJudge.openai(model or "gpt-4o-mini", base_url=endpoint, api_key_env=key_env,
+                                   allow_http=allow_http, retries=retries)
         if model:
             return LLMJudge.local(model, device=device)
-        return LLMJudge.openai("gpt-4o-mini", api_key_env=api_key_env)
+        return LLMJudge.openai("gpt-4o-mini", api_key_env=key_env, retries=retries)
+    if name in ("vlm", "hosted"):
+        from gaze.eval.image_judges import HostedJudge, VLMJudge
+
+        if name == "vlm":
+            if not model:
+                raise JudgeError("--judge vlm needs --judge-model: a VLM hub id (e.g. Qwen/Qwen3-VL-8B-Instruct) or "
+                                 "local folder, any family gaze supports")
+            return VLMJudge.load(model, device=device, dtype=dtype)
+        return HostedJudge(api, model, base_url=endpoint, api_key_env=api_key_env, allow_http=allow_http,
+                           retries=retries)
     raise JudgeError(f"unknown judge {name!r}; use one of {', '.join(JUDGES)}")
+
+
+def judge_for(cfg, device: str) -> Judge:
+    """The judge an `EvalConfig` asks for, on `device`."""
+    return make_judge(cfg.judge, model=cfg.judge_model, endpoint=cfg.judge_endpoint, api_key_env=cfg.judge_key_env,
+                      device=device, allow_http=cfg.judge_allow_http, api=cfg.judge_api, dtype=cfg.dtype,
+                      retries=cfg.judge_retries)

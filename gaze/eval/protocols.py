@@ -54,7 +54,8 @@ from gaze.eval.config import (AGGREGATE, MANIFEST, PRIOR, PROTOCOL_ORDER, PROTOC
 from gaze.eval.controls import (ControlSpec, add_control_summaries, base_condition, control_manifest, control_meta,
                                 draw_tags)
 from gaze.eval.heads import PriorScores, condition_sets, overlap_table, prior_scores, resolve_top_k
-from gaze.eval.judges import CaptionJudge, CandidateJudge, Judge, make_judge, public_url
+from gaze.eval.image_judges import calibrate_for_run
+from gaze.eval.judges import CaptionJudge, CandidateJudge, Judge, judge_for, public_url
 from gaze.eval.records import RecordLog, record_key, run_identity
 from gaze.eval.statistics import bootstrap_ci, spearman
 from gaze.discovery import manifest_diff, write_manifest
@@ -303,6 +304,9 @@ def _judged(record: dict, verdict, judge_name: str, degenerate: bool) -> dict:
         record.update(matched=None, correct=False, why="degenerate generation", judge=judge_name)
     else:
         record.update(matched=verdict.matched_panel, correct=bool(verdict.correct), why=verdict.why, judge=judge_name)
+    # each judge's verdict (raw reply included) beside the answer, so that `image_judges.rejudge` can add others
+    stored = verdict.to_record() if not degenerate else {"matched": None, "correct": False, "why": record["why"]}
+    record["verdicts"] = {**record.get("verdicts", {}), judge_name: stored}
     return record
 
 
@@ -654,8 +658,8 @@ def run_eval(cfg: EvalConfig, *, loaded=None, ranking: Ranking | None = None, li
     prior = _prior(cfg, loaded, strips, out) if {"image", "localization"} & set(kinds) else None
     control = ControlSpec.from_config(cfg)
     sets = condition_sets(ranking, k, cfg.seed, kinds, control, prior=prior)  # random -> random:0 .. random:N-1
-    judge = make_judge(cfg.judge, model=cfg.judge_model, endpoint=cfg.judge_endpoint, allow_http=cfg.judge_allow_http,
-                       device=str(loaded.model.device))
+    judge = judge_for(cfg, str(loaded.model.device))
+    calibration = calibrate_for_run(cfg, judge, strips, out, loaded=loaded)  # image judges: refused if below the gate
     candidate = judge if isinstance(judge, CandidateJudge) else CaptionJudge()
     ctx = Context(loaded, cfg, judge, candidate, track_heads=sets.get("gaze") or ranking.top(k))
     scenes = (eval_scenes(cfg.scenes, cfg.n_scenes or cfg.n_strips, size=cfg.scene_size, n_objects=cfg.n_objects,
@@ -721,6 +725,7 @@ def run_eval(cfg: EvalConfig, *, loaded=None, ranking: Ranking | None = None, li
         "conditions": list(kinds), "heads": {c: [list(h) for h in hs] for c, hs in sets.items() if c != "all"},
         "chance": 1 / strips[0].n_panels, "ranking_strips": ranking.n_strips,
         "ranking_source": ranking.meta.get("source", ""),
+        "judge_name": judge.name, "judge_calibration": calibration.to_dict() if calibration else None,
         "complete": not stopped, "size_classes": {n: (None if math.isinf(u) else u) for n, u in SIZE_CLASSES},
         "config": {**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)},  # no credentials on disk
                    "judge_endpoint": public_url(cfg.judge_endpoint) if cfg.judge_endpoint else None},

@@ -119,6 +119,18 @@ class RecordLog:
             lines.append(f"{self.path}: and {len(self.problems) - limit} more record(s) to recompute")
         return lines
 
+    def rewrite(self, updated: dict[str, dict]) -> None:
+        """Replace the records of these keys (changed content, e.g. a re-judge's verdicts), resealed, in one
+        atomic rewrite of the file."""
+        for key, record in updated.items():
+            if key not in self.records:
+                raise KeyError(key)
+            if self.identity is not None:
+                record = {**record, "identity": self.identity}
+                record["digest"] = _digest(record)
+            self.records[key] = record
+        self._rewrite()
+
     def _rewrite(self) -> None:
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records.values()), encoding="utf-8")

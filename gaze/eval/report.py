@@ -358,7 +358,16 @@ def _judging_notes(meta: dict) -> list[str]:
         "letter": "the exact letter judge: the answer must name exactly one of the letters overlaid on the panels",
         "embedding": "sentence-embedding similarity to the panel captions",
         "llm": "an LLM asked which panel caption the answer describes",
+        "vlm": "a local VLM shown the strip image (`gaze.eval.image_judges.VLMJudge`), forced to pick one panel by "
+               "its next-token likelihood over the options 1-6 and 0 (junk)",
+        "hosted": "a hosted VLM shown the strip image (`gaze.eval.image_judges.HostedJudge`), forced to pick one "
+                  "panel or flag the answer as junk",
     }.get(judge, judge)
+    cal = meta.get("judge_calibration")
+    if cal:
+        how += (f" (`{meta.get('judge_name')}`; calibrated first on {cal['n']} answers of known panel "
+                f"({cal['source']}): {pct(cal['accuracy'])} right; it picked panels " +
+                ", ".join(f"{k} {pct(v)}" for k, v in cal["picked"].items()) + ")")
     sizes = meta.get("size_classes") or {}
     return [
         f"- Answers were judged by {how}. No API key and no network were used unless the judge says so.",
