@@ -118,7 +118,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="random heads come from this bottom share of gaze scores, in percent")
     p.add_argument("--prior-strips", type=_at_least(1), default=d.prior_strips,
                    help="strips for the image/localization heads")
-    p.add_argument("--scenes", default=d.scenes, help="region protocol: procedural[:SEED0], strip-objects, or a folder")
+    p.add_argument("--scenes", default=d.scenes, help="region protocol: procedural[:SEED0], strip-objects, a folder, "
+                   "or coco:PATH (a COCO folder with annotations/instances_*.json: the paper's protocol)")
     p.add_argument("--n-scenes", type=_at_least(1), default=None,
                    help="scenes for the region protocol (default: --n-strips)")
     p.add_argument("--n-objects", type=_at_least(1), default=d.n_objects, help="objects per procedural scene")
@@ -198,6 +199,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from datagen.story import N_PANELS
 
         check_targets(cfg.targets, N_PANELS)
+    if "region" in cfg.protocols and cfg.scenes.startswith("coco:"):  # a malformed folder fails before the model loads
+        from gaze.eval.coco import check_coco_source
+
+        check_coco_source(cfg.scenes)
     agg = run_eval(cfg, limit=args.limit, progress=not args.quiet)
     print(summary(agg))
     if not args.no_report:

@@ -24,6 +24,7 @@ DEFAULT_QUESTIONS = {  # protocol -> question, for caption-like judges
     "vqa": STRIP_QUESTION, "sweep": STRIP_QUESTION, "narration": THIS_PANEL_QUESTION,
     "dynamic": NARRATION_PROMPT, "region": THIS_PANEL_QUESTION,
 }
+COCO_QUESTION = "What is the main object in this part of the image? Answer in a few words."  # paper, app. D.6
 LETTER_QUESTIONS = {"vqa": LETTER_STRIP_QUESTION, "sweep": LETTER_STRIP_QUESTION, "narration": LETTER_PANEL_QUESTION}
 
 RECORDS = "records.jsonl"
@@ -65,7 +66,7 @@ class EvalConfig:
     phase: str = "all"  # all | prefill (static targets bias the prompt's rows only; schedules always steer every row) | decode
     random_percentile: float = 5.0  # random heads come from this bottom share of gaze scores (widened to 2K heads)
     prior_strips: int = 8  # strips for the image / localization head criteria
-    scenes: str = "procedural"  # region protocol: procedural[:SEED0] (datagen scenes), strip-objects, or a folder
+    scenes: str = "procedural"  # region protocol: procedural[:SEED0] (datagen scenes), strip-objects, coco:PATH, or a folder
     n_scenes: int | None = None  # scenes for the region protocol; None: n_strips
     n_objects: int = 4  # objects per procedural scene
     scene_size: tuple[int, int] = (384, 192)  # procedural scene (width, height) in pixels
@@ -85,6 +86,8 @@ class EvalConfig:
             return given[protocol]
         if self.judge == "letter" and protocol in LETTER_QUESTIONS:
             return LETTER_QUESTIONS[protocol]
+        if protocol == "region" and self.scenes.startswith("coco:"):  # the paper's question about an object box
+            return COCO_QUESTION
         return DEFAULT_QUESTIONS[protocol]
 
     def check(self) -> "EvalConfig":
