@@ -34,6 +34,17 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def _strengths(text: str) -> tuple[float, ...]:
+    """An argparse type: positive steering biases separated by commas."""
+    try:
+        values = tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give numbers separated by commas, e.g. 1,10,100,1000,10000") from None
+    if any(not 0 < v <= 1e9 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every bias must be above 0 (and at most 1e9)")
+    return values
+
+
 def _fraction_pct(text: str) -> float:
     """An argparse type: a percentage in (0, 100]."""
     try:
@@ -90,6 +101,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=_at_least(1), default=None,
                    help="K heads per condition (default: the paper's share, 100 of 1,152 heads)")
     p.add_argument("--ks", type=_ints, default=d.ks, help="K values of the head-count sweep")
+    p.add_argument("--strengths", type=_strengths, default=d.strengths,
+                   help="biases B of the strength sweep (--protocols strength; default: the paper's 1,10,...,10000)")
+    p.add_argument("--paraphrases", default=None, metavar="FILE",
+                   help="the paraphrase sweep's wordings, one a line ({ordinal}/{k}: discovery); default: the paper's")
     p.add_argument("--targets", type=_ints, default=None,
                    help="panels to steer to, 1..the strips' panel count (default: all)")
     p.add_argument("--every", type=_at_least(1), default=d.every, help="dynamic narration: tokens per schedule entry")
@@ -151,6 +166,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     return EvalConfig(
         model=args.model, ranking=args.ranking, strips=args.strips, n_strips=args.n_strips, out=args.out,
         protocols=tuple(args.protocols), conditions=tuple(args.conditions), top_k=args.top_k, ks=tuple(args.ks),
+        strengths=tuple(args.strengths), paraphrases=args.paraphrases,
         targets=tuple(args.targets) if args.targets else None, every=args.every, at_sentence=args.at_sentence,
         seed=args.seed, judge=args.judge,
         judge_model=args.judge_model, judge_endpoint=args.judge_endpoint, judge_allow_http=args.judge_allow_http,
@@ -175,6 +191,10 @@ def summary(agg: dict) -> str:
             if protocol == "sweep":
                 curve = sorted(e.items(), key=lambda x: int(x[0]))
                 parts.append(f"{c} " + " ".join(f"K{k}={pct(v['accuracy'])}" for k, v in curve))
+            elif protocol in ("strength", "paraphrase"):
+                values = [pct(v["accuracy"]) for v in e.values()]
+                parts.append(f"{c} " + (" ".join(f"B{b}={a}" for b, a in zip(e, values)) if protocol == "strength"
+                                        else "/".join(values)))
             elif protocol == "dynamic":
                 rho = e["spearman"]["mean"]
                 parts.append(f"{c} {pct(e['segment_accuracy'])} rho={'n/a' if rho is None else f'{rho:.2f}'}")

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from gaze.errors import GazeError
 from gaze.prompts import NARRATION_PROMPT, STRIP_QUESTION, THIS_PANEL_QUESTION
 
-PROTOCOLS = ("vqa", "narration", "dynamic", "region", "sweep")
+PROTOCOLS = ("vqa", "narration", "dynamic", "region", "sweep", "strength", "paraphrase")
+DEFAULT_PROTOCOLS = PROTOCOLS[:5]  # strength and paraphrase (gaze.eval.sweeps) run when asked for
 CONDITIONS = ("gaze", "random", "all", "image", "localization", "none")
-PROTOCOL_ORDER = ("vqa", "sweep", "narration", "dynamic", "region")  # run order: the sweep reuses vqa answers
+PROTOCOL_ORDER = ("vqa", "sweep", "strength", "paraphrase", "narration", "dynamic", "region")  # sweeps reuse vqa answers
 SPLIT_SEEDS = {"eval": 1_000_000, "discovery": 2_000_000}  # procedural:SPLIT -> datagen seeds SEED0 + i
 # eval seeds are the organism's held-out range (gaze.organism.train.EVAL_SEED0); training draws its own pool
 SIZE_CLASSES = (("small", 2), ("medium", 8), ("large", math.inf))  # object size by image tokens covered (<=)
@@ -23,6 +24,7 @@ LETTER_PANEL_QUESTION = "Which letter is on this panel?"
 DEFAULT_QUESTIONS = {  # protocol -> question, for caption-like judges
     "vqa": STRIP_QUESTION, "sweep": STRIP_QUESTION, "narration": THIS_PANEL_QUESTION,
     "dynamic": NARRATION_PROMPT, "region": THIS_PANEL_QUESTION,
+    "strength": STRIP_QUESTION, "paraphrase": STRIP_QUESTION,  # the sweeps ask the vqa question (and rewordings)
 }
 COCO_QUESTION = "What is the main object in this part of the image? Answer in a few words."  # paper, app. D.6
 LETTER_QUESTIONS = {"vqa": LETTER_STRIP_QUESTION, "sweep": LETTER_STRIP_QUESTION, "narration": LETTER_PANEL_QUESTION}
@@ -47,10 +49,12 @@ class EvalConfig:
     strips: str = "procedural:eval"  # strip source: `load_strips` source, or procedural:SPLIT (eval|discovery|SEED0)
     n_strips: int = 50  # strips per protocol (x targets x conditions generations)
     out: str = "runs/eval"  # output folder (resumable)
-    protocols: tuple[str, ...] = PROTOCOLS  # which protocols to run
+    protocols: tuple[str, ...] = DEFAULT_PROTOCOLS  # which protocols to run (of PROTOCOLS)
     conditions: tuple[str, ...] = CONDITIONS  # which head sets to steer
     top_k: int | None = None  # K for every condition; None: the paper's share (100/1,152 of all heads), >= 1
     ks: tuple[int, ...] = (1, 2, 4, 8)  # K values of the head-count sweep (capped at the model's head count)
+    strengths: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0, 10000.0)  # strength sweep: biases B (paper, app. D.1)
+    paraphrases: str | None = None  # paraphrase sweep: file of wordings, one a line; None: the paper's (app. D.4)
     targets: tuple[int, ...] | None = None  # panels to steer to (1-based); None: every panel
     every: int = 10  # dynamic narration: tokens per schedule entry (the paper: 50 for long 8B narrations)
     at_sentence: bool = False  # dynamic narration: switch at the first sentence end after `every` tokens
@@ -104,6 +108,8 @@ class EvalConfig:
             raise EvalError(f"--question for unknown protocols {sorted(bad)}: write PROTOCOL=TEXT, e.g. vqa=...")
         if self.n_strips < 1 or self.every < 1 or (self.top_k is not None and self.top_k < 1):
             raise EvalError("--n-strips, --every and --top-k must be at least 1")
+        if any(not 0 < s <= 1e9 for s in self.strengths):
+            raise EvalError(f"--strengths must be positive biases, got {list(self.strengths)}")
         if any(k < 1 for k in self.ks):
             raise EvalError(f"--ks must be positive head counts, got {list(self.ks)}")
         return self

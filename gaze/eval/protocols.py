@@ -404,6 +404,10 @@ def aggregate(records: Iterable[dict], *, n_boot: int = 2000, seed: int = 0, met
                 by_size.setdefault(r["size_class"], []).append(r)
             summary["per_size"] = {s: _rate(by_size[s], "correct", n_boot, seed) for s, _ in SIZE_CLASSES if s in by_size}
             p[condition] = summary
+        elif protocol in ("strength", "paraphrase"):  # gaze.eval.sweeps: {B or wording: rate}
+            from gaze.eval.sweeps import summarise
+
+            p[condition] = summarise(protocol, rs, n_boot, seed)
     return {"meta": meta or {}, "protocols": out, "n_records": len(recs)}
 
 
@@ -418,7 +422,8 @@ def _manifest(cfg: EvalConfig, loaded, ranking: Ranking, k: int) -> dict:
     m = {name: getattr(cfg, name) for name in keep}
     m["scene_size"] = list(cfg.scene_size)
     m.update(model_id=loaded.model_id, ranking_digest=digest, top_k=k,
-             questions={p: cfg.question(p) for p in PROTOCOLS}, dtype=cfg.dtype)
+             questions={p: cfg.question(p) for p in PROTOCOLS if p not in ("strength", "paraphrase")},  # those
+             dtype=cfg.dtype)  # ask the vqa question, or name their wording in their records' keys
     return m
 
 
@@ -570,6 +575,10 @@ def run_eval(cfg: EvalConfig, *, loaded=None, ranking: Ranking | None = None, li
                                       percentile=cfg.random_percentile)
                     for c, hs in swept.items():
                         yield head_count_sweep(ctx, strips, c, hs, kk, done=done)
+            elif protocol in ("strength", "paraphrase"):  # gaze.eval.sweeps
+                from gaze.eval.sweeps import sweep_jobs
+
+                yield from sweep_jobs(protocol, ctx, strips, sets, ranking, k, done)
 
     planned = _Planned()  # the protocols ask about every key they would generate, before generating it
     for job in jobs(planned):
@@ -592,6 +601,10 @@ def run_eval(cfg: EvalConfig, *, loaded=None, ranking: Ranking | None = None, li
         if stopped:
             break
     bar.close()
+    if not stopped and "paraphrase" in cfg.protocols:  # discovery under other wordings: do the top sets agree?
+        from gaze.eval.sweeps import paraphrase_discovery
+
+        paraphrase_discovery(loaded, cfg, out, k, progress=progress)
     if not stopped and not (out / TRAJECTORIES).exists():
         show = {n: sets[n] for n in ("gaze", "random", "image", "localization") if n in sets}
         show = show or {"gaze": ranking.top(k)}

@@ -437,6 +437,9 @@ def write_report(out: str | Path, *, title: str | None = None) -> Path:
                       f"![dynamic schedule]({FIGURES}/{made['dynamic']})", ""]
     if made.get("region"):
         lines += ["## Region steering by object size", "", f"![region]({FIGURES}/{made['region']})", ""]
+    from gaze.eval.sweeps import report_sections
+
+    lines += report_sections(out, p, figs, chance)  # strength and paraphrase sweeps, when run
     if made.get("matrices") or made.get("score_map"):
         lines += ["## The heads", "",
                   "Top gaze heads' mean attention mass (rows: queried panel, columns: attended panel) and the gaze "
