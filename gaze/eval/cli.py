@@ -91,7 +91,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ranking", default=None,
                    help="ranking folder or ranking.json from `gaze discover` (default: discover into OUT/discovery)")
     p.add_argument("--strips", default=d.strips,
-                   help="procedural:eval (datagen, held-out seeds), procedural:SEED0, comic folders, a dataset, or an image")
+                   help="procedural:eval (datagen, held-out seeds), procedural:SEED0, comic folders, a dataset, an "
+                        "image, or comics:PATH[@SEED] (the COMICS corpus)")
     p.add_argument("--n-strips", type=_at_least(1), default=d.n_strips, help="evaluation strips")
     p.add_argument("--out", default=d.out, type=_writable("--out"),
                    help="output folder (resumable): records, aggregate, figures, README.md")
