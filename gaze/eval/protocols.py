@@ -451,7 +451,7 @@ def check_targets(targets: Sequence[int] | None, n_panels: int) -> None:
 def _check_strips(cfg: EvalConfig, strips: Sequence[Strip]) -> None:
     """Fail before generating anything when the strips lack what the judges compare against."""
     check_targets(cfg.targets, max(s.n_panels for s in strips))
-    panel = {"vqa", "narration", "sweep"} & set(cfg.protocols)
+    panel = {"vqa", "narration", "sweep", "strength", "paraphrase"} & set(cfg.protocols)
     letters = cfg.judge == "letter"
     for s in strips:
         if panel and letters and s.letters is None:

@@ -352,9 +352,14 @@ def _judging_notes(meta: dict) -> list[str]:
         "heads with at least median image mass, the most spatially concentrated (1 - normalised entropy of the "
         "attention over image tokens). Both from the whole-strip, narration and \"this panel\" questions on the "
         f"first {(meta.get('config') or {}).get('prior_strips', 8)} evaluation strips (no labels are used).",
-        f"- Region steering: object size classes by image tokens the box covers (small <= "
-        f"{sizes.get('small', 2)}, medium <= {sizes.get('medium', 8)}, "
-        "large above); boxes that cover no token centre are skipped, not counted.",
+        ("- Region steering on COCO: the answer must name the target's category (`gaze.eval.coco.LabelJudge`: the "
+         "COCO name, a synonym or a form of either); crowd regions and boxes under 750 px^2 left out (the paper's "
+         "filter); COCO's size classes by box area (small < 32^2 px, medium < 96^2, large); the chance line is "
+         "1 / objects, read the `none` condition as the baseline; boxes that cover no token centre are skipped."
+         if str(meta.get("scenes", "")).startswith("coco:") else
+         f"- Region steering: object size classes by image tokens the box covers (small <= "
+         f"{sizes.get('small', 2)}, medium <= {sizes.get('medium', 8)}, "
+         "large above); boxes that cover no token centre are skipped, not counted."),
         "- 95% CIs: seeded percentile bootstrap over (strip, target) pairs (dynamic: over strips).",
     ]
 
