@@ -203,3 +203,13 @@ def test_region_protocol_on_the_coco_folder_end_to_end(loaded_qwen3, qwen3_path,
     more = run_eval(replace(cfg, n_scenes=4), loaded=loaded_qwen3, progress=False)
     assert more["n_records"] > n and more["cost"]["new_records"] == more["n_records"] - n
     assert (write_report(tmp_path / "e")).exists()
+
+
+def test_the_cli_refuses_a_malformed_coco_folder_before_loading_a_model(tmp_path, capsys):
+    from gaze.eval.cli import main
+
+    root = write_coco(tmp_path / "c")
+    (root / "annotations" / "instances_val2017.json").unlink()
+    rc = main(["--model", str(tmp_path / "no-model-here"), "--ranking", str(tmp_path / "no-ranking"),
+               "--protocols", "region", "--scenes", f"coco:{root}", "--out", str(tmp_path / "e"), "--quiet"])
+    assert rc == 2 and "holds no COCO instances JSON" in capsys.readouterr().err
