@@ -443,7 +443,9 @@ def import_comics(config: ImportComicsConfig, *, progress: bool = False) -> Data
 
     if not config.comics or not config.out:
         raise DatagenError("give --comics (the COMICS raw_panel_images folder) and --out (a new dataset folder)")
-    check_counts(config, n_strips=1, shard_size=1, height=1)
+    check_counts(config, n_strips=1, shard_size=1, height=1, gap=0)
+    if config.align is not None:
+        check_counts(config, align=1)
     features_for(config.schema)
     split_sizes(2, config.eval_fraction)
     out = Path(config.out)

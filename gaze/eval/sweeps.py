@@ -127,10 +127,11 @@ def strength_sweep(ctx, strips, condition, heads, k, strength: float, *, done=()
                    {"strength": strength}, done)
 
 
-def paraphrase_sweep(ctx, strips, condition, heads, k, question: str, *, done=()) -> Iterator[dict]:
-    """The vqa protocol asked with `question`; call it for every wording (records are keyed by its hash)."""
+def paraphrase_sweep(ctx, strips, condition, heads, k, question: str, index: int = 0, *, done=()) -> Iterator[dict]:
+    """The vqa protocol asked with `question` (the `index`-th wording); call it for every wording (records are
+    keyed by the question's hash)."""
     return _vqa_at(ctx, "paraphrase", strips, condition, heads, k, question, f"q{question_id(question)}",
-                   {"paraphrase": question}, done)
+                   {"paraphrase": question, "paraphrase_index": index}, done)
 
 
 def sweep_jobs(protocol: str, ctx, strips, sets: dict, ranking, k: int, done) -> Iterator[Iterator[dict]]:
@@ -147,9 +148,9 @@ def sweep_jobs(protocol: str, ctx, strips, sets: dict, ranking, k: int, done) ->
                 if c != "none":
                     yield strength_sweep(ctx, strips, c, sets[c], len(sets[c]), float(s), done=done)
     else:
-        for q in vqa_paraphrases(cfg):
+        for j, q in enumerate(vqa_paraphrases(cfg)):
             for c in conditions:
-                yield paraphrase_sweep(ctx, strips, c, sets[c], len(sets[c]), q, done=done)
+                yield paraphrase_sweep(ctx, strips, c, sets[c], len(sets[c]), q, j, done=done)
 
 
 def summarise(protocol: str, records: list[dict], n_boot: int, seed: int) -> dict:
@@ -161,7 +162,10 @@ def summarise(protocol: str, records: list[dict], n_boot: int, seed: int) -> dic
     for r in records:
         groups.setdefault(r[field], []).append(r)
     out = {}
-    for value, rs in (sorted(groups.items()) if protocol == "strength" else groups.items()):
+    def order(item):  # by B, or in the order the wordings were asked
+        return item[0] if protocol == "strength" else min(r["paraphrase_index"] for r in item[1])
+
+    for value, rs in sorted(groups.items(), key=order):
         e = _rate(rs, "correct", n_boot, seed)
         e["degenerate"] = sum(r["degenerate"] for r in rs) / len(rs)
         out[f"{value:g}" if protocol == "strength" else value] = e
@@ -252,7 +256,8 @@ def plot_paraphrase(paraphrase: dict, chance: float, path: Path) -> str | None:
                [((paraphrase[c].get(q) or {}).get("ci") or [a, a])[1] - a for a, q in zip(acc, questions)]]
         ax.barh(ys, acc, height=h, xerr=err, color=COLOURS.get(c), label=c, error_kw={"lw": 0.6})
     ax.axvline(chance, color="k", ls=":", lw=1)
-    ax.set_yticks([j + 0.4 - h / 2 for j in range(len(questions))], [_short(q) for q in questions], fontsize=6)
+    ax.set_yticks([j + 0.4 - h / 2 for j in range(len(questions))],
+                  [f"q{j + 1}: {_short(q)}" for j, q in enumerate(questions)], fontsize=6)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
     ax.set_xlabel("vqa redirected", fontsize=8)
@@ -275,7 +280,7 @@ def plot_overlap(result: dict, path: Path) -> str | None:
         for j in range(n):
             ax.text(j, i, str(result["overlap"][i][j]), ha="center", va="center", fontsize=6,
                     color="white" if result["jaccard"][i][j] < 0.6 else "black")
-    labels = [f"q{j + 1}" for j in range(n)]
+    labels = [f"d{j + 1}" for j in range(n)]
     ax.set_xticks(range(n), labels, fontsize=7)
     ax.set_yticks(range(n), labels, fontsize=7)
     ax.set_title(f"top-{result['k']} heads: Jaccard (numbers: shared heads)", fontsize=7)
@@ -303,12 +308,12 @@ def report_sections(out: Path, protocols: dict, figures: Path, chance: float) ->
         lines += ["## Accuracy vs question wording", "",
                   "The vqa protocol asked in other words (the paper, Table 7: gaze 64.7-83.1% over five wordings, "
                   "non-gaze 7-16%).", "", f"![paraphrase](figures/{made})", "",
-                  "| question | " + " | ".join(protocols["paraphrase"]) + " |",
-                  "| --- |" + " --- |" * len(protocols["paraphrase"])]
+                  "| | question | " + " | ".join(protocols["paraphrase"]) + " |",
+                  "| --- | --- |" + " --- |" * len(protocols["paraphrase"])]
         questions = list(dict.fromkeys(q for by_q in protocols["paraphrase"].values() for q in by_q))
-        for q in questions:
+        for j, q in enumerate(questions):
             cells = [(protocols["paraphrase"][c].get(q) or {}) for c in protocols["paraphrase"]]
-            lines.append(f"| {q} | " + " | ".join(f"{pct(e.get('accuracy'))}{ci(e['ci'])}" if e else "-"
+            lines.append(f"| q{j + 1} | {q} | " + " | ".join(f"{pct(e.get('accuracy'))}{ci(e['ci'])}" if e else "-"
                                                   for e in cells) + " |")
         lines.append("")
     path = out / PARAPHRASE_DISCOVERY
@@ -318,7 +323,7 @@ def report_sections(out: Path, protocols: dict, figures: Path, chance: float) ->
         lines += ["## Discovery under other wordings", "",
                   f"Heads ranked with each wording of the panel question on {result['n_strips']} strips "
                   f"(`{result['strips']}`); {len(result['common'])} of the top {result['k']} are shared by all.", ""]
-        lines += [f"- q{j + 1}: {t} (best score {s:.3f})" for j, (t, s) in
+        lines += [f"- d{j + 1}: {t} (best score {s:.3f})" for j, (t, s) in
                   enumerate(zip(result["templates"], result["best_score"]))] + [""]
         if made:
             lines += [f"![top-set overlap](figures/{made})", ""]
