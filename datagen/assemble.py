@@ -18,7 +18,7 @@ from typing import Sequence
 
 from PIL import Image
 
-from gaze.strips import Strip, stitch_panels
+from gaze.strips import Strip, stitch_panels, stitch_widths  # noqa: F401  (stitch_widths: re-exported)
 from datagen.renderers import MIN_PANEL_SIZE
 from datagen.story import DatagenError
 
@@ -55,24 +55,6 @@ def reading_order(layout: str) -> list[list[int]]:
     """[row, column] of each panel in reading order (row by row, left to right)."""
     rows, cols = parse_layout(layout)
     return [[k // cols, k % cols] for k in range(rows * cols)]
-
-
-def stitch_widths(images: Sequence[Image.Image], widths: Sequence[int], *, rows: int, cols: int, gap: int,
-                  background: tuple[int, int, int] = (255, 255, 255)) -> tuple[Image.Image, tuple]:
-    """The paper's assembly: every panel resized to the common height (the first panel's) and its own width
-    from `widths`, laid out row by row with `gap` px of `background` between panels and rows; a row shorter
-    than the widest is padded on its right. Returns (strip, panel boxes in reading order)."""
-    height = images[0].size[1]
-    row_widths = [sum(widths[r * cols:(r + 1) * cols]) + gap * (cols - 1) for r in range(rows)]
-    strip = Image.new("RGB", (max(row_widths), rows * height + (rows - 1) * gap), background)
-    boxes = []
-    for k, (im, w) in enumerate(zip(images, widths)):
-        r, c = divmod(k, cols)
-        x0 = sum(widths[r * cols:r * cols + c]) + gap * c
-        y0 = r * (height + gap)
-        strip.paste(im.convert("RGB").resize((w, height), Image.BICUBIC), (x0, y0))
-        boxes.append((x0, y0, x0 + w, y0 + height))
-    return strip, tuple(boxes)
 
 
 def _scale_box(box: Sequence[int], sx: float, dx: int, dy: int) -> list[int]:

@@ -2,6 +2,7 @@
 
     generate  synthesise strips into a dataset folder (resumable)    -> GenerateConfig, datagen.run.run
     import    comicN/p1.png..p6.png folders -> a dataset folder      -> ImportConfig, datagen.run.import_folders
+    import-comics  COMICS windows (gaze.comics) -> a dataset folder  -> ImportComicsConfig, datagen.run.import_comics
     export    a dataset -> comicN/ folders                           -> ExportConfig, datagen.dataset.export_folders
     push      upload a finished dataset folder to the Hub            -> PushConfig, datagen.dataset.push_to_hub
 
@@ -25,7 +26,8 @@ from datasets import DatasetDict, load_dataset, load_from_disk
 from gaze.strips import StripError
 from datagen.dataset import export_folders, push_to_hub
 from datagen.integrity import check_writable
-from datagen.run import GenerateConfig, ImportConfig, import_folders, kept, opt, run
+from datagen.run import (GenerateConfig, ImportComicsConfig, ImportConfig, import_comics, import_folders, kept, opt,
+                         run)
 from datagen.story import DatagenError
 
 
@@ -46,8 +48,10 @@ class PushConfig:
     private: bool = opt(False, "create the repo as private")
 
 
-TOOLS = {"generate": GenerateConfig, "import": ImportConfig, "export": ExportConfig, "push": PushConfig}
-REQUIRED = {"generate": ("out",), "import": ("folders", "out"), "export": ("dataset", "out"),
+TOOLS = {"generate": GenerateConfig, "import": ImportConfig, "import-comics": ImportComicsConfig,
+         "export": ExportConfig, "push": PushConfig}
+REQUIRED = {"generate": ("out",), "import": ("folders", "out"), "import-comics": ("comics", "out"),
+            "export": ("dataset", "out"),
             "push": ("dataset", "repo")}
 _TYPES = {"int": int, "float": float, "str": str}
 
@@ -92,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         if tool == "generate":
             dsd = run(config)
             print(f"{config.out}: " + ", ".join(f"{s} {len(ds)} strips" for s, ds in dsd.items()))
-        elif tool == "import":
-            dsd = import_folders(config, progress=True)
+        elif tool in ("import", "import-comics"):
+            dsd = (import_folders if tool == "import" else import_comics)(config, progress=True)
             print(f"{config.out}: " + ", ".join(f"{s} {len(ds)} strips" for s, ds in dsd.items()))
         elif tool == "export":
             check_writable(Path(config.out), "--out")
@@ -115,8 +119,8 @@ def interrupted(tool: str, config) -> str:
     """What an interrupted tool kept, and how to go on."""
     if tool == "generate":
         return f"{kept(config.out)}; rerun the same command to resume"
-    if tool == "import":
-        return "the comic folders are untouched; rerun the same command to import them again"
+    if tool in ("import", "import-comics"):
+        return "the source folders are untouched; rerun the same command to import them again"
     if tool == "export":
         done = sum(1 for p in Path(config.out).glob("comic*") if p.is_dir()) if config.out else 0
         return f"{done} complete comic folders were written to {config.out}; delete it and rerun to export again"

@@ -386,7 +386,7 @@ def import_folders(config: ImportConfig, *, progress: bool = False) -> DatasetDi
     if not config.folders or not config.out:
         raise DatagenError("give --folders (a folder of comicN/ folders) and --out (a new dataset folder)")
     check_counts(config, shard_size=1)
-    features = features_for(config.schema)
+    features_for(config.schema)  # an unknown schema is refused before reading any folder
     split_sizes(2, config.eval_fraction)  # a fraction outside (0, 1) is refused before reading any folder
     if not Path(config.folders).is_dir():
         raise DatagenError(f"--folders {config.folders} is not a folder; give the folder holding the comicN/ folders")
@@ -403,17 +403,70 @@ def import_folders(config: ImportConfig, *, progress: bool = False) -> DatasetDi
             for item in strips_from_folders(config.folders):  # every folder is read before anything is written
                 items.append(item)
                 bar.update()
-        groups = rows_by_split(items, config.eval_fraction)
-        start_output(out, "import", asdict(config))
-        work = out / "work"
-        work.mkdir(exist_ok=True)
-        shards: dict[str, list[Path]] = {}
-        for split, group in groups.items():
-            for start in range(0, len(group), config.shard_size):
-                chunk = group[start:start + config.shard_size]
-                path = shard_path(work, split, chunk[0][0], chunk[-1][0] + 1)
-                write_shard(path, [strip_to_row(strip, index, config.schema) for index, strip in chunk], features)
-                shards.setdefault(split, []).append(path)
-        how = {"source": str(Path(config.folders).resolve()), "strips": sum(len(g) for g in groups.values()),
-               "schema": config.schema}
-        return finish(out, shards, config.schema, config.license, "Comic strips (imported)", how)
+        how = {"source": str(Path(config.folders).resolve()), "strips": len(items), "schema": config.schema}
+        return _write_imported(config, out, "import", items, how, "Comic strips (imported)")
+
+
+def _write_imported(config, out: Path, tool: str, items: list, how: dict, pretty_name: str) -> DatasetDict:
+    """Imported (split or None, index, Strip) items -> a finished dataset folder (in `output_lock`)."""
+    groups = rows_by_split(items, config.eval_fraction)
+    start_output(out, tool, asdict(config))
+    work = out / "work"
+    work.mkdir(exist_ok=True)
+    features = features_for(config.schema)
+    shards: dict[str, list[Path]] = {}
+    for split, group in groups.items():
+        for start in range(0, len(group), config.shard_size):
+            chunk = group[start:start + config.shard_size]
+            path = shard_path(work, split, chunk[0][0], chunk[-1][0] + 1)
+            write_shard(path, [strip_to_row(strip, index, config.schema) for index, strip in chunk], features)
+            shards.setdefault(split, []).append(path)
+    return finish(out, shards, config.schema, config.license, pretty_name, how)
+
+
+@dataclass(frozen=True)
+class ImportComicsConfig:
+    """`python -m datagen import-comics`: a dataset of strips sampled from the COMICS corpus (gaze.comics)."""
+
+    comics: str | None = opt(None, "the COMICS raw_panel_images folder (COMIC/PAGE_PANEL.jpg)")
+    out: str | None = opt(None, "output folder (new or empty)")
+    n_strips: int = opt(500, "strips to sample (the paper discovers on 500)")
+    seed: int = opt(0, "sampling seed: the same seed gives the same windows")
+    height: int = opt(256, "common panel height in px (the paper: 256)")
+    gap: int = opt(6, "px of white between panels (the paper: 6)")
+    align: int | None = opt(None, "round the height and widths to this token size (px), gap painted over borders")
+    schema: str = opt("project", "row schema: project or paper")
+    eval_fraction: float = opt(0.2, "evaluation fraction")
+    license: str = opt("other", "license written in the dataset card (COMICS: research use)")
+    shard_size: int = opt(32, "strips per work shard")
+
+
+def import_comics(config: ImportComicsConfig, *, progress: bool = False) -> DatasetDict:
+    """Sample `n_strips` windows of 6 consecutive interior-page panels from COMICS into a dataset folder."""
+    from gaze.comics import comics_strips
+    from gaze.strips import StripError
+
+    if not config.comics or not config.out:
+        raise DatagenError("give --comics (the COMICS raw_panel_images folder) and --out (a new dataset folder)")
+    check_counts(config, n_strips=1, shard_size=1, height=1, gap=0)
+    if config.align is not None:
+        check_counts(config, align=1)
+    features_for(config.schema)
+    split_sizes(2, config.eval_fraction)
+    out = Path(config.out)
+    check_writable(out, "--out")
+    if check_output(out, "import-comics", asdict(config)) == "complete":
+        return load_from_disk(str(out / "disk"))
+    with output_lock(out):
+        if check_output(out, "import-comics", asdict(config)) == "complete":
+            return load_from_disk(str(out / "disk"))
+        try:
+            strips = comics_strips(config.comics, config.n_strips, seed=config.seed, height=config.height,
+                                   gap=config.gap, align=config.align)
+            items = [(None, i, s) for i, s in enumerate(tqdm(strips, total=config.n_strips, unit="strip",
+                                                             desc="import-comics", disable=not progress))]
+        except StripError as e:
+            raise DatagenError(str(e)) from None
+        how = {"source": str(Path(config.comics).resolve()), "strips": len(items), "schema": config.schema,
+               "sampling": f"gaze.comics, seed {config.seed}: a comic, an interior page, 6 consecutive panels"}
+        return _write_imported(config, out, "import-comics", items, how, "Comic strips sampled from COMICS")

@@ -358,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(d)
     d.add_argument("--strips", required=True,
                    help="comic folders (comicN/p1.png .. p6.png), a dataset (save_to_disk or Parquet folder, or a hub "
-                        "id OWNER/NAME), or one image split into panels (required)")
+                        "id OWNER/NAME), one image split into panels, or comics:PATH[@SEED] (windows sampled from "
+                        "the COMICS corpus, as the paper discovers) (required)")
     d.add_argument("--n-strips", type=_at_least(1), default=None, help="how many strips (default: all)")
     d.add_argument("--start", type=_at_least(0), default=0, help="first strip / row index")
     d.add_argument("--split", default=None,

@@ -190,6 +190,24 @@ def _stitched(images, *, assembly: str, gap: int, align: int | None, cell=None, 
     return stitch_panels(images, gap=gap, align=align, cell=cell)
 
 
+def stitch_widths(images: Sequence[Image.Image], widths: Sequence[int], *, rows: int, cols: int, gap: int,
+                  background: tuple[int, int, int] = (255, 255, 255)) -> tuple[Image.Image, tuple]:
+    """The paper's assembly: every panel resized to the common height (the first panel's) and its own width
+    from `widths`, laid out row by row with `gap` px of `background` between panels and rows; a row shorter
+    than the widest is padded on its right. Returns (strip, panel boxes in reading order)."""
+    height = images[0].size[1]
+    row_widths = [sum(widths[r * cols:(r + 1) * cols]) + gap * (cols - 1) for r in range(rows)]
+    strip = Image.new("RGB", (max(row_widths), rows * height + (rows - 1) * gap), background)
+    boxes = []
+    for k, (im, w) in enumerate(zip(images, widths)):
+        r, c = divmod(k, cols)
+        x0 = sum(widths[r * cols:r * cols + c]) + gap * c
+        y0 = r * (height + gap)
+        strip.paste(im.convert("RGB").resize((w, height), Image.BICUBIC), (x0, y0))
+        boxes.append((x0, y0, x0 + w, y0 + height))
+    return strip, tuple(boxes)
+
+
 def equal_panels(size: tuple[int, int], n: int, rows: int = 1) -> tuple[Rect, ...]:
     """Boxes of `n` equal panels covering an image of `size` (w, h): `rows` rows, reading order."""
     if n < 1 or rows < 1 or n % rows:
@@ -424,6 +442,11 @@ def check_source(source: str | Path) -> None:
     """Refuse, before any work, a strip source that is no local path and cannot be a hub id (a missing folder)."""
     from gaze.errors import is_hub_id
 
+    if str(source).startswith("comics:"):
+        from gaze.comics import comic_folders, parse_source
+
+        comic_folders(parse_source(str(source))[0])
+        return
     if Path(source).exists():
         return
     if not is_hub_id(source):
@@ -452,7 +475,9 @@ def load_strips(
     - a Hugging Face dataset: a `save_to_disk` folder, a folder of Parquet files,
       or a hub id (project schema: `strip` image + `panel_boxes`; paper schema:
       `panel_1 .. panel_6` images);
-    - one image file with its `panel_boxes`, or split into `n_panels` equal panels left to right.
+    - one image file with its `panel_boxes`, or split into `n_panels` equal panels left to right;
+    - `comics:PATH[@SEED]`: windows of 6 consecutive panels sampled from the COMICS corpus (`gaze.comics`,
+      the paper's discovery strips; `n_strips` of them, default 500 as the paper; `gap` does not apply).
 
     Separate panels (comic folders, paper-schema rows) are stitched by `assembly`: "grid" (`stitch_panels`,
     one cell size, `gap` and `align`) or "official" (`stitch_official` at `height`: the official code's).
@@ -476,6 +501,15 @@ def load_strips(
             on_skip(strip_id, str(e))
             return None
 
+    if str(source).startswith("comics:"):
+        import itertools
+
+        from gaze.comics import DISCOVERY_STRIPS, comics_strips, parse_source
+
+        root, seed = parse_source(str(source))
+        total = start + (DISCOVERY_STRIPS if n_strips is None else n_strips)
+        yield from itertools.islice(comics_strips(root, total, seed=seed, align=align), start, None)
+        return
     path = Path(source)
     stop = None if n_strips is None else start + n_strips
     if path.is_file():

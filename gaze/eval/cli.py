@@ -39,6 +39,17 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def _strengths(text: str) -> tuple[float, ...]:
+    """An argparse type: positive steering biases separated by commas."""
+    try:
+        values = tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give numbers separated by commas, e.g. 1,10,100,1000,10000") from None
+    if any(not 0 < v <= 1e9 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every bias must be above 0 (and at most 1e9)")
+    return values
+
+
 def _fraction_pct(text: str) -> float:
     """An argparse type: a percentage in (0, 100]."""
     try:
@@ -101,7 +112,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ranking", default=None,
                    help="ranking folder or ranking.json from `gaze discover` (default: discover into OUT/discovery)")
     p.add_argument("--strips", default=d.strips,
-                   help="procedural:eval (datagen, held-out seeds), procedural:SEED0, comic folders, a dataset, or an image")
+                   help="procedural:eval (datagen, held-out seeds), procedural:SEED0, comic folders, a dataset, an "
+                        "image, or comics:PATH[@SEED] (the COMICS corpus)")
     p.add_argument("--n-strips", type=_at_least(1), default=d.n_strips, help="evaluation strips")
     p.add_argument("--out", default=d.out, type=_writable("--out"),
                    help="output folder (resumable): records, aggregate, figures, README.md")
@@ -111,6 +123,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=_at_least(1), default=None,
                    help="K heads per condition (default: the paper's share, 100 of 1,152 heads)")
     p.add_argument("--ks", type=_ints, default=d.ks, help="K values of the head-count sweep")
+    p.add_argument("--strengths", type=_strengths, default=d.strengths,
+                   help="biases B of the strength sweep (--protocols strength; default: the paper's 1,10,...,10000)")
+    p.add_argument("--paraphrases", default=None, metavar="FILE",
+                   help="the paraphrase sweep's wordings, one a line ({ordinal}/{k}: discovery); default: the paper's")
     p.add_argument("--targets", type=_ints, default=None,
                    help="panels to steer to, 1..the strips' panel count (default: all)")
     p.add_argument("--every", type=_at_least(1), default=None,
@@ -179,7 +195,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="bottom-p: widen a pool under 2K heads to 2K heads (default: keep it and warn)")
     p.add_argument("--prior-strips", type=_at_least(1), default=d.prior_strips,
                    help="strips for the image/localization heads")
-    p.add_argument("--scenes", default=d.scenes, help="region protocol: procedural[:SEED0], strip-objects, or a folder")
+    p.add_argument("--scenes", default=d.scenes, help="region protocol: procedural[:SEED0], strip-objects, a folder, "
+                   "or coco:PATH (a COCO folder with annotations/instances_*.json: the paper's protocol)")
     p.add_argument("--n-scenes", type=_at_least(1), default=None,
                    help="scenes for the region protocol (default: --n-strips)")
     p.add_argument("--n-objects", type=_at_least(1), default=d.n_objects, help="objects per procedural scene")
@@ -213,6 +230,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         model=args.model, preset=args.preset, ranking=args.ranking, strips=args.strips, n_strips=args.n_strips,
         out=args.out,
         protocols=tuple(args.protocols), conditions=tuple(args.conditions), top_k=args.top_k, ks=tuple(args.ks),
+        strengths=tuple(args.strengths), paraphrases=args.paraphrases,
         targets=tuple(args.targets) if args.targets else None, every=args.every, at_sentence=args.at_sentence,
         seed=args.seed, judge=args.judge,
         judge_model=args.judge_model, judge_endpoint=args.judge_endpoint, judge_allow_http=args.judge_allow_http,
@@ -244,6 +262,10 @@ def summary(agg: dict) -> str:
             if protocol == "sweep":
                 curve = sorted(e.items(), key=lambda x: int(x[0]))
                 parts.append(f"{c} " + " ".join(f"K{k}={pct(v['accuracy'])}" for k, v in curve))
+            elif protocol in ("strength", "paraphrase"):
+                values = [pct(v["accuracy"]) for v in e.values()]
+                parts.append(f"{c} " + (" ".join(f"B{b}={a}" for b, a in zip(e, values)) if protocol == "strength"
+                                        else "/".join(values)))
             elif protocol == "dynamic":
                 rho = e["spearman"]["mean"]
                 parts.append(f"{c} {pct(e['segment_accuracy'])} rho={'n/a' if rho is None else f'{rho:.2f}'}")
@@ -275,6 +297,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from datagen.story import N_PANELS
 
         check_targets(cfg.targets, N_PANELS)
+    if "region" in cfg.protocols and cfg.scenes.startswith("coco:"):  # a malformed folder fails before the model loads
+        from gaze.eval.coco import check_coco_source
+
+        check_coco_source(cfg.scenes)
     agg = run_eval(cfg, limit=args.limit, progress=not args.quiet)
     print(summary(agg))
     if not args.no_report:

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from gaze.errors import GazeError
 from gaze.prompts import DYNAMIC_NARRATION_PROMPT, NARRATION_PROMPT, STRIP_QUESTION, THIS_PANEL_QUESTION
 
-PROTOCOLS = ("vqa", "narration", "dynamic", "region", "sweep")
+PROTOCOLS = ("vqa", "narration", "dynamic", "region", "sweep", "strength", "paraphrase")
+DEFAULT_PROTOCOLS = PROTOCOLS[:5]  # strength and paraphrase (gaze.eval.sweeps) run when asked for
 CONDITIONS = ("gaze", "random", "all", "image", "localization", "none")
-PROTOCOL_ORDER = ("vqa", "sweep", "narration", "dynamic", "region")  # run order: the sweep reuses vqa answers
+PROTOCOL_ORDER = ("vqa", "sweep", "strength", "paraphrase", "narration", "dynamic", "region")  # sweeps reuse vqa answers
 SPLIT_SEEDS = {"eval": 1_000_000, "discovery": 2_000_000}  # procedural:SPLIT -> datagen seeds SEED0 + i
 # eval seeds are the organism's held-out range (gaze.organism.train.EVAL_SEED0); training draws its own pool
 SIZE_CLASSES = (("small", 2), ("medium", 8), ("large", math.inf))  # object size by image tokens covered (<=)
@@ -28,7 +29,9 @@ LETTER_PANEL_QUESTION = "Which letter is on this panel?"
 DEFAULT_QUESTIONS = {  # protocol -> question, for caption-like judges
     "vqa": STRIP_QUESTION, "sweep": STRIP_QUESTION, "narration": THIS_PANEL_QUESTION,
     "dynamic": NARRATION_PROMPT, "region": THIS_PANEL_QUESTION,
+    "strength": STRIP_QUESTION, "paraphrase": STRIP_QUESTION,  # the sweeps ask the vqa question (and rewordings)
 }
+COCO_QUESTION = "What is the main object in this part of the image? Answer in a few words."  # paper, app. D.6
 LETTER_QUESTIONS = {"vqa": LETTER_STRIP_QUESTION, "sweep": LETTER_STRIP_QUESTION, "narration": LETTER_PANEL_QUESTION}
 
 ASSEMBLIES = ("paper", "aligned", "official")  # procedural strips, see `gaze.eval.protocols.eval_strips`
@@ -81,10 +84,12 @@ class EvalConfig:
     strips: str = "procedural:eval"  # strip source: `load_strips` source, or procedural:SPLIT (eval|discovery|SEED0)
     n_strips: int = 50  # strips per protocol (x targets x conditions generations)
     out: str = "runs/eval"  # output folder (resumable)
-    protocols: tuple[str, ...] = PROTOCOLS  # which protocols to run
+    protocols: tuple[str, ...] = DEFAULT_PROTOCOLS  # which protocols to run (of PROTOCOLS)
     conditions: tuple[str, ...] = CONDITIONS  # which head sets to steer
     top_k: int | None = None  # K for every condition; None: the paper's share (100/1,152 of all heads), >= 1
     ks: tuple[int, ...] = (1, 2, 4, 8)  # K values of the head-count sweep (capped at the model's head count)
+    strengths: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0, 10000.0)  # strength sweep: biases B (paper, app. D.1)
+    paraphrases: str | None = None  # paraphrase sweep: file of wordings, one a line; None: the paper's (app. D.4)
     targets: tuple[int, ...] | None = None  # panels to steer to (1-based); None: every panel
     every: int | None = None  # dynamic narration: tokens per schedule entry (None: the preset's; paper 50)
     at_sentence: bool = False  # dynamic narration: switch at the first sentence end after `every` tokens
@@ -117,7 +122,7 @@ class EvalConfig:
     control_band: tuple[float, float] = (0.55, 1.0)  # layer-band: [low, high) fractions of depth (paper: 20-35 of 36)
     control_widen: bool = False  # bottom-p: widen a pool under 2K heads to 2K (else it is reported, not widened)
     prior_strips: int = 8  # strips for the image / localization head criteria
-    scenes: str = "procedural"  # region protocol: procedural[:SEED0] (datagen scenes), strip-objects, or a folder
+    scenes: str = "procedural"  # region protocol: procedural[:SEED0] (datagen scenes), strip-objects, coco:PATH, or a folder
     n_scenes: int | None = None  # scenes for the region protocol; None: n_strips
     n_objects: int = 4  # objects per procedural scene
     scene_size: tuple[int, int] = (384, 192)  # procedural scene (width, height) in pixels
@@ -137,6 +142,8 @@ class EvalConfig:
             return given[protocol]
         if self.judge == "letter" and protocol in LETTER_QUESTIONS:
             return LETTER_QUESTIONS[protocol]
+        if protocol == "region" and self.scenes.startswith("coco:"):  # the paper's question about an object box
+            return COCO_QUESTION
         return DEFAULT_QUESTIONS[protocol]
 
     def check(self) -> "EvalConfig":
@@ -169,6 +176,8 @@ class EvalConfig:
             raise EvalError("--judge-api is openai or anthropic; --judge-calibration is captions, answers or none")
         if self.judge_calibration_strips < 1 or self.judge_retries < 0 or not 0 <= (self.judge_min_accuracy or 0) <= 1:
             raise EvalError("--judge-calibration-strips >= 1, --judge-retries >= 0, --judge-min-accuracy in [0, 1]")
+        if any(not 0 < s <= 1e9 for s in self.strengths):
+            raise EvalError(f"--strengths must be positive biases, got {list(self.strengths)}")
         if any(k < 1 for k in self.ks):
             raise EvalError(f"--ks must be positive head counts, got {list(self.ks)}")
         return self

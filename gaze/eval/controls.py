@@ -219,9 +219,9 @@ def control_summary(gaze: Sequence[dict], controls: Sequence[dict], n_boot: int 
 
 def add_control_summaries(out: dict, records: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> None:
     """Put `control_summary` under `out[protocol]["random"]["draws"]` for every protocol with both gaze and
-    control records (the sweep has one draw per K and is left as it is)."""
+    control records (the K, strength and paraphrase sweeps, keyed by their value, are left as they are)."""
     for protocol, by_cond in out.items():
-        if protocol == "sweep" or RANDOM not in by_cond or "gaze" not in by_cond:
+        if protocol in ("sweep", "strength", "paraphrase") or RANDOM not in by_cond or "gaze" not in by_cond:
             continue
         mine = [r for r in records if r["protocol"] == protocol]
         by_cond[RANDOM]["draws"] = control_summary([r for r in mine if r["condition"] == "gaze"],

@@ -150,13 +150,18 @@ def scene_strip(image, objects: Sequence[tuple[str, Sequence[float]]], scene_id:
 
 
 def eval_scenes(source: str, n: int, *, size: tuple[int, int] = (384, 192), n_objects: int = 4,
-                strips: Sequence[Strip] = ()) -> list[Strip]:
+                strips: Sequence[Strip] = (), seed: int = 0) -> list[Strip]:
     """Scenes with labelled object boxes for region steering.
 
     - `procedural` / `procedural:SEED0`: datagen's multi-object scenes (seeds SEED0 + i, default the eval range);
     - `strip-objects`: the objects drawn in the eval strips (not the recurring character), one box per panel;
+    - `coco:PATH`: `n` images of a COCO folder, sampled with `seed` (`gaze.eval.coco`, the paper's protocol);
     - a folder of `NAME.json` files {"image": "NAME.png", "objects": [{"label": ..., "box": [x0, y0, x1, y1]}]}.
     """
+    if source.startswith("coco:"):
+        from gaze.eval.coco import coco_scenes
+
+        return coco_scenes(source.split(":", 1)[1], n, seed=seed)
     if source == "procedural" or source.startswith("procedural:"):
         from datagen import make_scene
 
@@ -411,28 +416,34 @@ def dynamic_narration(ctx: Context, strips, condition, heads, k, *, done=()) -> 
 
 def region_steering(ctx: Context, scenes: Sequence[Strip], condition, heads, k, *, done=()) -> Iterator[dict]:
     """Steer to each object box of each scene; the answer must name that object and no other."""
+    from gaze.eval.coco import region_judge
+
     question = ctx.cfg.question("region")
     for scene in scenes:
+        judge = region_judge(scene, ctx.candidate_judge)  # COCO scenes: does the answer name the category?
+        sizes = scene.meta.get("size_classes")  # COCO scenes: COCO's classes by box area, else by image tokens
         for i, (label, box) in enumerate(zip(scene.captions, scene.panels), start=1):
             target = f"{i}:{label}"
             if record_key("region", condition, scene.strip_id, target, k) in done:
                 continue
             rec = {"key": record_key("region", condition, scene.strip_id, target, k), "protocol": "region",
                    "condition": condition, "k": k, "strip_id": scene.strip_id, "target": target, "label": label,
-                   "box": list(box), "n_objects": scene.n_panels, "question": question, "judge": ctx.candidate_judge.name}
+                   "box": list(box), "n_objects": scene.n_panels, "question": question, "judge": judge.name}
             try:
                 g, seconds = ctx.ask(scene, question, heads, Box(tuple(float(v) for v in box)),
                                      max_new_tokens=ctx.cfg.max_new_tokens)
                 n_tokens = int(box_membership(g.layout, box).sum())
             except RegionError as e:  # a box too small to own an image token cannot be steered to
-                rec.update(skipped=str(e), size_class="none", box_tokens=0, correct=None, matched=None, why=str(e),
+                rec.update(skipped=str(e), size_class=sizes[i - 1] if sizes else "none", box_tokens=0, correct=None,
+                           matched=None, why=str(e),
                            answer="", degenerate=False)
                 yield rec
                 continue
-            verdict = ctx.candidate_judge.judge(g.text, scene, i)
+            verdict = judge.judge(g.text, scene, i)
             rec.update(answer=g.text, n_tokens=len(g.token_ids), degenerate=bool(g.degenerate),
-                       seconds=round(seconds, 4), box_tokens=n_tokens, size_class=size_class(n_tokens))
-            yield _judged(rec, verdict, ctx.candidate_judge.name, g.degenerate)
+                       seconds=round(seconds, 4), box_tokens=n_tokens,
+                       size_class=sizes[i - 1] if sizes else size_class(n_tokens))
+            yield _judged(rec, verdict, judge.name, g.degenerate)
 
 
 # ---------------------------------------------------------------- aggregation
@@ -508,6 +519,10 @@ def aggregate(records: Iterable[dict], *, n_boot: int = 2000, seed: int = 0, met
                 by_size.setdefault(r["size_class"], []).append(r)
             summary["per_size"] = {s: _rate(by_size[s], "correct", n_boot, seed) for s, _ in SIZE_CLASSES if s in by_size}
             p[condition] = summary
+        elif protocol in ("strength", "paraphrase"):  # gaze.eval.sweeps: {B or wording: rate}
+            from gaze.eval.sweeps import summarise
+
+            p[condition] = summarise(protocol, rs, n_boot, seed)
     add_control_summaries(out, recs, n_boot, seed)  # random: mean, spread and p-value over draws; gaze - control
     return {"meta": meta or {}, "protocols": out, "n_records": len(recs)}
 
@@ -523,7 +538,8 @@ def _manifest(cfg: EvalConfig, loaded, ranking: Ranking, k: int) -> dict:
     m = {name: getattr(cfg, name) for name in keep}
     m["scene_size"] = list(cfg.scene_size)
     m.update(model_id=loaded.model_id, ranking_digest=digest, top_k=k,
-             questions={p: cfg.question(p) for p in PROTOCOLS}, dtype=cfg.dtype)
+             questions={p: cfg.question(p) for p in PROTOCOLS if p not in ("strength", "paraphrase")},  # those
+             dtype=cfg.dtype)  # ask the vqa question, or name their wording in their records' keys
     m.update(control_manifest(cfg))
     return m
 
@@ -559,7 +575,7 @@ def _check_strips(cfg: EvalConfig, strips: Sequence[Strip]) -> None:
     if several is not None:
         raise EvalError(f"strip {several.strip_id} has its panels in several rows, which the proportional mapping "
                         "(the official code's, one row only) cannot split: use --mapping centre")
-    panel = {"vqa", "narration", "sweep"} & set(cfg.protocols)
+    panel = {"vqa", "narration", "sweep", "strength", "paraphrase"} & set(cfg.protocols)
     letters = cfg.judge == "letter"
     for s in strips:
         if panel and letters and s.letters is None:
@@ -620,6 +636,8 @@ def with_model_prompts(cfg: EvalConfig, prompts) -> EvalConfig:
         return cfg
     own = {"vqa": prompts.vqa, "sweep": prompts.vqa, "narration": prompts.static_narration,
            "dynamic": prompts.narration, "region": prompts.static_narration}
+    if cfg.scenes.startswith("coco:"):  # the paper's COCO question (`EvalConfig.question`), not a panel one
+        own.pop("region")
     given = dict(cfg.questions)
     return replace(cfg, questions=tuple({**own, **given}.items()))
 
@@ -663,7 +681,7 @@ def run_eval(cfg: EvalConfig, *, loaded=None, ranking: Ranking | None = None, li
     candidate = judge if isinstance(judge, CandidateJudge) else CaptionJudge()
     ctx = Context(loaded, cfg, judge, candidate, track_heads=sets.get("gaze") or ranking.top(k))
     scenes = (eval_scenes(cfg.scenes, cfg.n_scenes or cfg.n_strips, size=cfg.scene_size, n_objects=cfg.n_objects,
-                          strips=strips) if "region" in cfg.protocols else [])
+                          strips=strips, seed=cfg.seed) if "region" in cfg.protocols else [])
     log = RecordLog(out / RECORDS, identity=run_identity(manifest))
     strip_hashes = {s.strip_id: s.content_hash() for s in [*strips, *scenes]}
     log.drop_stale(strip_hashes)
@@ -685,6 +703,10 @@ def run_eval(cfg: EvalConfig, *, loaded=None, ranking: Ranking | None = None, li
                                            ["gaze"], dataclasses.replace(control, draws=1), warn=False)
                     for c, hs in swept.items():
                         yield head_count_sweep(ctx, strips, c, hs, kk, done=done)
+            elif protocol in ("strength", "paraphrase"):  # gaze.eval.sweeps
+                from gaze.eval.sweeps import sweep_jobs
+
+                yield from sweep_jobs(protocol, ctx, strips, sets, ranking, k, done)
 
     planned = _Planned()  # the protocols ask about every key they would generate, before generating it
     for job in jobs(planned):
@@ -707,6 +729,10 @@ def run_eval(cfg: EvalConfig, *, loaded=None, ranking: Ranking | None = None, li
         if stopped:
             break
     bar.close()
+    if not stopped and "paraphrase" in cfg.protocols:  # discovery under other wordings: do the top sets agree?
+        from gaze.eval.sweeps import paraphrase_discovery
+
+        paraphrase_discovery(loaded, cfg, out, k, progress=progress)
     if not stopped and not (out / TRAJECTORIES).exists():
         show = {n: sets.get(n, sets.get(f"{n}:0")) for n in ("gaze", "random", "image", "localization")
                 if n in sets or f"{n}:0" in sets}

@@ -391,9 +391,14 @@ def _judging_notes(meta: dict) -> list[str]:
         "mean-thresholded attention map (8-connected components); K heads by how often a prompt ranks them among "
         "its 10 lowest. Both from the six panel-query prompts on the first "
         f"{(meta.get('config') or {}).get('prior_strips', 8)} evaluation strips (no labels are used).",
-        f"- Region steering: object size classes by image tokens the box covers (small <= "
-        f"{sizes.get('small', 2)}, medium <= {sizes.get('medium', 8)}, "
-        "large above); boxes that cover no token centre are skipped, not counted.",
+        ("- Region steering on COCO: the answer must name the target's category (`gaze.eval.coco.LabelJudge`: the "
+         "COCO name, a synonym or a form of either); crowd regions and boxes under 750 px^2 left out (the paper's "
+         "filter); COCO's size classes by box area (small < 32^2 px, medium < 96^2, large); the chance line is "
+         "1 / objects, read the `none` condition as the baseline; boxes that cover no token centre are skipped."
+         if str(meta.get("scenes", "")).startswith("coco:") else
+         f"- Region steering: object size classes by image tokens the box covers (small <= "
+         f"{sizes.get('small', 2)}, medium <= {sizes.get('medium', 8)}, "
+         "large above); boxes that cover no token centre are skipped, not counted."),
         "- 95% CIs: seeded percentile bootstrap over (strip, target) pairs (dynamic: over strips).",
     ]
 
@@ -533,6 +538,9 @@ def write_report(out: str | Path, *, title: str | None = None) -> Path:
                       f"![dynamic schedule]({FIGURES}/{made['dynamic']})", ""]
     if made.get("region"):
         lines += ["## Region steering by object size", "", f"![region]({FIGURES}/{made['region']})", ""]
+    from gaze.eval.sweeps import report_sections
+
+    lines += report_sections(out, p, figs, chance)  # strength and paraphrase sweeps, when run
     if made.get("matrices") or made.get("score_map"):
         lines += ["## The heads", "",
                   "Top gaze heads' mean attention mass (rows: queried panel, columns: attended panel) and the gaze "
