@@ -101,8 +101,9 @@ def discovery_paraphrases(cfg, own: str) -> list[str]:
 
 def _vqa_at(ctx, protocol: str, strips, condition: str, heads, k: int, question: str, tag: str, extra: dict,
             done: Container[str]) -> Iterator[dict]:
-    """The vqa protocol with `question`, each record keyed `PANEL@tag` and carrying `extra`."""
-    from gaze.eval.protocols import _base, _judged
+    """The vqa protocol with `question`, each record keyed `PANEL@tag` and carrying `extra`; an answer identical
+    to the unsteered one to the same question is a miss, as in the vqa protocol."""
+    from gaze.eval.protocols import _against_baseline, _base, _judged
     from gaze.eval.records import record_key
     from gaze.steering import Panel
 
@@ -116,7 +117,8 @@ def _vqa_at(ctx, protocol: str, strips, condition: str, heads, k: int, question:
             g, seconds = ctx.ask(strip, question, heads, Panel(panel), max_new_tokens=ctx.cfg.max_new_tokens)
             rec = _base(protocol, condition, strip, target, k, question, g, seconds)
             rec.update(panel=panel, **extra)
-            yield _judged(rec, ctx.judge.judge(g.text, strip, panel), ctx.judge.name, g.degenerate)
+            rec = _judged(rec, ctx.judge.judge(g.text, strip, panel), ctx.judge.name, g.degenerate)
+            yield _against_baseline(ctx, rec, strip, question, heads, panel, ctx.cfg.max_new_tokens, g.text)
 
 
 def strength_sweep(ctx, strips, condition, heads, k, strength: float, *, done=()) -> Iterator[dict]:
