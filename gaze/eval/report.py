@@ -129,28 +129,32 @@ def plot_per_panel(protocols: dict, chance: float, path: Path) -> str | None:
     return _save(fig, path)
 
 
-def plot_sweep(sweep: dict, chance: float, path: Path, paper_k: tuple[int, ...] = ()) -> str | None:
-    """Accuracy vs K (95% CI band) for gaze and random heads."""
-    if not sweep:
+def plot_rate_curves(curves: dict, chance: float, path: Path, xlabel: str, log_base: float = 10) -> str | None:
+    """Redirection rate vs a swept value (log x, 95% CI band), one curve per condition. `curves`:
+    {condition: {value (a number or its string): {"accuracy", "ci"}}}; None when there is nothing to draw."""
+    if not curves:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(3.6, 2.6))
-    for c, by_k in sweep.items():
-        ks = sorted(by_k, key=int)
-        x = [int(k) for k in ks]
-        y = [by_k[k]["accuracy"] for k in ks]
-        lo = [by_k[k]["ci"][0] for k in ks]
-        hi = [by_k[k]["ci"][1] for k in ks]
-        ax.plot(x, y, "o-", ms=3, lw=1.2, color=COLOURS.get(c), label=c)
-        ax.fill_between(x, lo, hi, color=COLOURS.get(c), alpha=0.2, lw=0)
+    for c, by_x in curves.items():
+        keys = sorted(by_x, key=float)
+        x = [float(v) for v in keys]
+        ax.plot(x, [by_x[v]["accuracy"] for v in keys], "o-", ms=3, lw=1.2, color=COLOURS.get(c), label=c)
+        ax.fill_between(x, [by_x[v]["ci"][0] for v in keys], [by_x[v]["ci"][1] for v in keys], color=COLOURS.get(c),
+                        alpha=0.2, lw=0)
     ax.axhline(chance, color="k", ls=":", lw=1, label="chance")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("K (heads steered)", fontsize=8)
+    ax.set_xscale("log", base=log_base)
+    ax.set_xlabel(xlabel, fontsize=8)
     ax.set_ylabel("vqa redirected", fontsize=8)
     ax.set_ylim(0, 1.02)
     ax.tick_params(labelsize=7)
     ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def plot_sweep(sweep: dict, chance: float, path: Path, paper_k: tuple[int, ...] = ()) -> str | None:
+    """Accuracy vs K (95% CI band) for gaze and random heads."""
+    return plot_rate_curves(sweep, chance, path, "K (heads steered)", log_base=2)
 
 
 def _heat(ax, traj: np.ndarray, title: str):

@@ -215,26 +215,9 @@ def paraphrase_discovery(loaded, cfg, out: str | Path, k: int, *, progress: bool
 
 def plot_strength(strength: dict, chance: float, path: Path) -> str | None:
     """Accuracy vs the bias B (log scale, 95% CI band) per condition."""
-    from gaze.eval.report import COLOURS, _plt, _save
+    from gaze.eval.report import plot_rate_curves
 
-    if not strength:
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(3.6, 2.6))
-    for c, by_b in strength.items():
-        bs = sorted(by_b, key=float)
-        x = [float(b) for b in bs]
-        ax.plot(x, [by_b[b]["accuracy"] for b in bs], "o-", ms=3, lw=1.2, color=COLOURS.get(c), label=c)
-        ax.fill_between(x, [by_b[b]["ci"][0] for b in bs], [by_b[b]["ci"][1] for b in bs], color=COLOURS.get(c),
-                        alpha=0.2, lw=0)
-    ax.axhline(chance, color="k", ls=":", lw=1, label="chance")
-    ax.set_xscale("log")
-    ax.set_xlabel("steering bias B (delta)", fontsize=8)
-    ax.set_ylabel("vqa redirected", fontsize=8)
-    ax.set_ylim(0, 1.02)
-    ax.tick_params(labelsize=7)
-    ax.legend(fontsize=7)
-    return _save(fig, path)
+    return plot_rate_curves(strength, chance, path, "steering bias B (delta)")
 
 
 def _short(text: str, n: int = 38) -> str:
