@@ -363,3 +363,21 @@ def test_targets_beyond_the_strips_panels_are_refused_before_generating(loaded_q
     with pytest.raises(EvalError, match="--targets 7: the strips have 6 panels"):
         run_eval(cfg, loaded=loaded_qwen3, progress=False)
     assert not (tmp_path / "eval" / RECORDS).exists()
+
+
+def test_the_manifest_names_the_hosted_judge_without_its_credentials(tmp_path):
+    from types import SimpleNamespace
+
+    from gaze.eval.protocols import _check_manifest, _manifest
+
+    loaded, r = SimpleNamespace(model_id="m"), _ranking()
+    a = EvalConfig(judge="hosted", judge_endpoint="https://user:secret@judge-a.example/v1?key=abc")
+    m = _manifest(a, loaded, r, 3)
+    assert m["judge_endpoint"] == "https://judge-a.example/v1" and m["judge_api"] == "openai"
+    assert "secret" not in json.dumps(m) and "abc" not in json.dumps(m)
+    _check_manifest(tmp_path, m)  # written
+    _check_manifest(tmp_path, m)  # the same run resumes
+    for other in (EvalConfig(judge="hosted", judge_endpoint="https://judge-b.example/v1"),
+                  EvalConfig(judge="hosted", judge_endpoint=a.judge_endpoint, judge_api="anthropic")):
+        with pytest.raises(EvalError, match="other settings"):  # another judge: refused, not mixed in
+            _check_manifest(tmp_path, _manifest(other, loaded, r, 3))

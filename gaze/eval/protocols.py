@@ -541,6 +541,8 @@ def _manifest(cfg: EvalConfig, loaded, ranking: Ranking, k: int) -> dict:
              questions={p: cfg.question(p) for p in PROTOCOLS if p not in ("strength", "paraphrase")},  # those
              dtype=cfg.dtype)  # ask the vqa question, or name their wording in their records' keys
     m.update(control_manifest(cfg))
+    # which hosted judge answered (its API and endpoint, without credentials or query): another is another run
+    m.update(judge_api=cfg.judge_api, judge_endpoint=public_url(cfg.judge_endpoint) if cfg.judge_endpoint else None)
     return m
 
 
@@ -551,7 +553,8 @@ def _check_manifest(out: Path, manifest: dict) -> None:
         legacy = {"phase": "prefill" if old.get("prefill_only") else "all"}  # manifests from before the presets:
         phase = old.get("phase", legacy["phase"])
         legacy.update(preset="organism", dynamic_phase="all" if phase == "prefill" else phase,
-                      assembly="paper", mapping="centre", identical_threshold=None, identical_tokens=None)
+                      assembly="paper", mapping="centre", identical_threshold=None, identical_tokens=None,
+                      judge_api="openai", judge_endpoint=None)
         diff = manifest_diff(path, manifest, defaults=legacy)
         if diff:
             raise EvalError(f"{out} holds an evaluation with other settings {diff} (old, new): use another --out, "
