@@ -181,6 +181,12 @@ def cmd_discover(args) -> int:
     align = loaded.family.merged_patch(loaded.processor)
     strips = load_strips(args.strips, n_strips=args.n_strips, align=align, gap=args.gap, split=args.split,
                          start=args.start, skip_bad=args.skip_bad, panel_boxes=boxes)
+    if args.mapping == "proportional":  # the official code's column split (one row of panels), as boxes
+        from dataclasses import replace
+
+        from gaze.generation import proportional_panels
+
+        strips = [replace(s, panels=proportional_panels(loaded, s)) for s in strips]
     shard = (state.process_index, state.num_processes) if state else (0, 1)
     ranking = discover(loaded, strips, args.out, template=args.prompt or loaded.prompts.discovery, source=args.strips,
                        n_strips=args.n_strips,
@@ -374,6 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with a single image: a panel box in reading order, repeat for each panel "
                         "(default: equal panels)")
     d.add_argument("--skip-bad", action="store_true", help="skip (and report) strips with missing or unreadable panels")
+    d.add_argument("--mapping", default="centre", choices=["centre", "proportional"],
+                   help="which image tokens a panel owns: centre (its box holds the token's cell centre) or "
+                        "proportional (the official code's: token columns split in proportion to the panel widths, "
+                        "one row of panels)")
     d.add_argument("--top", type=_at_least(0), default=10, help="how many top heads to print")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.add_argument("--variant", default="raw", type=variant_arg,

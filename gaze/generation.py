@@ -388,3 +388,12 @@ def regions_for(layout: ImageLayout, panels: Sequence | None = None, n_panels: i
     if panels is None:
         panels = equal_panels(layout.image_size, n_panels)
     return panel_regions(layout, panels, mapping)
+
+
+def proportional_panels(loaded, strip) -> tuple:
+    """`strip`'s panels as the official code's proportional column split of this model's token grid: pixel
+    boxes whose cell-centre membership is that split (`gaze.regions.proportional_boxes`; one row of panels)."""
+    from gaze.regions import proportional_boxes
+
+    _, layout = prepare_inputs(loaded, strip.image, "")
+    return proportional_boxes(layout, strip.panels)

@@ -338,3 +338,31 @@ def test_what_gaze_discover_stores_equals_the_eager_reference_for_every_variant(
         assert torch.allclose(torch.tensor(ranking.meta["variant_scores"][name]), expected, atol=1e-5), name
     assert torch.allclose(ranking.scores, torch.diagonal(torch.stack([r["raw"] for r in refs]).mean(0),
                                                          dim1=-2, dim2=-1).mean(-1), atol=1e-5)
+
+
+def test_cli_discover_mapping_proportional_is_centre_on_aligned_strips_and_the_mapped_boxes_otherwise(
+        qwen3_path, loaded_qwen3, strip_for, tmp_path, capsys):
+    from dataclasses import replace
+
+    from gaze.cli import main
+    from gaze.discovery import discover
+    from gaze.generation import proportional_panels
+    from gaze.ranking import Ranking
+
+    for i in range(2):  # token-aligned panels edge to edge: the two mappings own the same tokens
+        save_folder_strip(strip_for(32, seed=i), tmp_path / "comics" / f"comic{i}")
+    common = ["discover", "--model", str(qwen3_path), "--strips", str(tmp_path / "comics"), "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "c")]) == 0
+    assert main([*common, "--out", str(tmp_path / "p"), "--mapping", "proportional"]) == 0
+    centre, prop = (Ranking.load(tmp_path / d / "ranking.json") for d in ("c", "p"))
+    assert torch.allclose(centre.scores, prop.scores)
+    # unaligned (a 6 px gap between panels): the CLI scores the official column split's boxes
+    assert main([*common, "--gap", "6", "--out", str(tmp_path / "g"), "--mapping", "proportional"]) == 0
+    from gaze.strips import load_strips
+
+    strips = load_strips(str(tmp_path / "comics"), align=loaded_qwen3.family.merged_patch(loaded_qwen3.processor),
+                         gap=6)
+    want = discover(loaded_qwen3, [replace(s, panels=proportional_panels(loaded_qwen3, s)) for s in strips],
+                    tmp_path / "api", progress=False)
+    assert torch.allclose(Ranking.load(tmp_path / "g" / "ranking.json").scores, want.scores)
+    capsys.readouterr()

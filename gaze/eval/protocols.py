@@ -245,11 +245,9 @@ class Context:
 
 def mapped_panels(loaded, strip: Strip) -> tuple:
     """`strip`'s panels as the official code's proportional column split of this model's token grid."""
-    from gaze.generation import prepare_inputs
-    from gaze.regions import proportional_boxes
+    from gaze.generation import proportional_panels
 
-    _, layout = prepare_inputs(loaded, strip.image, "")
-    return proportional_boxes(layout, strip.panels)
+    return proportional_panels(loaded, strip)
 
 
 # ---------------------------------------------------------------- baseline-identical answers
