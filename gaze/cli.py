@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -98,18 +99,24 @@ def variant_arg(text: str) -> str:
 MAX_STRENGTH = 1e6  # past this the bias only loses float precision (1e4 already saturates the softmax)
 
 
-def strength_arg(text: str) -> float:
-    """An argparse type: a finite steering strength |B| <= MAX_STRENGTH."""
-    import math
+def _number(ok, refusal: str):
+    """An argparse type: a number for which `ok(value)` holds, else refused at parse time with `refusal`
+    (a format string of `text`, which says the fix)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(refusal.format(text=text))
+        return value
+    return parse
 
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or abs(value) > MAX_STRENGTH:
-        raise argparse.ArgumentTypeError(f"{text} is not a usable strength: give a finite number within "
-                                         f"+-{MAX_STRENGTH:g} (1e4, the default, saturates the softmax)")
-    return value
+
+# a finite steering strength |B| <= MAX_STRENGTH
+strength_arg = _number(lambda v: math.isfinite(v) and abs(v) <= MAX_STRENGTH,
+                       f"{{text}} is not a usable strength: give a finite number within +-{MAX_STRENGTH:g} (1e4, "
+                       "the default, saturates the softmax)")
 
 
 def device_arg(text: str) -> str:

@@ -60,6 +60,17 @@ def loaded_qwen3(qwen3_path):
     return load(str(qwen3_path), device="cpu")
 
 
+@pytest.fixture(scope="session")
+def tiny_ranking(loaded_qwen3, tmp_path_factory):
+    """A ranking folder of the tiny Qwen3-VL (discovery on 2 procedural strips), shared read-only by the tests."""
+    from gaze.discovery import discover
+    from gaze.eval.protocols import eval_strips
+
+    out = tmp_path_factory.mktemp("tiny-discovery")
+    discover(loaded_qwen3, eval_strips("procedural:discovery", 2), out, progress=False)
+    return out
+
+
 def make_strip(patch: int, seed: int = 0, n: int = 6, cell_tokens: int = 2) -> Strip:
     """Six flat, distinct panels of `cell_tokens` x `cell_tokens` merged tokens each."""
     g = torch.Generator().manual_seed(seed)

@@ -143,16 +143,6 @@ def test_register_adds_eval_with_the_config_flags():
 
 # ---------------------------------------------------------------- end to end on a tiny random model
 
-@pytest.fixture(scope="module")
-def tiny_ranking(loaded_qwen3, tmp_path_factory):
-    from gaze.discovery import discover
-    from gaze.eval.protocols import eval_strips
-
-    out = tmp_path_factory.mktemp("eval-discovery")
-    discover(loaded_qwen3, eval_strips("procedural:discovery", 2), out, progress=False)
-    return out
-
-
 def test_tiny_end_to_end_eval_and_report(loaded_qwen3, qwen3_path, tiny_ranking, tmp_path):
     from gaze.eval.report import write_report
 

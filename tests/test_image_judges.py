@@ -329,16 +329,6 @@ def _cfg(tmp_path, qwen3_path, tiny_ranking, **kw):
     return EvalConfig(**{**base, **kw})
 
 
-@pytest.fixture(scope="module")
-def tiny_ranking(loaded_qwen3, tmp_path_factory):
-    from gaze.discovery import discover
-    from gaze.eval.protocols import eval_strips
-
-    out = tmp_path_factory.mktemp("judge-discovery")
-    discover(loaded_qwen3, eval_strips("procedural:discovery", 2), out, progress=False)
-    return out
-
-
 def test_a_judge_below_the_gate_is_refused_before_any_generation(loaded_qwen3, qwen3_path, tiny_ranking, tmp_path):
     from gaze.eval.protocols import run_eval
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gaze.cli import HelpFormatter, _at_least, _writable, device_arg, dtype_arg, strength_arg
+from gaze.cli import HelpFormatter, _at_least, _number, _writable, device_arg, dtype_arg, strength_arg
 from gaze.eval.config import ASSEMBLIES, CONDITIONS, IDENTICAL_UNITS, MAPPINGS, PRESETS, PROTOCOLS, EvalConfig
 
 
@@ -50,15 +50,7 @@ def _strengths(text: str) -> tuple[float, ...]:
     return values
 
 
-def _fraction_pct(text: str) -> float:
-    """An argparse type: a percentage in (0, 100]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 100:
-        raise argparse.ArgumentTypeError(f"{text}: give a percentage above 0 and at most 100")
-    return value
+_fraction_pct = _number(lambda v: 0 < v <= 100, "{text}: give a percentage above 0 and at most 100")  # in (0, 100]
 
 
 def _names(allowed: tuple[str, ...]):

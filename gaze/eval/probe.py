@@ -1149,19 +1149,11 @@ def _orderings_arg(text: str) -> int:
     return value
 
 
-def _finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-    return value
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add `probe reading-order` to a `gaze` argparse subparsers object."""
-    from gaze.cli import HelpFormatter, _at_least, device_arg
+    from gaze.cli import HelpFormatter, _at_least, _number, device_arg
 
     d = ProbeConfig()
     probe_p = subparsers.add_parser("probe", help="probes of the residual stream (reading-order)")
@@ -1188,7 +1180,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--narration-tokens", type=_at_least(1), default=d.narration_tokens,
                    help="tokens generated per narration (with and without the direction)")
     p.add_argument("--answer-tokens", type=_at_least(1), default=d.answer_tokens, help="tokens per letter answer")
-    p.add_argument("--alpha", type=_finite, default=d.alpha, help="scale of the added direction (paper: 1.0)")
+    p.add_argument("--alpha", type=_number(math.isfinite, "{text} is not a finite number"), default=d.alpha, help="scale of the added direction (paper: 1.0)")
     p.add_argument("--positions", default=d.positions, choices=POSITIONS,
                    help="where the direction is added: every position (default) or the answer (last prompt token "
                         "and every generated token)")
