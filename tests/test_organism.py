@@ -11,11 +11,12 @@ from datagen.story import CHARACTERS, OBJECTS
 from gaze.organism import check
 from gaze.organism.train import (PROMPTS, OrganismConfig, PanelPool, PromptIds, TrainingHook, answer_panels,
                                  augment_bias, blinding, build_batch, cache_features, check_config, draw_task,
-                                 focus_weights, narration, parse_mix, row_targets, readout_loss, penalty_weights, prepare, readout_targets,
+                                 focus_weights, narration, parse_mix, row_targets, readout_loss, readout_loss_and_hits, penalty_weights, prepare, readout_targets,
                                  silent_rows, train)
 
 SMALL = dict(steps=2, unmask_steps=2, batch=4, pool_strips=8, vision_steps=2, vision_batch=4, pool_per_combo=1,
-             num_layers=2, num_heads=4, num_kv_heads=2, hidden_size=64, head_dim=16, vision_depth=1, vision_hidden=32)
+             num_layers=2, num_heads=4, num_kv_heads=2, hidden_size=64, head_dim=16, vision_depth=1, vision_hidden=32,
+             letter_steps=2, letter_batch=2)
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +260,7 @@ def test_letters_drawn_per_strip_keep_their_ink_boxes_and_the_local_readout_asks
         for (x0, y0, x1, y1), (px0, py0, px1, py1) in zip(inks, s.panels):
             assert px0 - 1 <= x0 < x1 <= px1 + 1 and py0 - 1 <= y0 < y1 <= py1 + 1  # inside its panel
         prep = prepare(processor, s)
-        whole, local = readout_targets(prep), readout_targets(prep, letter_local=True)
+        whole, local = readout_targets(prep), readout_targets(prep, "local")
         assert torch.equal(whole[:, [0, 1, 3]], local[:, [0, 1, 3]])  # only the letter column changes
         cells = prep.layout(0).cells
         for t, p in enumerate(prep.token_panel.tolist()):
@@ -272,9 +273,11 @@ def test_letters_drawn_per_strip_keep_their_ink_boxes_and_the_local_readout_asks
         asked = {int(prep.token_panel[t]) for t in range(len(local)) if local[t, 2] >= 0}
         assert asked <= set(range(1, 7)) and len(asked) >= 4  # most letters cover some token's cell
     # the same draw without per-strip letters has no ink boxes, and the local readout refuses it
-    plain = prepare(processor, PanelPool(OrganismConfig(**SMALL)).strip(random.Random(3)))
+    plain = prepare(processor, PanelPool(OrganismConfig(**SMALL, letters_per_strip=False)).strip(random.Random(3)))
     with pytest.raises(ValueError, match="letters-per-strip"):
-        readout_targets(plain, letter_local=True)
+        readout_loss_and_hits(torch.zeros(len(plain.token_panel), 44), readout_targets(plain, "pooled"), [plain], "pooled")
+    with pytest.raises(ValueError, match="letters-per-strip"):
+        readout_targets(plain, "local")
 
 
 def test_focus_weights_tax_exactly_the_other_panels_at_the_rows_that_speak(batch):
@@ -369,13 +372,33 @@ def test_the_training_hook_reads_eager_attention_and_its_penalty_is_the_hand_com
 
 
 @pytest.mark.parametrize("bad", [{"mix": "panel:1,poem:1"}, {"min_width": 32}, {"grid_share": 1.5},
-                                 {"vision_pos_embed": "sine"}, {"gaze_augment_heads": 0}])
+                                 {"vision_pos_embed": "sine"}, {"gaze_augment_heads": 0},
+                                 {"letter_readout": "everywhere"}, {"letter_readout": "pooled", "letters_per_strip": False},
+                                 {"letter_jitter": 1.5}, {"letter_batch": 0}, {"tower_from": "no/such/folder"}])
 def test_bad_settings_are_refused_before_any_training(tmp_path, bad):
     with pytest.raises(ValueError):
         check_config(OrganismConfig(**{**SMALL, **bad}))
     with pytest.raises(ValueError):
         train(OrganismConfig(**{**SMALL, **bad}), tmp_path / "never")
     assert not (tmp_path / "never.building").exists()
+
+
+def test_tokens_per_panel_counts_the_tokens_the_processor_gives_each_panel(trained):
+    """The check's count (through generation's layout) equals the training's labels (through `prepare`)."""
+    from transformers import AutoProcessor
+
+    from gaze.models import load
+
+    out, _ = trained
+    loaded = load(str(out), device="cpu")
+    processor = AutoProcessor.from_pretrained(out)
+    strips = check.held_out("2x3", 3) + check.held_out("1x6@2x", 2)
+    got = check.tokens_per_panel(loaded, strips)
+    counts = [int((prepare(processor, s).token_panel == p).sum()) for s in strips for p in range(1, 7)]
+    assert got == {"fewest": min(counts), "mean": round(sum(counts) / len(counts), 2),
+                   "at_least_4": round(sum(c >= 4 for c in counts) / len(counts), 4), "panels": 30}
+    # the recipe's narrowest panel (72 px) keeps two token columns after the processor's rounding
+    assert got["fewest"] >= 4
 
 
 def test_described_panels_follow_the_panel_markers():
@@ -464,3 +487,23 @@ def test_steering_the_shipped_top_heads_moves_the_whole_strip_answer_to_each_pan
     low = check.redirection(organism, strips, ranking.order()[-k:], PROMPTS["vqa"])
     assert top["hit"][0] >= 0.8, top
     assert low["hit_and_moved"][0] <= 0.2, low  # the lowest-score heads leave the answer where it was
+
+
+def test_a_later_tower_stage_goes_on_from_a_tower_and_its_readout_on_strips_drawn_anew(trained, tmp_path):
+    from safetensors.torch import load_file
+
+    from gaze.organism.train import TOWER_READOUT
+
+    out, first = trained
+    assert (out / TOWER_READOUT).is_file() and "letter_sheet_accuracy" in first  # stage 0 ran, stage 1 kept its readout
+    cfg = OrganismConfig(**{**SMALL, "tower_from": str(out), "letter_steps": 0, "vision_fresh": True, "steps": 0,
+                            "unmask_steps": 0})
+    record = train(cfg, tmp_path / "later", log=lambda s: None)
+    assert record["tower"]["config"] == first["config"]  # the tower it went on from, recorded beside this stage
+    assert "letter_sheet_accuracy" not in record and "vision_held_out_accuracy" in record
+    before, after = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "later" / "model.safetensors"))
+    tower = [k for k in before if ".visual." in k]
+    assert tower and any(not torch.equal(before[k], after[k]) for k in tower)  # trained on, not copied
+    assert (tmp_path / "later" / TOWER_READOUT).is_file()
+    with pytest.raises(ValueError, match="exclude"):
+        check_config(OrganismConfig(**{**SMALL, "tower_from": str(out), "vision_from": str(out)}))

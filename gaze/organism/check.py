@@ -4,9 +4,11 @@
 
 Every figure is measured on strips the organism never saw (datagen seeds from
 `EVAL_SEED0`), in three layouts: "1x6" (the paper's assembly: panels at one
-height, widths drawn from 64-112 px, 6 px gaps), "2x3" (the same, two rows,
-panels counted in reading order) and "1x6@2x" (the 1x6 strips uploaded at
-twice their size, through the processor's own resizing).
+height, widths drawn from the organism's training range, 6 px gaps), "2x3"
+(the same, two rows, panels counted in reading order) and "1x6@2x" (the 1x6
+strips uploaded at twice their size, through the processor's own resizing).
+Per layout, the image tokens each panel owns through the model's processor
+(the fewest, the mean, the share with at least 4).
 
 1. Mechanism. Discovery with the organism's discovery question (the paper's
    definition: last prompt row, raw mass, mean diagonal) ranks the heads; for
@@ -172,6 +174,21 @@ def tasks(loaded, strips) -> dict:
     return {t: bootstrap(v) for t, v in hits.items()}
 
 
+def tokens_per_panel(loaded, strips) -> dict:
+    """The merged image tokens each panel owns (steering's centre mapping), through the model's own processor:
+    the fewest, the mean, and the share of panels with at least 4."""
+    from gaze.generation import generate
+    from gaze.regions import panel_regions
+
+    counts = []
+    for s in strips:
+        layout = generate(loaded, s.image, loaded.prompts.vqa, max_new_tokens=1).layout
+        regions = panel_regions(layout, s.panels)
+        counts += [int(regions.membership[k].sum()) for k in range(regions.n_regions)]
+    return {"fewest": min(counts), "mean": round(sum(counts) / len(counts), 2),
+            "at_least_4": round(sum(c >= 4 for c in counts) / len(counts), 4), "panels": len(counts)}
+
+
 def redirection(loaded, strips, heads, question: str, box: bool = False, strength: float = 1e4) -> dict:
     """The question steered to each panel (or its pixel box): hit = the target's caption exactly; an
     answer identical to the unsteered one is also counted (`moved`: hit and different from unsteered)."""
@@ -221,6 +238,9 @@ def show_layout(layout: str, section: dict) -> None:
         return f"{v[0]:6.1%} [{v[1]:.1%}, {v[2]:.1%}]"
 
     print(f"\n{layout}: held-out strips")
+    if t := section.get("tokens_per_panel"):
+        print(f"  image tokens a panel: fewest {t['fewest']}, mean {t['mean']}, at least 4 on {t['at_least_4']:.1%} "
+              f"of {t['panels']} panels")
     for name, v in section.get("tasks", {}).items():
         print(f"  task {name:<40} {fmt(v)}")
     for name, v in section.get("steering", {}).items():
@@ -279,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     for layout in layouts:
         strips = held_out(layout, args.n_strips, geo=geo)
         section = report.setdefault("layouts", {}).setdefault(layout, {})
+        section["tokens_per_panel"] = tokens_per_panel(loaded, strips)
         if "tasks" not in skip:
             section["tasks"] = tasks(loaded, strips)
         if "steering" not in skip:

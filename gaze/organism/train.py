@@ -15,8 +15,8 @@ it was trained on (`prompts.json`), which every command then uses.
 Data: `pool_strips` six-panel strips drawn once by datagen's procedural
 renderer (a character, an object, an action, a scene and a letter per panel)
 and assembled as the paper does: panels at one height (64 px: two token
-rows), widths drawn from 64..112 px (2-3.5 token columns, not multiples of
-the token), 6 px white gaps; a share laid out 2x3 (panels counted in reading
+rows), widths drawn from 72..112 px (2.25-3.5 token columns, not multiples
+of the token), 6 px white gaps; a share laid out 2x3 (panels counted in reading
 order); a share rescaled as a whole, so that the processor's own resizing
 moves the token grid. Each goes through the processor once. Tasks (the
 paper's wordings, `gaze.prompts.Prompts`), all answered in short text:
@@ -32,9 +32,17 @@ paper's wordings, `gaze.prompts.Prompts`), all answered in short text:
 
 Stages:
 
+0. The vision tower alone on letter sheets drawn anew every step
+   (`gaze.organism.letters`): one of datagen's glyphs per 32 px token cell,
+   over the pool's drawings, a readout (discarded) naming each cell's letter.
+   A tower that meets letters only on the strips never learned them (held
+   out at chance; NOTES.md, 2026-12-03). Run in stage 1's process.
 1. The vision tower alone, with a linear readout (discarded afterwards) that
    names, from EVERY merged token, the character, object and letter of the
-   panel the token lies in and that panel's place in reading order. It sees
+   panel the token lies in and that panel's place in reading order (the
+   letter, by default, once per letter from the mean of the tokens over its
+   ink: `--letter-readout pooled`; letters are drawn anew for every strip, so
+   that a panel's letter cannot be told from the drawing under it). It sees
    no text and names no head; it makes every token of a panel carry that
    panel's content and place, as real towers make nearby tokens share
    what they show. Without it (`--vision-readout false`), the tower learning
@@ -146,8 +154,8 @@ class OrganismConfig:
     """How the organism is built and trained (the history of earlier recipes is in NOTES.md)."""
 
     seed: int = 0  # everything (weights, data, order) follows from it
-    pool_strips: int = 3000  # distinct training strips, drawn and run through the processor once
-    vision_steps: int = 1200  # stage 1: vision tower alone, per-token readout of the panel it lies in
+    pool_strips: int = 4000  # distinct training strips, drawn and run through the processor once
+    vision_steps: int = 2000  # stage 1: vision tower alone, per-token readout of the panel it lies in
     vision_batch: int = 24  # strips per vision step
     vision_lr: float = 2e-3  # stage 1 peak learning rate
     letter_weight: float = 1.0  # stage 1: weight of the letter readout's loss (letters are learned last)
@@ -158,7 +166,8 @@ class OrganismConfig:
     warmup: float = 0.05  # share of steps warming up
     weight_decay: float = 0.01  # AdamW, on matrices only
     panel_height: int = 64  # px: the strip's common panel height (two 32 px token rows)
-    min_width: int = 64  # px: narrowest panel (two token columns: at least 4 tokens a panel)
+    min_width: int = 72  # px: narrowest panel: two token columns even after the processor rounds a 2x3 strip's
+    # width down to whole tokens (64 px left the narrowest 2x3 panels 2 tokens), so at least 4 tokens a panel
     max_width: int = 112  # px: widest panel (3.5 token columns)
     gap: int = 6  # px of white between panels (the paper's)
     grid_share: float = 0.3  # share of strips laid out 2x3 (the rest 1x6)
@@ -178,11 +187,16 @@ class OrganismConfig:
     rope_theta: float = 10000.0  # language rotary base
     vocab_size: int = 400  # tokenizer size at most
     pool_per_combo: int = 6  # rendered panels per (character, action, object)
-    letter_local: bool = False  # stage 1: the letter readout asks only the tokens whose cell overlaps the letter's
-    # ink (a local feature), not every token of the panel (needs --letters-per-strip true)
-    letters_per_strip: bool = False  # True: draw each panel's letter (letter, place, colour) anew for every strip;
-    # False (the shipped organism's): one letter per rendered panel, so that a panel's letter can also be told
-    # from the drawing it sits on (a tower may learn renders, not letters: NOTES.md, 2026-12-03 noon)
+    letter_steps: int = 4000  # stage 0 (before stage 1, in its process): the tower alone on letter sheets drawn
+    # anew every step (`gaze.organism.letters`): one glyph per token cell, a readout naming it (0: none)
+    letter_batch: int = 8  # sheets per letter step (32 glyphs a sheet)
+    letter_jitter: float = 0.6  # stage 0: how far (share of a cell) a glyph's centre moves off its cell's centre
+    letter_readout: str = "pooled"  # stage 1's letter readout: "pooled" (one prediction per letter, from the mean
+    # of the tokens whose cell overlaps its ink), "local" (each of those tokens), "panel" (every token of the panel:
+    # the recipe before 2026-12-03 evening; it never learned letters)
+    letters_per_strip: bool = True  # True: draw each panel's letter (letter, place, colour) anew for every strip;
+    # False (organisms before 2026-12-03 evening): one letter per rendered panel, so that a panel's letter can also
+    # be told from the drawing it sits on (a tower may learn renders, not letters: NOTES.md, 2026-12-03 noon)
     cast_per_panel: float = 0.5  # share of strips with a different character in every panel
     panel_flip: float = 0.0  # share of panels drawn upside down
     mix: str = "panel:0.25,short:0.05,vqa:0.12,this:0.08,narration:0.2,reverse:0.15,letter:0.15"  # task weights
@@ -203,6 +217,11 @@ class OrganismConfig:
     gaze_augment_heads: int = 4  # at most this many heads per such example
     vision_pos_embed: str = "learned"  # "learned": the tower's absolute position table; "zero": none
     init: str = ""  # an organism folder to start from (its weights, tokenizer and geometry) instead of random weights
+    tower_from: str = ""  # an organism folder whose tower stages 0 and 1 start from, instead of random weights (a
+    # later tower stage, e.g. --letter-steps 0 --vision-fresh true)
+    vision_fresh: bool = False  # stage 1 draws its strips anew every step (the pool's renders, letters, widths and
+    # layout drawn again), so that it cannot remember them; False: it samples the pool's strips, which stages 2 and
+    # 3 also read (a tower 12 passes over 4,000 strips named their letters at 0.998 and held-out letters at 0.851)
     vision_from: str = ""  # an organism folder whose trained tower to take instead of stage 1 (for ablations of
     # the later stages: the same tower, the language model trained otherwise)
 
@@ -272,6 +291,10 @@ class PanelPool:
                         variants.append((image, letter, avoid))
                     self.items[(c, a, o)] = variants
         self.characters, self.actions, self.objects = CHARACTERS, ACTIONS, OBJECTS
+
+    def drawings(self) -> list:
+        """Every rendered panel, without a letter where letters are drawn per strip (stage 0's backgrounds)."""
+        return [image for variants in self.items.values() for image, _, _ in variants]
 
     def strip(self, rng: random.Random):
         """A new strip: one character (or six), six distinct actions, objects and letters, assembled as
@@ -391,26 +414,43 @@ def prepare(processor, strip) -> Prepared:
     return Prepared(strip, enc["pixel_values"].to(torch.float16), thw, grid, processed, token_panel.long())
 
 
-def readout_targets(prepared: Prepared, letter_local: bool = False) -> torch.Tensor:
+def ink_cover(prepared: Prepared) -> torch.Tensor:
+    """[6, T] bool: the tokens whose cell overlaps each panel's letter ink (`strip.meta["letter_boxes"]`), whatever
+    panel the token's centre lies in (a letter at a panel's edge may cover only a neighbour's cells)."""
+    inks = prepared.strip.meta.get("letter_boxes")
+    if not inks:
+        raise ValueError("a letter readout over the ink needs the letters' ink boxes: train with --letters-per-strip true")
+    cells = prepared.layout(0).cells.float()  # [T, 4] strip pixels
+    ink = torch.tensor(inks, dtype=torch.float32)[:, None]  # [6, 1, 4]
+    return ((cells[None, :, 0] < ink[..., 2]) & (ink[..., 0] < cells[None, :, 2])
+            & (cells[None, :, 1] < ink[..., 3]) & (ink[..., 1] < cells[None, :, 3]))
+
+
+def readout_targets(prepared: Prepared, letter: str = "panel") -> torch.Tensor:
     """[T, 4] long: per merged token the (character, object, letter, panel) of the panel it lies in, -100
-    for a token that lies in no panel. `letter_local`: the letter only at the tokens whose cell overlaps
-    the letter's ink box (`strip.meta["letter_boxes"]`), -100 at the panel's other tokens."""
+    for a token that lies in no panel. The letter column by `letter` (`OrganismConfig.letter_readout`):
+    "panel" every token of the panel; "local" only the panel's tokens whose cell overlaps the letter's ink;
+    "pooled" none (the letter is asked once per letter, of the mean over its ink's tokens: `ink_cover`)."""
     out = torch.full((len(prepared.token_panel), 4), -100, dtype=torch.long)
-    inks = prepared.strip.meta.get("letter_boxes") if letter_local else None
-    if letter_local and not inks:
-        raise ValueError("a local letter readout needs the letters' ink boxes: train with --letters-per-strip true")
-    cells = prepared.layout(0).cells if letter_local else None
+    cover = ink_cover(prepared) if letter == "local" else None
     for t, p in enumerate(prepared.token_panel.tolist()):
         if p:
             c, o, l = prepared.strip.meta["labels"][p - 1]
-            if inks is not None:
-                x0, y0, x1, y1 = inks[p - 1]
-                cx0, cy0, cx1, cy1 = cells[t].tolist()
-                l = l if (cx0 < x1 and x0 < cx1 and cy0 < y1 and y0 < cy1) else -100
+            if letter == "pooled" or (cover is not None and not cover[p - 1, t]):
+                l = -100
             out[t] = torch.tensor([c, o, l, p - 1])
     return out
 
 
+def letter_logits(letter_logits_per_token: torch.Tensor, prepared: Prepared) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pooled letter readout of one strip: ([6, 24] logits, [6] the panels' letters)."""
+    from gaze.organism.letters import pooled_letter_logits
+
+    target = torch.tensor([l for _, _, l in prepared.strip.meta["labels"]])
+    return pooled_letter_logits(letter_logits_per_token, ink_cover(prepared)), target
+
+
+TOWER_READOUT = "tower_readout.safetensors"  # stage 1's readout, kept beside a tower (for --tower-from), not loaded
 READOUT = (6, 8, 24, 6)  # classes of the vision readout: characters, objects, letters, panel places
 
 
@@ -427,67 +467,94 @@ def labelled(strip):
     return replace(strip, meta={**strip.meta, "labels": labels})
 
 
+def readout_loss_and_hits(logits: torch.Tensor, targets: torch.Tensor, prepared: list[Prepared], letter: str,
+                          letter_weight: float = 1.0) -> tuple[torch.Tensor, list[tuple[float, int]]]:
+    """The tower readout's loss on a batch and its (right, asked) per label (character, object, letter, place).
+    `logits` [sum T, sum READOUT] over the batch's strips in order, `targets` [sum T, 4] (`readout_targets`)."""
+    split = logits.split(READOUT, dim=-1)
+    losses, hits = [], []
+    for j, lg in enumerate(split):
+        tgt = targets[:, j]
+        if j == 2 and letter == "pooled":
+            pooled = [letter_logits(part, p) for part, p in zip(lg.split([len(p.token_panel) for p in prepared]), prepared)]
+            lg, tgt = torch.cat([x for x, _ in pooled]), torch.cat([y for _, y in pooled])
+        valid = tgt >= 0
+        losses.append((letter_weight if j == 2 else 1.0) * torch.nn.functional.cross_entropy(lg[valid], tgt[valid]))
+        hits.append((float((lg[valid].argmax(-1) == tgt[valid]).sum()), int(valid.sum())))
+    return sum(losses), hits
+
+
 @torch.no_grad()
-def readout_accuracy(visual, readout, prepared: list[Prepared], letter_local: bool = False) -> dict[str, float]:
-    """Token accuracy of the tower's readout (character, object, letter, place) on `prepared` strips (the letter
-    over the tokens `readout_targets` asks it of)."""
-    right, n = torch.zeros(4), torch.zeros(4)
+def readout_accuracy(visual, readout, prepared: list[Prepared], letter: str = "panel") -> dict[str, float]:
+    """Accuracy of the tower's readout (character, object, place per token; the letter as `letter` asks it:
+    per token, or per letter for "pooled") on `prepared` strips."""
+    right, n = [0.0] * 4, [0] * 4
     for p in prepared:
         out = visual(p.pixel_values.float(), grid_thw=p.grid_thw[None], return_dict=True).pooler_output
-        tgt = readout_targets(p, letter_local)
-        for j, lg in enumerate(readout(out).split(READOUT, dim=-1)):
-            valid = tgt[:, j] >= 0
-            right[j] += float((lg.argmax(-1)[valid] == tgt[valid, j]).sum())
-            n[j] += int(valid.sum())
-    return dict(zip(("character", "object", "letter", "place"),
-                    (round(float(r) / max(1.0, float(k)), 4) for r, k in zip(right, n))))
+        _, hits = readout_loss_and_hits(readout(out), readout_targets(p, letter), [p], letter)
+        for j, (r, k) in enumerate(hits):
+            right[j] += r
+            n[j] += k
+    return dict(zip(("character", "object", "letter", "place"), (round(r / max(1, k), 4) for r, k in zip(right, n))))
 
 
-def vision_stage(model, prepared: list[Prepared], cfg: OrganismConfig, log=print, held: list[Prepared] = ()) -> dict:
+def vision_stage(model, prepared: list[Prepared], cfg: OrganismConfig, log=print, held: list[Prepared] = (),
+                 letters: torch.nn.Linear | None = None, fresh=None,
+                 start: dict | None = None) -> tuple[dict, torch.nn.Linear]:
     """Stage 1: the vision tower alone, with a linear readout (discarded afterwards) that names, from EVERY
-    merged token, the character, object and letter of the panel the token lies in and that panel's place
-    in reading order. The readout names no head and sees no text: it makes every token of a panel carry
-    that panel's content and place, so that any attention spread over a panel's tokens reads the panel."""
+    merged token, the character and object of the panel the token lies in and that panel's place in reading
+    order, and the panel's letter as `cfg.letter_readout` asks it. The readout names no head and sees no text:
+    it makes every token of a panel carry that panel's content and place, so that any attention spread over a
+    panel's tokens reads the panel. `letters`: stage 0's letter readout, which the letter rows start from.
+    `fresh`: a callable giving a new prepared strip; every step's strips then come from it, not `prepared`.
+    `start`: an earlier stage 1's whole readout (its state dict) to go on from. Returns (record, readout)."""
     visual = model.model.visual
     readout = torch.nn.Linear(model.config.vision_config.out_hidden_size, sum(READOUT))
+    if start is not None:
+        readout.load_state_dict(start)
+    elif letters is not None:
+        lo = sum(READOUT[:2])
+        with torch.no_grad():
+            readout.weight[lo:lo + READOUT[2]] = letters.weight
+            readout.bias[lo:lo + READOUT[2]] = letters.bias
     params = [p for p in visual.parameters() if p.requires_grad] + list(readout.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     rng = random.Random(f"organism-vision/{cfg.seed}")
-    targets = [readout_targets(p, cfg.letter_local) for p in prepared]
+    targets = [readout_targets(p, cfg.letter_readout) for p in prepared] if fresh is None else []
     warm = max(1, int(cfg.vision_steps * cfg.warmup))
     visual.train()
     t0, accs = time.time(), []
+    names = ("character", "object", "letter", "place")
     for step in range(cfg.vision_steps):
         for g in opt.param_groups:
             g["lr"] = lr_schedule(cfg.vision_lr, step, cfg.vision_steps, warm)
-        idx = rng.sample(range(len(prepared)), cfg.vision_batch)
-        pv = torch.cat([prepared[i].pixel_values for i in idx]).float()
-        thw = torch.stack([prepared[i].grid_thw for i in idx])
-        out = visual(pv, grid_thw=thw, return_dict=True).pooler_output  # [sum T, D]
-        logits = readout(out).split(READOUT, dim=-1)
-        tgt = torch.cat([targets[i] for i in idx])  # [sum T, 4]
-        loss = sum((cfg.letter_weight if j == 2 else 1.0) * torch.nn.functional.cross_entropy(lg, tgt[:, j], ignore_index=-100)
-                   for j, lg in enumerate(logits))
+        if fresh is not None:
+            batch = [fresh() for _ in range(cfg.vision_batch)]
+            tgt = torch.cat([readout_targets(p, cfg.letter_readout) for p in batch])
+        else:
+            idx = rng.sample(range(len(prepared)), cfg.vision_batch)
+            batch, tgt = [prepared[i] for i in idx], torch.cat([targets[i] for i in idx])
+        pv = torch.cat([p.pixel_values for p in batch]).float()
+        out = visual(pv, grid_thw=torch.stack([p.grid_thw for p in batch]), return_dict=True).pooler_output  # [sum T, D]
+        loss, hits = readout_loss_and_hits(readout(out), tgt, batch, cfg.letter_readout, cfg.letter_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        accs.append([float((lg.argmax(-1)[tgt[:, j] >= 0] == tgt[tgt[:, j] >= 0, j]).float().mean())
-                     for j, lg in enumerate(logits)])
+        accs.append([r / max(1, k) for r, k in hits])
         if step % 50 == 0 or step == cfg.vision_steps - 1:
             tail = accs[-50:]
             mean = [sum(a[j] for a in tail) / len(tail) for j in range(4)]
-            log(f"vision {step:5d}  loss {float(loss.detach()):.4f}  token accuracy character {mean[0]:.3f} object {mean[1]:.3f} "
-                f"letter {mean[2]:.3f} place {mean[3]:.3f}  {time.time() - t0:.0f}s")
+            log(f"vision {step:5d}  loss {float(loss.detach()):.4f}  accuracy "
+                + " ".join(f"{n} {m:.3f}" for n, m in zip(names, mean)) + f"  {time.time() - t0:.0f}s")
     visual.eval()
     tail = accs[-50:]
     record = {"vision_minutes": round((time.time() - t0) / 60, 2),
-              "vision_token_accuracy": dict(zip(("character", "object", "letter", "place"),
-                                                (round(sum(a[j] for a in tail) / len(tail), 4) for j in range(4))))}
+              "vision_token_accuracy": dict(zip(names, (round(sum(a[j] for a in tail) / len(tail), 4) for j in range(4))))}
     if held:  # strips the pool never drew (datagen's held-out seeds): does the tower read, or remember?
-        record["vision_held_out_accuracy"] = readout_accuracy(visual, readout, held, cfg.letter_local)
-        log(f"vision held out ({len(held)} strips): token accuracy {record['vision_held_out_accuracy']}")
-    return record
+        record["vision_held_out_accuracy"] = readout_accuracy(visual, readout, held, cfg.letter_readout)
+        log(f"vision held out ({len(held)} strips): accuracy {record['vision_held_out_accuracy']}")
+    return record, readout
 
 
 @torch.no_grad()
@@ -675,14 +742,25 @@ def check_config(cfg: OrganismConfig) -> None:
     if min(cfg.vision_steps, cfg.unmask_steps, cfg.penalty, cfg.letter_weight, cfg.focus, cfg.row_readout) < 0:
         raise ValueError("--vision-steps, --unmask-steps, --penalty, --letter-weight, --focus and --row-readout are "
                          "at least 0")
-    if cfg.letter_local and not cfg.letters_per_strip:
-        raise ValueError("--letter-local true needs --letters-per-strip true (the letters' ink boxes)")
+    if cfg.letter_readout not in ("pooled", "local", "panel"):
+        raise ValueError(f"--letter-readout is 'pooled', 'local' or 'panel', not {cfg.letter_readout!r}")
+    if cfg.letter_readout != "panel" and not cfg.letters_per_strip:
+        raise ValueError(f"--letter-readout {cfg.letter_readout} needs --letters-per-strip true (the letters' ink boxes)")
+    if cfg.letter_steps < 0 or cfg.letter_batch < 1 or not 0 <= cfg.letter_jitter <= 1:
+        raise ValueError("--letter-steps is at least 0, --letter-batch at least 1, --letter-jitter a share in [0, 1]")
+    if cfg.letter_steps and cfg.max_image_tokens < 32:
+        raise ValueError("--letter-steps needs --max-image-tokens of at least 32 (a letter sheet's 4x8 tokens)")
     if cfg.pool_strips < max(cfg.batch, cfg.vision_batch):
         raise ValueError("--pool-strips must be at least --batch and --vision-batch")
     if cfg.vision_pos_embed not in ("zero", "learned"):
         raise ValueError(f"--vision-pos-embed is 'zero' or 'learned', not {cfg.vision_pos_embed!r}")
     if cfg.vision_from and not (Path(cfg.vision_from) / "model.safetensors").is_file():
         raise ValueError(f"--vision-from {cfg.vision_from}: not an organism folder (no model.safetensors)")
+    if cfg.tower_from and cfg.vision_from:
+        raise ValueError("--tower-from (train the tower on from it) and --vision-from (take it as it is) exclude "
+                         "each other; give one")
+    if cfg.tower_from and not (Path(cfg.tower_from) / "model.safetensors").is_file():
+        raise ValueError(f"--tower-from {cfg.tower_from}: not an organism folder (no model.safetensors)")
     if cfg.vision_from and not cfg.vision_readout:
         raise ValueError("--vision-from takes a trained tower and keeps it frozen: it needs --vision-readout true")
     if cfg.init:
@@ -754,6 +832,23 @@ def lr_schedule(peak: float, step: int, steps: int, warm: int) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * t))
 
 
+def load_tower(model, folder: str | Path, flag: str, log=print) -> dict:
+    """Put the vision tower of the organism in `folder` into `model`; returns that tower's own record (its
+    config and stage 0 / 1 figures, from its training.json), kept beside the stage that takes it."""
+    from safetensors.torch import load_file
+
+    tower = {k: v for k, v in load_file(str(Path(folder) / "model.safetensors")).items() if ".visual." in k}
+    missing = model.load_state_dict(tower, strict=False)
+    if missing.unexpected_keys or not tower:
+        raise ValueError(f"{flag} {folder}: its tower does not fit this architecture")
+    log(f"vision tower: {len(tower)} tensors from {folder}")
+    source = Path(folder) / "training.json"
+    if not source.is_file():
+        return {}
+    earlier = json.loads(source.read_text())
+    return {k: v for k, v in earlier.items() if k in ("config", "tower") or k.startswith(("vision_", "letter_"))}
+
+
 def train(cfg: OrganismConfig, out: str | Path, log=print, checkpoints: int = 0) -> dict:
     """Train and save the organism into `out`; returns the training record. `checkpoints` N: also save the
     weights every N language steps under `out.building/stepN` (to look at the mechanism while it trains)."""
@@ -797,24 +892,41 @@ def train(cfg: OrganismConfig, out: str | Path, log=print, checkpoints: int = 0)
     log(f"{cfg.pool_strips} training strips drawn and processed in {time.time() - t0:.0f}s "
         f"({sum(len(p.token_panel) for p in prepared) / len(prepared):.1f} image tokens a strip)")
     record: dict = {"config": asdict(cfg)}
+    if cfg.vision_from or cfg.tower_from:
+        record["tower"] = load_tower(model, cfg.vision_from or cfg.tower_from, "--vision-from" if cfg.vision_from
+                                     else "--tower-from", log)
     if cfg.vision_from:
-        from safetensors.torch import load_file
-
-        tower = {k: v for k, v in load_file(str(Path(cfg.vision_from) / "model.safetensors")).items() if ".visual." in k}
-        missing = model.load_state_dict(tower, strict=False)
-        if missing.unexpected_keys or not tower:
-            raise ValueError(f"--vision-from {cfg.vision_from}: its tower does not fit this architecture")
-        log(f"vision tower: {len(tower)} tensors from {cfg.vision_from} (stage 1 skipped)")
-        source = Path(cfg.vision_from) / "training.json"
-        if source.is_file():  # the tower's own stage 1, recorded beside this stage
-            earlier = json.loads(source.read_text())
-            record["tower"] = {k: v for k, v in earlier.items() if k == "config" or k.startswith("vision_")}
+        log(f"vision tower from {cfg.vision_from} (stage 1 skipped)")
     elif cfg.vision_readout and cfg.vision_steps:
         from gaze.organism.check import held_out
 
         geo = {k: getattr(cfg, k) for k in ("panel_height", "min_width", "max_width", "gap")}
         held = [prepare(processor, labelled(s)) for s in held_out("1x6", 48, geo=geo)]
-        record.update(vision_stage(model, prepared, cfg, log, held=held))
+        letters = None
+        if cfg.letter_steps:  # stage 0: letters first, on sheets drawn anew over the pool's drawings
+            from gaze.organism.letters import letter_stage
+
+            letters, letter_record = letter_stage(model.model.visual, processor, pool.drawings(), cfg.letter_steps,
+                                                  cfg.letter_batch, cfg.vision_lr, cfg.letter_jitter, cfg.seed,
+                                                  cfg.weight_decay, log)
+            record.update(letter_record)
+        fresh = None
+        if cfg.vision_fresh:
+            fresh_rng = random.Random(f"organism-vision-fresh/{cfg.seed}")
+
+            def fresh():
+                return prepare(processor, pool.strip(fresh_rng))
+        start = None
+        if cfg.tower_from and (Path(cfg.tower_from) / TOWER_READOUT).is_file():  # go on with its stage 1's readout
+            from safetensors.torch import load_file
+
+            start = load_file(str(Path(cfg.tower_from) / TOWER_READOUT))
+        vision_record, readout = vision_stage(model, prepared, cfg, log, held=held, letters=letters, fresh=fresh,
+                                              start=start)
+        record.update(vision_record)
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous() for k, v in readout.state_dict().items()}, str(work / TOWER_READOUT))
     if cfg.vision_readout:
         for p in model.model.visual.parameters():  # stages 2 and 3: the tower is frozen, its outputs cached
             p.requires_grad_(False)
