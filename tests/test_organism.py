@@ -374,7 +374,8 @@ def test_the_training_hook_reads_eager_attention_and_its_penalty_is_the_hand_com
 @pytest.mark.parametrize("bad", [{"mix": "panel:1,poem:1"}, {"min_width": 32}, {"grid_share": 1.5},
                                  {"vision_pos_embed": "sine"}, {"gaze_augment_heads": 0},
                                  {"letter_readout": "everywhere"}, {"letter_readout": "pooled", "letters_per_strip": False},
-                                 {"letter_jitter": 1.5}, {"letter_batch": 0}, {"tower_from": "no/such/folder"}])
+                                 {"letter_jitter": 1.5}, {"letter_batch": 0}, {"tower_from": "no/such/folder"},
+                                 {"answer_loss": "sentence"}])
 def test_bad_settings_are_refused_before_any_training(tmp_path, bad):
     with pytest.raises(ValueError):
         check_config(OrganismConfig(**{**SMALL, **bad}))
@@ -399,6 +400,25 @@ def test_tokens_per_panel_counts_the_tokens_the_processor_gives_each_panel(train
                    "at_least_4": round(sum(c >= 4 for c in counts) / len(counts), 4), "panels": 30}
     # the recipe's narrowest panel (72 px) keeps two token columns after the processor's rounding
     assert got["fewest"] >= 4
+
+
+def test_the_example_mean_loss_weighs_every_example_once_whatever_its_answers_length():
+    from gaze.organism.train import example_mean_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 9, 11)
+    labels = torch.full((3, 9), -100)
+    labels[0, 3:8] = torch.tensor([1, 2, 3, 4, 5])  # a long answer
+    labels[1, 8] = 6  # a one-token answer
+    labels[2, 5:7] = torch.tensor([7, 8])
+    per = []
+    for b in range(3):  # the reference: each example's own mean over the tokens it predicts
+        asked = labels[b, 1:] != -100
+        per.append(torch.nn.functional.cross_entropy(logits[b, :-1][asked], labels[b, 1:][asked]))
+    assert float(example_mean_loss(logits, labels)) == pytest.approx(float(sum(per) / 3), rel=1e-6)
+    # the token mean (the model's own loss) weighs the long answer more: the two differ
+    token = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert abs(float(token) - float(sum(per) / 3)) > 1e-3
 
 
 def test_described_panels_follow_the_panel_markers():

@@ -213,6 +213,10 @@ class OrganismConfig:
     # state of EVERY row that predicts an answer token, the character, object and letter of the panel that token
     # describes (from the focus term's step on): every row of a description then has a reason to know its panel,
     # as every token of a real model's rich description has; it names no head
+    answer_loss: str = "token"  # "token": the answer cross-entropy averaged over all answer tokens of a batch;
+    # "example": over each example's tokens, then over the examples, so that each task weighs what its share in
+    # `mix` says (with "token" a one-token letter answer weighed 1/60 of a narration, and stage 2 never learned
+    # letters from a tower that reads them: NOTES.md, 2026-12-03 evening)
     gaze_augment: float = 0.3  # share of examples whose random heads are forced onto the described panel
     gaze_augment_heads: int = 4  # at most this many heads per such example
     vision_pos_embed: str = "learned"  # "learned": the tower's absolute position table; "zero": none
@@ -742,6 +746,8 @@ def check_config(cfg: OrganismConfig) -> None:
     if min(cfg.vision_steps, cfg.unmask_steps, cfg.penalty, cfg.letter_weight, cfg.focus, cfg.row_readout) < 0:
         raise ValueError("--vision-steps, --unmask-steps, --penalty, --letter-weight, --focus and --row-readout are "
                          "at least 0")
+    if cfg.answer_loss not in ("token", "example"):
+        raise ValueError(f"--answer-loss is 'token' or 'example', not {cfg.answer_loss!r}")
     if cfg.letter_readout not in ("pooled", "local", "panel"):
         raise ValueError(f"--letter-readout is 'pooled', 'local' or 'panel', not {cfg.letter_readout!r}")
     if cfg.letter_readout != "panel" and not cfg.letters_per_strip:
@@ -817,11 +823,23 @@ def step_loss(model, prompts: PromptIds, examples, cfg: OrganismConfig, aug_rng:
     reading = readout is not None and focus_on and cfg.row_readout > 0
     with active(hook):
         result = model(**batch, output_hidden_states=reading)
+    loss = result.loss if cfg.answer_loss == "token" else example_mean_loss(result.logits, batch["labels"])
     extra = hook.penalty
     if reading:
         targets = row_targets(examples, info, batch["input_ids"].shape[1])
         extra = extra + cfg.row_readout * readout_loss(readout, result.hidden_states[-1], targets)
-    return result.loss, extra
+    return loss, extra
+
+
+def example_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The answer cross-entropy averaged over each example's answer tokens, then over the examples: every
+    question counts once, whatever its answer's length (the token mean lets a 60-token narration outweigh a
+    one-token letter answer 60 times). `logits` [B, S, V] predict the next token; `labels` [B, S], -100 off the
+    answer."""
+    target = labels[:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), target.clamp_min(0), reduction="none")
+    asked = (target != -100).float()
+    return ((ce * asked).sum(1) / asked.sum(1).clamp_min(1)).mean()
 
 
 def lr_schedule(peak: float, step: int, steps: int, warm: int) -> float:
@@ -970,7 +988,8 @@ def train(cfg: OrganismConfig, out: str | Path, log=print, checkpoints: int = 0)
         for group in groups:
             if not group:
                 continue
-            part = sum(len(e[2]) for e in group) / n_answer  # share of the batch's answer text
+            # the group's share of the batch: of its answer text (token mean), or of its examples (example mean)
+            part = len(group) / len(examples) if cfg.answer_loss == "example" else sum(len(e[2]) for e in group) / n_answer
             ce, pen = step_loss(model, prompts, group, cfg, aug_rng, stage, n_layers, n_heads,
                                 focus_on=step >= cfg.focus_from * cfg.steps, readout=row_readout)
             loss = loss + part * ce + len(group) / cfg.batch * pen
