@@ -454,7 +454,7 @@ def letter_logits(letter_logits_per_token: torch.Tensor, prepared: Prepared) -> 
     return pooled_letter_logits(letter_logits_per_token, ink_cover(prepared)), target
 
 
-TOWER_READOUT = "tower_readout.safetensors"  # stage 1's readout, kept beside a tower (for --tower-from), not loaded
+TOWER_READOUT = "tower_readout.safetensors"  # stage 1's readout, kept beside a tower for --tower-from (the VLM never loads it)
 READOUT = (6, 8, 24, 6)  # classes of the vision readout: characters, objects, letters, panel places
 
 
