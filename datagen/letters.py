@@ -30,6 +30,7 @@ LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"
 PALETTE = ((230, 25, 25), (25, 60, 230), (0, 150, 40), (255, 215, 0), (220, 0, 220), (0, 200, 230),
            (255, 255, 255), (15, 15, 15))
 MIN_FONT_PX = 10
+FONT_SHARE = (0.28, 0.42)  # a letter's font size, as a share of the panel's shorter side
 CANDIDATES = 8  # positions tried per letter
 
 
@@ -57,7 +58,22 @@ def _overlap(a: Sequence[int], b: Sequence[int]) -> int:
     return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
 
 
-def _far_colour(background: Sequence[float], rng: random.Random) -> tuple[int, int, int]:
+def font_px(side: int, rng: random.Random) -> int:
+    """A letter's font size for a panel whose shorter side is `side` px (seeded by `rng`)."""
+    return max(MIN_FONT_PX, round(side * rng.uniform(*FONT_SHARE)))
+
+
+def stroke_px(px: int) -> int:
+    """The outline width of a `px` letter."""
+    return max(1, round(px / 14))
+
+
+def outline_colour(colour: Sequence[int]) -> tuple[int, int, int]:
+    """Black or white: the opposite lightness of the letter's own `colour`."""
+    return (0, 0, 0) if sum(colour) > 384 else (255, 255, 255)
+
+
+def far_colour(background: Sequence[float], rng: random.Random) -> tuple[int, int, int]:
     """A palette colour far (RGB distance >= 160) from `background`; the farthest if none is."""
     dist = [sum((c - b) ** 2 for c, b in zip(col, background)) ** 0.5 for col in PALETTE]
     far = [col for col, d in zip(PALETTE, dist) if d >= 160]
@@ -71,9 +87,9 @@ def draw_letter(image: Image.Image, letter: str, rng: random.Random, avoid: Sequ
     `avoid`: boxes (e.g. the panel's objects) the letter should cover as little as possible.
     """
     W, H = image.size
-    px = max(MIN_FONT_PX, round(min(W, H) * rng.uniform(0.28, 0.42)))
+    px = font_px(min(W, H), rng)
     font = letter_font(px, font_path)
-    stroke = max(1, round(px / 14))
+    stroke = stroke_px(px)
     draw = ImageDraw.Draw(image)
     x0, y0, x1, y1 = draw.textbbox((0, 0), letter, font=font, anchor="mm", stroke_width=stroke)
     if x1 - x0 > W or y1 - y0 > H:
@@ -86,8 +102,8 @@ def draw_letter(image: Image.Image, letter: str, rng: random.Random, avoid: Sequ
         if best is None or cover < best[0]:
             best = (cover, cx, cy, box)
     _, cx, cy, box = best
-    colour = _far_colour(ImageStat.Stat(image.crop(box)).mean[:3], rng)
-    outline = (0, 0, 0) if sum(colour) > 384 else (255, 255, 255)  # the opposite lightness of the letter
+    colour = far_colour(ImageStat.Stat(image.crop(box)).mean[:3], rng)
+    outline = outline_colour(colour)
     draw.text((cx, cy), letter, fill=colour, font=font, anchor="mm", stroke_width=stroke, stroke_fill=outline)
     return box
 

@@ -34,16 +34,15 @@ from PIL import Image, ImageDraw, ImageStat
 
 SHEET = (4, 8)  # token cells per sheet: rows, columns (32 tokens, within the processor's budget unchanged)
 STRETCH = (1.0, 1.75)  # horizontal stretch of a glyph: a 64 px square panel resized to 64..112 px wide
-FONT_SHARE = (0.28, 0.42)  # datagen's letter size, as a share of the 64 px panel side
 
 
 @lru_cache(maxsize=8192)
 def glyph(letter: str, px: int, stretch: float) -> tuple[Image.Image, Image.Image]:
     """`letter` at `px` in datagen's font, stretched `stretch` times wide: (its ink mask with the outline,
     its fill mask), both "L" images of one size."""
-    from datagen.letters import letter_font
+    from datagen.letters import letter_font, stroke_px
 
-    font, stroke = letter_font(px), max(1, round(px / 14))
+    font, stroke = letter_font(px), stroke_px(px)
     x0, y0, x1, y1 = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox((0, 0), letter, font=font, anchor="lt",
                                                                     stroke_width=stroke)
     masks = []
@@ -60,7 +59,7 @@ def letter_sheet(backgrounds: Sequence[Image.Image], rng: random.Random, token: 
     """A sheet of `SHEET` token cells over panel drawings, one glyph a cell; returns (image, the cells' letter
     indices in row-major order, their glyphs' boxes). `jitter`: the glyph's centre moves up to this share of a cell off the cell's
     centre (1.0: to the cell's edge)."""
-    from datagen.letters import LETTERS, _far_colour
+    from datagen.letters import LETTERS, far_colour, font_px, outline_colour
 
     rows, cols = SHEET
     width, height = cols * token, rows * token
@@ -75,14 +74,14 @@ def letter_sheet(backgrounds: Sequence[Image.Image], rng: random.Random, token: 
     for r in range(rows):
         for c in range(cols):
             k = rng.randrange(len(LETTERS))
-            px = max(10, round(panel * rng.uniform(*FONT_SHARE)))
+            px = font_px(panel, rng)
             shift = jitter * token / 2
             cx = (c + 0.5) * token + rng.uniform(-shift, shift)
             cy = (r + 0.5) * token + rng.uniform(-shift, shift)
             ink, fill = glyph(LETTERS[k], px, round(rng.uniform(*STRETCH), 2))
             x, y = round(cx - ink.width / 2), round(cy - ink.height / 2)
-            colour = _far_colour(ImageStat.Stat(sheet.crop((x, y, x + ink.width, y + ink.height))).mean[:3], rng)
-            outline = (0, 0, 0) if sum(colour) > 384 else (255, 255, 255)  # the opposite lightness, as datagen's
+            colour = far_colour(ImageStat.Stat(sheet.crop((x, y, x + ink.width, y + ink.height))).mean[:3], rng)
+            outline = outline_colour(colour)
             sheet.paste(outline, (x, y, x + ink.width, y + ink.height), ink)
             sheet.paste(colour, (x, y, x + ink.width, y + ink.height), fill)
             labels.append(k)
