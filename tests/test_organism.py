@@ -10,7 +10,7 @@ import torch
 from datagen.story import CHARACTERS, OBJECTS
 from gaze.organism import check
 from gaze.organism.train import (PROMPTS, OrganismConfig, PanelPool, PromptIds, TrainingHook, answer_panels,
-                                 augment_bias, blinding, build_batch, cache_features, check_config, draw_task,
+                                 augment_bias, blinding, build_batch, cache_features, check_config, draw_task, even_scores,
                                  focus_weights, narration, parse_mix, row_targets, readout_loss, readout_loss_and_hits, penalty_weights, prepare, readout_targets,
                                  silent_rows, train)
 
@@ -157,6 +157,39 @@ def test_augmentation_bias_is_steerings_key_bias_at_chosen_heads_and_answer_rows
                     else:
                         assert not b[i, h, r].any()
     assert examples[1][3] == 0 and len(set(info[1][3].tolist()) - {0}) == 6  # the narration describes all six
+
+
+def test_even_augmentation_weighs_the_described_panels_tokens_equally_at_forced_rows_only(batch):
+    """`--gaze-augment-weights even`: a forced head's row attends to exactly the described panel's image tokens,
+    each equally, whatever its scores; rows and heads the augmentation does not force keep their own scores."""
+    processor, examples, inputs, info = batch
+    s = inputs["input_ids"].shape[1]
+    chosen = torch.zeros(2, 3, 4, dtype=torch.bool)
+    chosen[1, 0, 2] = chosen[1, 1, 0] = chosen[1, 2, 3] = True
+    (_, boost) = augment_bias(info, chosen, s)
+    g = torch.Generator().manual_seed(0)
+    query, key = torch.randn(3, 4, s, 16, generator=g), torch.randn(3, 2, s, 16, generator=g)
+    hook = TrainingHook([None, boost], None, torch.zeros(3, s), even=1e4)
+    assert hook.bias(0, query, key) is None
+    scores = even_scores(query, key)
+    assert torch.allclose(scores[:, 1], query[:, 1] @ key[:, 0].transpose(-1, -2) / 4)  # heads 0-1 share kv head 0
+    causal = torch.full((s, s), float("-inf")).triu(1)
+    weights = torch.softmax(scores + hook.bias(1, query, key) + causal, dim=-1)
+    plain = torch.softmax(scores + causal, dim=-1)
+    forced_rows = 0
+    for i, (n, layout, membership, described) in enumerate(info):
+        for h in range(4):
+            for r in range(s - 1):
+                p = int(described[r + 1]) if r + 1 < len(described) else 0
+                if chosen[1, i, h] and p:
+                    keys = layout.positions[membership[p - 1]]
+                    expected = torch.zeros(s)
+                    expected[keys] = 1 / len(keys)
+                    assert torch.allclose(weights[i, h, r], expected, atol=1e-6)
+                    forced_rows += 1
+                else:
+                    assert torch.allclose(weights[i, h, r], plain[i, h, r], atol=1e-6)
+    assert forced_rows >= 3
 
 
 def test_penalty_weights_and_blinding_touch_only_the_text_rows_that_do_not_speak(batch):
@@ -375,7 +408,7 @@ def test_the_training_hook_reads_eager_attention_and_its_penalty_is_the_hand_com
                                  {"vision_pos_embed": "sine"}, {"gaze_augment_heads": 0},
                                  {"letter_readout": "everywhere"}, {"letter_readout": "pooled", "letters_per_strip": False},
                                  {"letter_jitter": 1.5}, {"letter_batch": 0}, {"tower_from": "no/such/folder"},
-                                 {"answer_loss": "sentence"}])
+                                 {"answer_loss": "sentence"}, {"gaze_augment_weights": "flat"}])
 def test_bad_settings_are_refused_before_any_training(tmp_path, bad):
     with pytest.raises(ValueError):
         check_config(OrganismConfig(**{**SMALL, **bad}))

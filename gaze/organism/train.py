@@ -143,6 +143,9 @@ def augment_bias(info: list, chosen: torch.Tensor, seq_len: int, strength: float
     return [None if not sel.any() else pattern[:, None] * sel[:, :, None, None].float() for sel in chosen]
 
 
+AUGMENT_STRENGTH = 1e4  # the augmentation's key bias (steering's published default)
+
+
 def mean_last(values: list[float], n: int) -> float:
     """Mean of the last `n` values (0 for none)."""
     tail = values[-n:]
@@ -219,6 +222,10 @@ class OrganismConfig:
     # letters from a tower that reads them: NOTES.md, 2026-12-03 evening)
     gaze_augment: float = 0.3  # share of examples whose random heads are forced onto the described panel
     gaze_augment_heads: int = 4  # at most this many heads per such example
+    gaze_augment_weights: str = "model"  # how a forced head weighs the described panel's tokens: "model", by its
+    # own scores (steering's boost, as the Space steers); "even", equally (its scores replaced by the panel's
+    # mask, so that what the panel holds outside the tokens a head prefers, such as its letter, reaches the
+    # row: NOTES.md, 2026-12-03 night)
     vision_pos_embed: str = "learned"  # "learned": the tower's absolute position table; "zero": none
     init: str = ""  # an organism folder to start from (its weights, tokenizer and geometry) instead of random weights
     tower_from: str = ""  # an organism folder whose tower stages 0 and 1 start from, instead of random weights (a
@@ -645,8 +652,9 @@ class TrainingHook(Hook):
     the attention function, differentiable)."""
 
     def __init__(self, biases: list, row_weights: torch.Tensor | None, image_keys: torch.Tensor,
-                 blind: torch.Tensor | None = None, focus: torch.Tensor | None = None):
+                 blind: torch.Tensor | None = None, focus: torch.Tensor | None = None, even: float = 0.0):
         self.biases = biases  # per layer [B, H, S, S] or None
+        self.even = even  # the augmentation's strength where forced heads weigh the panel's tokens equally, else 0
         self.row_weights = row_weights  # [B, S] penalty weight of each query row (None: no penalty)
         self.image_keys = image_keys  # [B, S] float: 1 on image keys
         self.blind = blind  # [B, 1, S, S] bias of every head and layer (None: none)
@@ -655,6 +663,9 @@ class TrainingHook(Hook):
 
     def bias(self, layer, query, key):
         b = self.biases[layer] if self.biases else None
+        if b is not None and self.even:
+            b = b[:, :, -query.shape[2]:, :key.shape[2]]
+            b = torch.where((b != 0).any(-1, keepdim=True), b - self.even - even_scores(query, key), 0.0)
         if self.blind is not None:
             b = self.blind if b is None else b + self.blind
         return None if b is None else b[:, :, -query.shape[2]:, :key.shape[2]]
@@ -680,6 +691,13 @@ class TrainingHook(Hook):
         if free is not None:
             mass = mass * free
         self.penalty = self.penalty + (mass.sum(1) * self.row_weights).sum() / rows.shape[0]
+
+
+def even_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """[B, H, q, s]: the attention scores of `query` [B, H, q, D] on `key` [B, KV, s, D] (grouped query
+    attention, the language model's 1 / sqrt(D) scaling): the bias -scores makes every key's score 0."""
+    key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+    return (query @ key.transpose(-1, -2)) * query.shape[-1] ** -0.5
 
 
 def silent_rows(batch: dict, image_token: int) -> torch.Tensor:
@@ -746,6 +764,8 @@ def check_config(cfg: OrganismConfig) -> None:
     if min(cfg.vision_steps, cfg.unmask_steps, cfg.penalty, cfg.letter_weight, cfg.focus, cfg.row_readout) < 0:
         raise ValueError("--vision-steps, --unmask-steps, --penalty, --letter-weight, --focus and --row-readout are "
                          "at least 0")
+    if cfg.gaze_augment_weights not in ("model", "even"):
+        raise ValueError(f"--gaze-augment-weights is 'model' or 'even', not {cfg.gaze_augment_weights!r}")
     if cfg.answer_loss not in ("token", "example"):
         raise ValueError(f"--answer-loss is 'token' or 'example', not {cfg.answer_loss!r}")
     if cfg.letter_readout not in ("pooled", "local", "panel"):
@@ -814,12 +834,13 @@ def step_loss(model, prompts: PromptIds, examples, cfg: OrganismConfig, aug_rng:
             if aug_rng.random() < cfg.gaze_augment:
                 for h in aug_rng.sample(range(n_layers * n_heads), aug_rng.randint(1, cfg.gaze_augment_heads)):
                     chosen[h // n_heads, b, h % n_heads] = True
-        biases = augment_bias(info, chosen, batch["input_ids"].shape[1], prompt_rows=stage == 3)
+        biases = augment_bias(info, chosen, batch["input_ids"].shape[1], AUGMENT_STRENGTH, prompt_rows=stage == 3)
     blind = blinding(batch, image_token) if stage == 2 and cfg.silent_mask else None
     penalised = stage == 3 and cfg.penalty > 0
     focus = focus_weights(info, batch["input_ids"].shape[1], cfg.focus) if cfg.focus > 0 and focus_on else None
     hook = TrainingHook(biases, penalty_weights(batch, image_token, cfg) if penalised else None,
-                        (batch["input_ids"] == image_token).float(), blind, focus)
+                        (batch["input_ids"] == image_token).float(), blind, focus,
+                        even=AUGMENT_STRENGTH if cfg.gaze_augment_weights == "even" else 0.0)
     reading = readout is not None and focus_on and cfg.row_readout > 0
     with active(hook):
         result = model(**batch, output_hidden_states=reading)
