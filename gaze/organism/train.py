@@ -68,6 +68,12 @@ Stages:
    with a penalty on the image mass of the silent rows and the augmentation
    at every row: it moved the reading off the last prompt row (NOTES.md).
 
+The README's recipe runs this stage three more times, each from the last
+(`--init`): with `--row-readout 0.3` (the readout below), then twice with most of the batch
+asking letters and the augmentation at full strength (half the examples, up
+to every head, `--gaze-augment-weights even`), so that a head forced onto a
+panel brings its letter to the row and the values learn to carry it.
+
 Held-out evaluation uses `datagen.make_strip` with seeds the pool never used.
 Everything is seeded: the same config gives the same weights.
 """
@@ -224,8 +230,9 @@ class OrganismConfig:
     gaze_augment_heads: int = 4  # at most this many heads per such example
     gaze_augment_weights: str = "model"  # how a forced head weighs the described panel's tokens: "model", by its
     # own scores (steering's boost, as the Space steers); "even", equally (its scores replaced by the panel's
-    # mask, so that what the panel holds outside the tokens a head prefers, such as its letter, reaches the
-    # row: NOTES.md, 2026-12-03 night)
+    # mask). Stage 4 forces up to every head in half its examples: by steering's own bias, the model learned to
+    # answer under it and steering all heads stopped breaking generation; weighed evenly it does not (NOTES.md,
+    # 2026-12-03 night)
     vision_pos_embed: str = "learned"  # "learned": the tower's absolute position table; "zero": none
     init: str = ""  # an organism folder to start from (its weights, tokenizer and geometry) instead of random weights
     tower_from: str = ""  # an organism folder whose tower stages 0 and 1 start from, instead of random weights (a
@@ -1056,7 +1063,9 @@ def parse_bool(text: str) -> bool:
     return value[text.lower()]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None, check: bool = True) -> tuple[OrganismConfig, argparse.Namespace]:
+    """The command line as (the config, the parsed arguments: `out`, `checkpoints`); with `check`, a bad
+    setting (or a folder it names that is not there) exits with its message, before any work."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder to write the trained organism into")
     parser.add_argument("--checkpoints", type=int, default=0, help="save the weights every N steps too (0: never)")
@@ -1067,9 +1076,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = OrganismConfig(**{k: getattr(args, k) for k in asdict(defaults)})
     try:
-        check_config(cfg)
+        if check:
+            check_config(cfg)
     except ValueError as e:
         parser.error(str(e))
+    return cfg, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, args = parse_args(argv)
     record = train(cfg, args.out, log=lambda s: print(s, file=sys.stderr, flush=True), checkpoints=args.checkpoints)
     print(json.dumps({k: v for k, v in record.items() if k != "prompts"}, indent=1))
     return 0
