@@ -560,3 +560,15 @@ def test_a_later_tower_stage_goes_on_from_a_tower_and_its_readout_on_strips_draw
     assert (tmp_path / "later" / TOWER_READOUT).is_file()
     with pytest.raises(ValueError, match="exclude"):
         check_config(OrganismConfig(**{**SMALL, "tower_from": str(out), "vision_from": str(out)}))
+
+
+@SHIPPED
+def test_the_shipped_organism_names_the_letters_of_held_out_panels(organism):
+    """The letter question on strips it never saw, every panel of each: far above chance (1 in 24)."""
+    from gaze.generation import generate
+    from gaze.organism.train import ask
+
+    asked = [(s, k) for s in check.held_out("1x6", 6, seed0=2_800_000) for k in range(1, 7)]
+    said = [generate(organism, s.image, ask("letter", k), max_new_tokens=4).text.strip() for s, k in asked]
+    right = sum(a == s.letters[k - 1] for a, (s, k) in zip(said, asked))
+    assert right / len(asked) >= 0.5, said

@@ -132,3 +132,41 @@ def test_the_readmes_datagen_commands_run(argv, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _run(_small(argv))
     assert (tmp_path / _flag(argv, "--out")).is_dir()
+
+
+def _recipe() -> list[list[str]]:
+    """The organism recipe's commands in the README, its shell variables expanded, as train's argv."""
+    block = _blocks(_section("The model organism (what runs by default)"), "bash")[0]
+    variables = dict(re.findall(r'^(\w+)="(.*?)"', block, flags=re.S | re.M))
+    block = re.sub(r'^\w+=".*?"\n', "", block, flags=re.S | re.M)
+    for name, value in variables.items():
+        block = block.replace(f"${name}", " ".join(value.split()))
+    commands = _commands(block)
+    assert all(argv[:3] == ["python", "-m", "gaze.organism.train"] for argv in commands), commands
+    return [argv[3:] for argv in commands]
+
+
+def test_the_organism_recipe_as_written_is_the_one_the_shipped_weights_record():
+    """Each README command parses to exactly the config its stage recorded (the shipped training.json, its
+    `init_record` chain and its towers' records), so the commands as written reproduce the shipped organism."""
+    import json
+    from dataclasses import asdict
+
+    from gaze.organism.train import parse_args
+
+    record = json.loads((ROOT / "gaze/organism/weights/training.json").read_text())
+    chain = [record]
+    while "init_record" in chain[-1]:
+        chain.append(chain[-1]["init_record"])
+    while "tower" in chain[-1]:
+        chain.append(chain[-1]["tower"])
+    recipe = _recipe()
+    assert len(recipe) == len(chain) == 6
+    paths = ("init", "vision_from", "tower_from")
+    for argv, stage in zip(recipe, reversed(chain)):
+        written, recorded = asdict(parse_args(argv, check=False)[0]), stage["config"]
+        for key, value in recorded.items():
+            if key in paths:  # the folders are named differently; which stage starts from one is not
+                assert bool(written[key]) == bool(value), (argv, key)
+            else:
+                assert written[key] == value, (argv, key, written[key], value)
