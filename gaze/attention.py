@@ -164,12 +164,17 @@ def attention_weights(
 ) -> torch.Tensor:
     """Post-softmax attention of every query row: [B, H, q, kv] float32 (differentiable), with the mask
     logic of `attention_rows`: what eager attention returns, for hooks that need whole matrices."""
-    b, h, q, d = query.shape
-    hkv, kv = key.shape[1], key.shape[2]
-    k = key.float().repeat_interleave(h // hkv, dim=1)  # [B, H, kv, D]
-    scores = torch.matmul(query.float(), k.transpose(-1, -2)) * scaling  # [B, H, q, kv]
+    q, kv = query.shape[2], key.shape[2]
+    scores = attention_scores(query, key, scaling)
     m = None if attention_mask is None else attention_mask[..., :q, :kv]
     return _masked_softmax(scores, torch.arange(q, device=query.device), q, m, bias)
+
+
+def attention_scores(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Pre-softmax scores of every query row, no mask: [B, H, q, kv] float32 (differentiable). query
+    [B, H, q, D], key [B, Hkv, kv, D] (GQA: query head i reads key head i // (H / Hkv))."""
+    k = key.float().repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # [B, H, kv, D]
+    return torch.matmul(query.float(), k.transpose(-1, -2)) * scaling
 
 
 def gaze_sdpa_attention(

@@ -10,7 +10,7 @@ import torch
 from datagen.story import CHARACTERS, OBJECTS
 from gaze.organism import check
 from gaze.organism.train import (PROMPTS, OrganismConfig, PanelPool, PromptIds, TrainingHook, answer_panels,
-                                 augment_bias, blinding, build_batch, cache_features, check_config, draw_task, even_scores,
+                                 augment_bias, blinding, build_batch, cache_features, check_config, draw_task,
                                  focus_weights, narration, parse_mix, row_targets, readout_loss, readout_loss_and_hits, penalty_weights, prepare, readout_targets,
                                  silent_rows, train)
 
@@ -171,7 +171,9 @@ def test_even_augmentation_weighs_the_described_panels_tokens_equally_at_forced_
     query, key = torch.randn(3, 4, s, 16, generator=g), torch.randn(3, 2, s, 16, generator=g)
     hook = TrainingHook([None, boost], None, torch.zeros(3, s), even=1e4)
     assert hook.bias(0, query, key) is None
-    scores = even_scores(query, key)
+    from gaze.attention import attention_scores
+
+    scores = attention_scores(query, key, 16 ** -0.5)
     assert torch.allclose(scores[:, 1], query[:, 1] @ key[:, 0].transpose(-1, -2) / 4)  # heads 0-1 share kv head 0
     causal = torch.full((s, s), float("-inf")).triu(1)
     weights = torch.softmax(scores + hook.bias(1, query, key) + causal, dim=-1)

@@ -92,7 +92,7 @@ from pathlib import Path
 
 import torch
 
-from gaze.attention import ALL_ROWS, Hook, active
+from gaze.attention import ALL_ROWS, Hook, active, attention_scores
 from gaze.prompts import Prompts
 
 EVAL_SEED0 = 1_000_000  # held-out strips: datagen.make_strip(EVAL_SEED0 + i); training never uses these seeds
@@ -125,7 +125,10 @@ def speaking_rows(batch: dict) -> torch.Tensor:
     return speaks
 
 
-def augment_bias(info: list, chosen: torch.Tensor, seq_len: int, strength: float = 1e4,
+AUGMENT_STRENGTH = 1e4  # the augmentation's key bias (steering's published default)
+
+
+def augment_bias(info: list, chosen: torch.Tensor, seq_len: int, strength: float = AUGMENT_STRENGTH,
                  prompt_rows: bool = False) -> list[torch.Tensor | None]:
     """Per layer, the bias [B, H, S, S] forcing the `chosen` heads ([L, B, H] bool) of each example onto the
     described panel at every row that predicts an answer token: steering's own key bias (`key_bias`, mode
@@ -147,9 +150,6 @@ def augment_bias(info: list, chosen: torch.Tensor, seq_len: int, strength: float
             if len(rows):
                 pattern[i, rows] = key_bias(membership[p - 1], layout, n, seq_len, strength, "boost")
     return [None if not sel.any() else pattern[:, None] * sel[:, :, None, None].float() for sel in chosen]
-
-
-AUGMENT_STRENGTH = 1e4  # the augmentation's key bias (steering's published default)
 
 
 def mean_last(values: list[float], n: int) -> float:
@@ -669,13 +669,14 @@ class TrainingHook(Hook):
         self.penalty = 0.0
 
     def bias(self, layer, query, key):
-        b = self.biases[layer] if self.biases else None
-        if b is not None and self.even:
-            b = b[:, :, -query.shape[2]:, :key.shape[2]]
-            b = torch.where((b != 0).any(-1, keepdim=True), b - self.even - even_scores(query, key), 0.0)
+        q, s = query.shape[2], key.shape[2]
+        b = self.biases[layer][:, :, -q:, :s] if self.biases and self.biases[layer] is not None else None
+        if b is not None and self.even:  # forced rows: -scores cancels the head's own (Qwen3's 1 / sqrt(D) scaling)
+            scores = attention_scores(query, key, query.shape[-1] ** -0.5)
+            b = torch.where((b != 0).any(-1, keepdim=True), b - self.even - scores, 0.0)
         if self.blind is not None:
-            b = self.blind if b is None else b + self.blind
-        return None if b is None else b[:, :, -query.shape[2]:, :key.shape[2]]
+            b = self.blind[:, :, -q:, :s] if b is None else b + self.blind[:, :, -q:, :s]
+        return b
 
     def wants(self, layer):
         return self.row_weights is not None or self.focus is not None
@@ -698,13 +699,6 @@ class TrainingHook(Hook):
         if free is not None:
             mass = mass * free
         self.penalty = self.penalty + (mass.sum(1) * self.row_weights).sum() / rows.shape[0]
-
-
-def even_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """[B, H, q, s]: the attention scores of `query` [B, H, q, D] on `key` [B, KV, s, D] (grouped query
-    attention, the language model's 1 / sqrt(D) scaling): the bias -scores makes every key's score 0."""
-    key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-    return (query @ key.transpose(-1, -2)) * query.shape[-1] ** -0.5
 
 
 def silent_rows(batch: dict, image_token: int) -> torch.Tensor:
@@ -841,7 +835,7 @@ def step_loss(model, prompts: PromptIds, examples, cfg: OrganismConfig, aug_rng:
             if aug_rng.random() < cfg.gaze_augment:
                 for h in aug_rng.sample(range(n_layers * n_heads), aug_rng.randint(1, cfg.gaze_augment_heads)):
                     chosen[h // n_heads, b, h % n_heads] = True
-        biases = augment_bias(info, chosen, batch["input_ids"].shape[1], AUGMENT_STRENGTH, prompt_rows=stage == 3)
+        biases = augment_bias(info, chosen, batch["input_ids"].shape[1], prompt_rows=stage == 3)
     blind = blinding(batch, image_token) if stage == 2 and cfg.silent_mask else None
     penalised = stage == 3 and cfg.penalty > 0
     focus = focus_weights(info, batch["input_ids"].shape[1], cfg.focus) if cfg.focus > 0 and focus_on else None
