@@ -23,7 +23,17 @@ THIS_PANEL_QUESTION = "What is happening in this panel of the comic strip?"  # s
 DYNAMIC_NARRATION_PROMPT = ("Please describe each panel of this comic strip in order as I point you to them. Keep each "
                             "description SHORT \u2014 one brief sentence per panel, naming the action and the salient "
                             "objects. Do not summarise the whole strip first; just describe panel by panel.")
-REVERSE_QUESTION = "Read the comic in reverse, what is happening in the {ordinal} panel from the left?"
+REVERSE_PREFIX = "Read the comic in reverse, "  # the paper's reading-order prompt, before a panel question
+
+
+def in_reverse(question: str) -> str:
+    """`question` read in reverse: answered from the panel counted from the right ("Read the comic in reverse, which
+    letter is on the 2nd panel?" asks the 5th panel's letter)."""
+    return REVERSE_PREFIX + question[:1].lower() + question[1:]
+
+
+REVERSE_QUESTION = in_reverse(SHORT_PANEL_QUESTION)
+REVERSE_LETTER_QUESTION = in_reverse(LETTER_QUESTION)
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,7 @@ class Prompts:
     narration: str = NARRATION_PROMPT  # panel by panel, "Panel k:" markers
     letter: str = LETTER_QUESTION  # the letter overlaid on panel {ordinal}
     reverse: str = REVERSE_QUESTION  # panel {ordinal} counted from the right
+    reverse_letter: str = REVERSE_LETTER_QUESTION  # the letter of panel {ordinal} counted from the right
 
     @classmethod
     def for_model(cls, folder) -> "Prompts":

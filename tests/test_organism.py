@@ -79,11 +79,16 @@ def test_datagen_paper_strips_keep_one_height_and_draw_their_widths():
 def test_each_task_asks_its_question_and_answers_from_its_panel(pool):
     rng = random.Random(1)
     s = pool.strip(rng)
-    weights = parse_mix("panel:1,short:1,vqa:1,this:1,narration:1,reverse:1,letter:1")
+    weights = parse_mix("panel:1,short:1,vqa:1,this:1,narration:1,reverse:1,letter:1,reverse_letter:1")
     seen = set()
     for _ in range(200):
         q, a, k = draw_task(s, rng, weights)
-        if q.startswith("Read the comic in reverse"):
+        if q.startswith("Read the comic in reverse, which letter"):  # the letter of the n-th panel from the right
+            seen.add("reverse_letter")
+            n = int(q.split(" panel?")[0][-3])
+            assert q == PROMPTS["reverse_letter"].format(ordinal=q.split(" panel?")[0].split()[-1])
+            assert k == 7 - n and a == s.letters[6 - n]
+        elif q.startswith("Read the comic in reverse"):
             seen.add("reverse")
             n = int(q.split(" panel from")[0][-3])
             assert k == 7 - n and a == s.captions[6 - n]
@@ -101,7 +106,7 @@ def test_each_task_asks_its_question_and_answers_from_its_panel(pool):
             ordinal = q.split(" panel from")[0].split()[-1]
             assert a == s.captions[k - 1] and ordinal[0] == str(k)
             assert q in (PROMPTS["discovery"].format(ordinal=ordinal), PROMPTS["panel"].format(ordinal=ordinal))
-    assert len(seen) == 6
+    assert len(seen) == 7
 
 
 def test_answer_panels_split_a_narration_description_by_description(trained):
@@ -565,12 +570,15 @@ def test_a_later_tower_stage_goes_on_from_a_tower_and_its_readout_on_strips_draw
 
 
 @SHIPPED
-def test_the_shipped_organism_names_the_letters_of_held_out_panels(organism):
-    """The letter question on strips it never saw, every panel of each: far above chance (1 in 24)."""
+@pytest.mark.parametrize("task", ["letter", "reverse_letter"])
+def test_the_shipped_organism_names_the_letters_of_held_out_panels(organism, task):
+    """The letter question on strips it never saw, every panel of each, and the same read in reverse (the k-th
+    panel's letter from the right): far above chance (1 in 24)."""
     from gaze.generation import generate
     from gaze.organism.train import ask
 
     asked = [(s, k) for s in check.held_out("1x6", 6, seed0=2_800_000) for k in range(1, 7)]
-    said = [generate(organism, s.image, ask("letter", k), max_new_tokens=4).text.strip() for s, k in asked]
-    right = sum(a == s.letters[k - 1] for a, (s, k) in zip(said, asked))
+    said = [generate(organism, s.image, ask(task, k), max_new_tokens=4).text.strip() for s, k in asked]
+    panel = (lambda k: k) if task == "letter" else (lambda k: 7 - k)
+    right = sum(a == s.letters[panel(k) - 1] for a, (s, k) in zip(said, asked))
     assert right / len(asked) >= 0.5, said

@@ -204,3 +204,21 @@ def test_runs_on_every_family(family, tmp_path, base_tokenizer):
                 progress=False)
     assert set(agg["layers"]) == {"0", "1"} and agg["competence"]["normal"]["n"] == 12
     assert agg["narration"]["n"] == 1 and (tmp_path / "out" / "aggregate.json").exists()
+
+
+def test_the_probes_reverse_prompt_is_the_question_the_organism_was_trained_on():
+    """The probe asks the shipped organism exactly the reverse letter question its training asked, and both
+    are the paper's prefix before the question (so the reverse panel question is built the same way)."""
+    from gaze.eval.probe import ProbeConfig, prompts_for
+    from gaze.prompts import (LETTER_QUESTION, REVERSE_LETTER_QUESTION, REVERSE_QUESTION, SHORT_PANEL_QUESTION,
+                              Prompts, in_reverse)
+
+    from gaze.models import resolve
+
+    probe = prompts_for(ProbeConfig(model="organism"))
+    trained = Prompts.for_model(resolve("organism"))
+    for k in range(1, 7):
+        assert probe.reverse(k) == trained.reverse_letter.format(ordinal=probe.normal(k).split()[-2])
+    assert REVERSE_LETTER_QUESTION == in_reverse(LETTER_QUESTION) == "Read the comic in reverse, which letter is on the {ordinal} panel?"
+    assert REVERSE_QUESTION == in_reverse(SHORT_PANEL_QUESTION)
+    assert REVERSE_QUESTION == "Read the comic in reverse, what is happening in the {ordinal} panel from the left?"

@@ -62,9 +62,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from gaze.errors import GazeError
+from gaze.prompts import REVERSE_PREFIX
 
 QUESTION = "Which letter is on the {ordinal} panel?"
-REVERSE_PREFIX = "Read the comic in reverse, "
 ORDER_PREFIX = "Read the comic in the order {order}, "
 NARRATION_PROMPT = "Please describe what happens in each panel, in order."
 POSITIONS = ("all", "answer")  # every position | the last prompt token and every generated token

@@ -18,7 +18,7 @@ Per layout, the image tokens each panel owns through the model's processor
    does the top heads' per-token argmax panel equal the panel being described
    (the "Panel k:" the token belongs to)? The same for 3 random low-score heads.
 2. Tasks: every trained question, exact answers (one panel a strip; the letter
-   question of every panel, 6 letters a strip).
+   question of every panel, 6 letters a strip, and the same read in reverse).
 3. Steering (bias at every row, the published default), hit = the target's
    caption exactly: the VQA question and the static narration question steered
    to each panel by the top K, K random low-score heads, all heads; the panel's
@@ -158,7 +158,8 @@ def show_mechanism(report: dict) -> None:
 def tasks(loaded, strips) -> dict:
     from gaze.generation import generate
 
-    hits = {t: [] for t in ("discovery", "panel", "vqa_panel1", "static_panel1", "narration", "reverse", "letter")}
+    hits = {t: [] for t in ("discovery", "panel", "vqa_panel1", "static_panel1", "narration", "reverse", "letter",
+                            "reverse_letter")}
     for i, s in enumerate(strips):
         k, caps = i % 6 + 1, strip_captions(s)
 
@@ -173,6 +174,7 @@ def tasks(loaded, strips) -> dict:
         hits["reverse"].append(said(ask("reverse", k)) == _norm(caps[6 - k]))
         # every panel's letter (a one-token answer is cheap): 6 letters a strip
         hits["letter"] += [said(ask("letter", j), 4) == _norm(s.letters[j - 1]) for j in range(1, 7)]
+        hits["reverse_letter"] += [said(ask("reverse_letter", j), 4) == _norm(s.letters[6 - j]) for j in range(1, 7)]
     return {t: bootstrap(v) for t, v in hits.items()}
 
 

@@ -29,6 +29,8 @@ paper's wordings, `gaze.prompts.Prompts`), all answered in short text:
     reverse     "Read the comic in reverse, what is happening in the k-th panel from the left?"
                                                          -> the caption of the k-th panel counted from the right
     letter      "Which letter is on the k-th panel?"     -> panel k's letter
+    reverse_letter  "Read the comic in reverse, which letter is on the k-th panel?"
+                                                         -> the letter of the k-th panel counted from the right
 
 Stages:
 
@@ -70,7 +72,7 @@ Stages:
 
 The README's recipe runs this stage three more times, each from the last
 (`--init`): with `--row-readout 0.3` (the readout below), then twice with most of the batch
-asking letters and the augmentation at full strength (half the examples, up
+asking letters (the letter question, and a seventh of them the same read in reverse) and the augmentation at full strength (half the examples, up
 to every head, `--gaze-augment-weights even`), so that a head forced onto a
 panel brings its letter to the row and the values learn to carry it.
 
@@ -100,7 +102,7 @@ EVAL_SEED0 = 1_000_000  # held-out strips: datagen.make_strip(EVAL_SEED0 + i); t
 # The prompts this recipe trains on: the paper's wordings (its text and its code's); recorded as
 # `prompts.json` in the organism's folder.
 PROMPTS = asdict(Prompts())  # the paper's wordings, from gaze.prompts: the organism learns exactly these
-TASKS = ("panel", "short", "vqa", "this", "narration", "reverse", "letter")
+TASKS = ("panel", "short", "vqa", "this", "narration", "reverse", "letter", "reverse_letter")
 LAYOUTS = {"1x6": (1, 6), "2x3": (2, 3)}
 
 
@@ -375,6 +377,8 @@ def draw_task(strip, rng: random.Random, weights: dict[str, float]) -> tuple[str
         return ask("letter", k), strip.letters[k - 1], k
     if task == "reverse":  # the k-th panel counted from the right
         return ask("reverse", k), strip.captions[6 - k], 7 - k
+    if task == "reverse_letter":  # the letter of the k-th panel counted from the right
+        return ask("reverse_letter", k), strip.letters[6 - k], 7 - k
     if task == "vqa":
         return ask("vqa"), strip.captions[0], 1
     if task == "this":
