@@ -26,10 +26,15 @@ DYNAMIC_NARRATION_PROMPT = ("Please describe each panel of this comic strip in o
 REVERSE_PREFIX = "Read the comic in reverse, "  # the paper's reading-order prompt, before a panel question
 
 
-def in_reverse(question: str) -> str:
+def lower_first(text: str) -> str:
+    """`text` with its first letter lower-cased, to follow a prefix ("Read the comic in reverse, which ...")."""
+    return text[:1].lower() + text[1:]
+
+
+def in_reverse(question: str, prefix: str = REVERSE_PREFIX) -> str:
     """`question` read in reverse: answered from the panel counted from the right ("Read the comic in reverse, which
     letter is on the 2nd panel?" asks the 5th panel's letter)."""
-    return REVERSE_PREFIX + question[:1].lower() + question[1:]
+    return prefix + lower_first(question)
 
 
 REVERSE_QUESTION = in_reverse(SHORT_PANEL_QUESTION)

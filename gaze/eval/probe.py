@@ -62,7 +62,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from gaze.errors import GazeError
-from gaze.prompts import REVERSE_PREFIX
+from gaze.prompts import REVERSE_PREFIX, in_reverse, lower_first
 
 QUESTION = "Which letter is on the {ordinal} panel?"
 ORDER_PREFIX = "Read the comic in the order {order}, "
@@ -133,10 +133,6 @@ class ProbeConfig:
 SECTIONS = ("orderings", "narration", "pca")
 
 
-def lower_first(text: str) -> str:
-    return text[:1].lower() + text[1:]
-
-
 def check_config(cfg: ProbeConfig) -> ProbeConfig:
     """Refuse settings that cannot run, before any model loads."""
     if cfg.n_strips < 2:
@@ -185,7 +181,7 @@ class Prompts:
         return panel_question(k, self.question)
 
     def reverse(self, k: int) -> str:
-        return self.reverse_prefix + lower_first(self.normal(k))
+        return in_reverse(self.normal(k), self.reverse_prefix)
 
     def ordered(self, order: tuple[int, ...], k: int) -> str:
         return self.order_prefix.format(order=", ".join(map(str, order))) + lower_first(self.normal(k))
