@@ -70,8 +70,8 @@ Stages:
    with a penalty on the image mass of the silent rows and the augmentation
    at every row: it moved the reading off the last prompt row (NOTES.md).
 
-The README's recipe runs stage 1 on twice over strips drawn anew (`--vision-fresh`, stages 1b and 1c: the
-letters were still being learned), and this stage three more times, each from the last (`--init`): with
+The README's recipe runs stage 1 on over strips drawn anew (`--vision-fresh`, stage 1b, 3,200 steps at
+1e-3: the tower's letters were still being learned after shorter runs), and this stage three more times, each from the last (`--init`): with
 `--row-readout 0.3` (the readout below), then twice with most of the batch asking letters (the letter
 question, and a seventh of them the same read in reverse) and the augmentation at full strength (half the
 examples, up to every head, `--gaze-augment-weights even`), so that a head forced onto a
