@@ -582,3 +582,16 @@ def test_the_shipped_organism_names_the_letters_of_held_out_panels(organism, tas
     panel = (lambda k: k) if task == "letter" else (lambda k: 7 - k)
     right = sum(a == s.letters[panel(k) - 1] for a, (s, k) in zip(said, asked))
     assert right / len(asked) >= 0.5, said
+
+
+def test_letter_outcome_tells_the_mirrored_reading_order_from_a_misread():
+    """A letter answer is right for the asked panel (k forwards, 7 - k in reverse), "mirrored" when it names the
+    other reading order's panel, "other_panel" for another letter on the strip and "unknown" otherwise."""
+    letters = ("A", "B", "C", "D", "E", "F")
+    assert check.letter_outcome("A", letters, 1, reverse=False) == "right"
+    assert check.letter_outcome("F.", letters, 1, reverse=False) == "mirrored"
+    assert check.letter_outcome(" f", letters, 1, reverse=True) == "right"
+    assert check.letter_outcome("A", letters, 1, reverse=True) == "mirrored"
+    assert check.letter_outcome("D", letters, 3, reverse=False) == "mirrored"
+    assert check.letter_outcome("B", letters, 3, reverse=False) == "other_panel"
+    assert check.letter_outcome("Z", letters, 3, reverse=True) == "unknown"

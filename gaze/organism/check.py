@@ -19,6 +19,10 @@ Per layout, the image tokens each panel owns through the model's processor
    (the "Panel k:" the token belongs to)? The same for 3 random low-score heads.
 2. Tasks: every trained question, exact answers (one panel a strip; the letter
    question of every panel, 6 letters a strip, and the same read in reverse).
+   "letter_mirrored": the share of letter answers naming panel 7 - k's letter,
+   as if read in reverse ("reverse_letter_mirrored": the reverse question
+   answered as if forward): an organism that confuses the two reading orders
+   shows it here, not only as a lower letter rate.
 3. Steering (bias at every row, the published default), hit = the target's
    caption exactly: the VQA question and the static narration question steered
    to each panel by the top K, K random low-score heads, all heads; the panel's
@@ -159,7 +163,7 @@ def tasks(loaded, strips) -> dict:
     from gaze.generation import generate
 
     hits = {t: [] for t in ("discovery", "panel", "vqa_panel1", "static_panel1", "narration", "reverse", "letter",
-                            "reverse_letter")}
+                            "reverse_letter", "letter_mirrored", "reverse_letter_mirrored")}
     for i, s in enumerate(strips):
         k, caps = i % 6 + 1, strip_captions(s)
 
@@ -172,10 +176,27 @@ def tasks(loaded, strips) -> dict:
         hits["static_panel1"].append(said(ask("static_narration")) == _norm(caps[0]))
         hits["narration"].append(said(ask("narration"), 80) == _norm(narration(caps)))
         hits["reverse"].append(said(ask("reverse", k)) == _norm(caps[6 - k]))
-        # every panel's letter (a one-token answer is cheap): 6 letters a strip
-        hits["letter"] += [said(ask("letter", j), 4) == _norm(s.letters[j - 1]) for j in range(1, 7)]
-        hits["reverse_letter"] += [said(ask("reverse_letter", j), 4) == _norm(s.letters[6 - j]) for j in range(1, 7)]
+        # every panel's letter (a one-token answer is cheap): 6 letters a strip, asked both ways
+        for task in ("letter", "reverse_letter"):
+            outcomes = [letter_outcome(said(ask(task, j), 4), s.letters, j, task == "reverse_letter")
+                        for j in range(1, 7)]
+            hits[task] += [o == "right" for o in outcomes]
+            hits[f"{task}_mirrored"] += [o == "mirrored" for o in outcomes]
     return {t: bootstrap(v) for t, v in hits.items()}
+
+
+def letter_outcome(said: str, letters, k: int, reverse: bool) -> str:
+    """What a letter answer for panel `k` names: "right" (the asked panel's letter: panel k, or 7 - k when asked in
+    reverse), "mirrored" (the other reading order's panel: the forward question answered as if in reverse, or the
+    reverse one as if forward), "other_panel" (some other panel's letter on the strip) or "unknown"."""
+    letters = [_norm(x) for x in letters]
+    asked, mirror = (7 - k, k) if reverse else (k, 7 - k)
+    said = _norm(said)
+    if said == letters[asked - 1]:
+        return "right"
+    if said == letters[mirror - 1]:
+        return "mirrored"
+    return "other_panel" if said in letters else "unknown"
 
 
 def tokens_per_panel(loaded, strips) -> dict:
