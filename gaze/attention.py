@@ -15,6 +15,14 @@ Work is done by hooks, active only inside `active(*hooks)`:
   [B|1, H, q|1, kv] (or None); biases of all hooks are summed and handed to
   SDPA as its float mask (`position_bias`), so steering never leaves the fused
   kernel path;
+- when a hook asks for every row (`query_rows` gives `ALL_ROWS`, as training's
+  penalties do), the layer runs eagerly instead: the pre-softmax scores once,
+  softmax(scores + mask + bias) once, its product with the values as the
+  output and the same matrices handed to `record` (differentiable), where the
+  fused kernel plus a recomputation would compute the scores twice, or three
+  times for a bias built from them (`Hook.scores_and_bias`). The output equals
+  SDPA's to float rounding; `whole_matrix_path("sdpa")` keeps the fused kernel
+  (the two are compared in `benchmarks/bench_training_step.py`);
 - a hook's `wants(layer)` asks for the post-softmax attention rows of chosen
   query positions (default: the last one), recomputed at O(heads x kv x dim)
   as softmax(q . K^T * scale + mask + bias), which equals eager
@@ -62,6 +70,14 @@ class Hook:
     def bias(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
         return None
 
+    def scores_and_bias(self, layer: int, query: torch.Tensor, key: torch.Tensor,
+                        scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """On the whole-matrix path, where the layer's pre-softmax scores [B, H, q, kv] (`attention_scores`)
+        are at hand: (the scores to go on with, an additive bias). By default the scores as they are and
+        `bias`; a hook whose bias is built from the scores (to cancel or replace them) overrides this to
+        edit them directly, and its `bias` computes them itself for the fused path."""
+        return scores, self.bias(layer, query, key)
+
     def wants(self, layer: int) -> bool:
         return False
 
@@ -78,6 +94,21 @@ class Hook:
 
 
 _ACTIVE: ContextVar[tuple[Hook, ...]] = ContextVar("gaze_attention_hooks", default=())
+_WHOLE_PATH: ContextVar[str] = ContextVar("gaze_whole_matrix_path", default="eager")
+
+
+@contextlib.contextmanager
+def whole_matrix_path(path: str) -> Iterator[None]:
+    """How a layer whose hooks want every row runs, for the calling thread/task, inside the block: "eager"
+    (the default: scores and softmax once, shared by the output and the hooks) or "sdpa" (the fused kernel
+    for the output, the matrices recomputed for the hooks: what this module did before the eager path)."""
+    if path not in ("eager", "sdpa"):
+        raise ValueError(f"whole_matrix_path is 'eager' or 'sdpa', not {path!r}")
+    token = _WHOLE_PATH.set(path)
+    try:
+        yield
+    finally:
+        _WHOLE_PATH.reset(token)
 
 
 @contextlib.contextmanager
@@ -193,6 +224,11 @@ def gaze_sdpa_attention(
     if not hooks or layer is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    stop = any(hook.stops_at(layer) for hook in hooks)
+    wanting = [hook for hook in hooks if hook.wants(layer)]
+    if (not stop and _WHOLE_PATH.get() == "eager" and (dropout == 0.0 or not module.training)
+            and any(isinstance(hook.query_rows(query.shape[2]), str) for hook in wanting)):
+        return _whole_matrix_attention(layer, hooks, wanting, query, key, value, attention_mask, scaling)
     bias = None
     for hook in hooks:
         b = hook.bias(layer, query, key)
@@ -200,13 +236,11 @@ def gaze_sdpa_attention(
             bias = b if bias is None else bias + b
     if bias is not None:
         bias = bias.to(query.dtype)
-    stop = any(hook.stops_at(layer) for hook in hooks)
     out = None
     if not stop:
         out, _ = sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, position_bias=bias, **kwargs
         )
-    wanting = [hook for hook in hooks if hook.wants(layer)]
     if wanting:
         by_rows: dict[int, torch.Tensor] = {}
         for hook in wanting:
@@ -219,6 +253,32 @@ def gaze_sdpa_attention(
             hook.record(layer, by_rows[cache_key], value)
     if stop:
         raise StopForward(layer)
+    return out, None
+
+
+def _whole_matrix_attention(layer: int, hooks, wanting, query: torch.Tensor, key: torch.Tensor,
+                            value: torch.Tensor, attention_mask: torch.Tensor | None,
+                            scaling: float) -> tuple[torch.Tensor, None]:
+    """One layer's attention, eagerly, for hooks that want every row: the scores once, as the hooks edit
+    them and with their biases (`Hook.scores_and_bias`), softmax(scores + mask + bias) once (`attention_weights`' mask logic), then its
+    product with the values, shaped as `sdpa_attention_forward` returns it ([B, q, H, D])."""
+    q, kv = query.shape[2], key.shape[2]
+    scores = attention_scores(query, key, scaling)
+    bias = None
+    for hook in hooks:
+        scores, b = hook.scores_and_bias(layer, query, key, scores)
+        if b is not None:
+            bias = b if bias is None else bias + b
+    if bias is not None:
+        bias = bias.to(query.dtype)
+    m = None if attention_mask is None else attention_mask[..., :q, :kv]
+    weights = _masked_softmax(scores, torch.arange(q, device=query.device), q, m, bias)  # [B, H, q, kv] float32
+    v = value.float().repeat_interleave(query.shape[1] // value.shape[1], dim=1)  # [B, H, kv, D]
+    out = torch.matmul(weights, v).to(query.dtype).transpose(1, 2).contiguous()
+    for hook in wanting:
+        rows = hook.query_rows(q)
+        hook.record(layer, weights if isinstance(rows, str) else
+                    attention_rows(query, key, attention_mask, bias, scaling, rows), value)
     return out, None
 
 

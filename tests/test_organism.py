@@ -9,7 +9,7 @@ import torch
 
 from datagen.story import CHARACTERS, OBJECTS
 from gaze.organism import check
-from gaze.organism.train import (PROMPTS, OrganismConfig, PanelPool, PromptIds, TrainingHook, answer_panels,
+from gaze.organism.train import (PROMPTS, READOUT, OrganismConfig, PanelPool, PromptIds, TrainingHook, answer_panels,
                                  augment_bias, blinding, build_batch, cache_features, check_config, draw_task,
                                  focus_weights, narration, parse_mix, row_targets, readout_loss, readout_loss_and_hits, penalty_weights, prepare, readout_targets,
                                  silent_rows, train)
@@ -409,6 +409,47 @@ def test_the_training_hook_reads_eager_attention_and_its_penalty_is_the_hand_com
         mass = (a.sum(1) * keys[:, None, :] * (1 - torch.eye(s))).sum(-1)
         expected += float((mass * weights).sum()) / a.shape[0]
     assert float(hook.penalty) == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("stage,settings", [
+    (2, dict(focus=0.05)),  # stage 2: silent rows blinded, the focus term, augmentation by the head's scores
+    (3, dict(focus=0.05, penalty=0.1, row_readout=0.3, gaze_augment=1.0, gaze_augment_heads=8,
+             gaze_augment_weights="even")),  # stages 3-4: the penalty, the row readout, even augmentation
+])
+def test_a_training_step_on_the_eager_whole_matrix_path_equals_the_fused_kernels(trained, batch, stage, settings):
+    """Where the training hook wants every row, each layer runs eagerly (scores and softmax once, shared by
+    the output, the penalties and the even augmentation): the loss, the penalty and every gradient equal
+    those of the fused SDPA output with the matrices recomputed beside it."""
+    from transformers import AutoModelForImageTextToText
+
+    from gaze.attention import prepare as prepare_attention
+    from gaze.attention import whole_matrix_path
+    from gaze.organism.train import step_loss
+
+    processor, examples, *_ = batch
+    model = prepare_attention(AutoModelForImageTextToText.from_pretrained(trained[0]))
+    cfg = OrganismConfig(**{**SMALL, **settings})
+    torch.manual_seed(0)
+    readout = torch.nn.Linear(model.config.text_config.hidden_size, sum(READOUT[:3]))
+    layers, heads = model.config.text_config.num_hidden_layers, model.config.text_config.num_attention_heads
+    got = {}
+    for path in ("sdpa", "eager"):
+        model.zero_grad(set_to_none=True)
+        readout.zero_grad(set_to_none=True)
+        with whole_matrix_path(path):
+            ce, extra = step_loss(model, PromptIds(processor), examples, cfg, random.Random(5), stage, layers,
+                                  heads, focus_on=True, readout=readout)
+        (ce + extra).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        got[path] = (float(ce.detach()), float(extra.detach()), grads)
+    (ce0, ex0, g0), (ce1, ex1, g1) = got["sdpa"], got["eager"]
+    assert ex0 > 0 and ce1 == pytest.approx(ce0, rel=1e-5) and ex1 == pytest.approx(ex0, rel=1e-5)
+    assert g0.keys() == g1.keys() and g0
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], rtol=1e-3, atol=1e-6), name
+    with pytest.raises(ValueError, match="eager"):
+        with whole_matrix_path("flash"):
+            pass
 
 
 @pytest.mark.parametrize("bad", [{"mix": "panel:1,poem:1"}, {"min_width": 32}, {"grid_share": 1.5},

@@ -672,13 +672,34 @@ class TrainingHook(Hook):
         self.blind = blind  # [B, 1, S, S] bias of every head and layer (None: none)
         self.focus = focus  # [B, S, S] penalty weight of each (row, key) pair, for the focus term (None: none)
         self.penalty = 0.0
+        self._forced: dict = {}  # (layer, q, s) -> [B, H, q] bool: the rows the augmentation forces
+
+    def forced_rows(self, layer: int, q: int, s: int) -> torch.Tensor | None:
+        """[B, H, q] bool: the (head, row) pairs the augmentation forces in `layer` (None: none), computed once
+        per layer and shape (the bias and the penalty both ask)."""
+        if not self.biases or self.biases[layer] is None:
+            return None
+        if (layer, q, s) not in self._forced:
+            self._forced[layer, q, s] = (self.biases[layer][:, :, -q:, :s] != 0).any(-1)
+        return self._forced[layer, q, s]
 
     def bias(self, layer, query, key):
         q, s = query.shape[2], key.shape[2]
         b = self.biases[layer][:, :, -q:, :s] if self.biases and self.biases[layer] is not None else None
         if b is not None and self.even:  # forced rows: -scores cancels the head's own (Qwen3's 1 / sqrt(D) scaling)
             scores = attention_scores(query, key, query.shape[-1] ** -0.5)
-            b = torch.where((b != 0).any(-1, keepdim=True), b - self.even - scores, 0.0)
+            b = torch.where(self.forced_rows(layer, q, s)[..., None], b - self.even - scores, 0.0)
+        return self._blinded(b, q, s)
+
+    def scores_and_bias(self, layer, query, key, scores):
+        """The eager path: a forced row's scores replaced by the panel's mask (`bias`'s sum, computed once)."""
+        q, s = query.shape[2], key.shape[2]
+        b = self.biases[layer][:, :, -q:, :s] if self.biases and self.biases[layer] is not None else None
+        if b is not None and self.even:
+            scores, b = torch.where(self.forced_rows(layer, q, s)[..., None], b - self.even, scores), None
+        return scores, self._blinded(b, q, s)
+
+    def _blinded(self, b, q: int, s: int):
         if self.blind is not None:
             b = self.blind[:, :, -q:, :s] if b is None else b + self.blind[:, :, -q:, :s]
         return b
@@ -691,16 +712,16 @@ class TrainingHook(Hook):
 
     def record(self, layer, rows, value):  # rows [B, H, S, S]
         q, s = rows.shape[-2], rows.shape[-1]
-        forced = self.biases[layer] if self.biases else None
+        forced = self.forced_rows(layer, q, s)
         # [B, H, q] 1 where a head's row is its own: a head the augmentation forces reads where it is told
-        free = None if forced is None else (forced[:, :, -q:, :s] == 0).all(-1).float()
+        free = None if forced is None else (~forced).float()
         if self.focus is not None:
-            mass = (rows * self.focus[:, None, -q:, :s]).sum(-1)  # [B, H, q]: off-panel mass
+            mass = torch.einsum("bhqk,bqk->bhq", rows, self.focus[:, -q:, :s])  # [B, H, q]: off-panel mass
             self.penalty = self.penalty + (mass if free is None else mass * free).sum() / rows.shape[0]
         if self.row_weights is None:
             return
         keys = self.image_keys[:, None, :s] * (1 - torch.eye(s))[None]  # [B, S, S]: image keys, not self
-        mass = (rows * keys[:, None]).sum(-1)  # [B, H, S]: image mass of each row and head
+        mass = torch.einsum("bhqk,bqk->bhq", rows, keys[:, -q:])  # [B, H, q]: image mass of each row and head
         if free is not None:
             mass = mass * free
         self.penalty = self.penalty + (mass.sum(1) * self.row_weights).sum() / rows.shape[0]
@@ -858,6 +879,35 @@ def step_loss(model, prompts: PromptIds, examples, cfg: OrganismConfig, aug_rng:
     return loss, extra
 
 
+def draw_examples(prepared: list[Prepared], rng: random.Random, weights: dict[str, float], n: int) -> list:
+    """`n` (strip, question, answer, panel described) examples: strips drawn from `prepared`, tasks by `weights`."""
+    examples = []
+    for _ in range(n):
+        prep = prepared[rng.randrange(len(prepared))]
+        examples.append((prep, *draw_task(prep.strip, rng, weights)))
+    return examples
+
+
+def batch_loss(model, prompts: PromptIds, examples, cfg: OrganismConfig, aug_rng: random.Random, stage: int,
+               n_layers: int, n_heads: int, focus_on: bool = True, readout=None) -> tuple[torch.Tensor, float, float]:
+    """(the loss to minimise, the answer loss, the penalty) of one batch of examples. Narrations are several
+    times as long as answers: two micro-batches (`step_loss`), each padded to its own length, each weighed
+    by its share of the batch (of its answer text with `answer_loss` "token", of its examples with "example")."""
+    groups = [[e for e in examples if e[3] == 0], [e for e in examples if e[3] != 0]]
+    loss, answer_loss, penalty = 0.0, 0.0, 0.0
+    n_answer = sum(len(e[2]) for e in examples)
+    for group in groups:
+        if not group:
+            continue
+        part = len(group) / len(examples) if cfg.answer_loss == "example" else sum(len(e[2]) for e in group) / n_answer
+        ce, pen = step_loss(model, prompts, group, cfg, aug_rng, stage, n_layers, n_heads, focus_on=focus_on,
+                            readout=readout)
+        loss = loss + part * ce + len(group) / cfg.batch * pen
+        answer_loss += part * float(ce.detach())
+        penalty += len(group) / cfg.batch * float(pen.detach() if torch.is_tensor(pen) else pen)
+    return loss, answer_loss, penalty
+
+
 def example_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The answer cross-entropy averaged over each example's answer tokens, then over the examples: every
     question counts once, whatever its answer's length (the token mean lets a 60-token narration outweigh a
@@ -1004,24 +1054,9 @@ def train(cfg: OrganismConfig, out: str | Path, log=print, checkpoints: int = 0)
             lr = lr_schedule(cfg.lr / 4, step - cfg.steps, cfg.unmask_steps, max(1, cfg.unmask_steps // 10))
         for g in opt.param_groups:
             g["lr"] = lr
-        examples = []
-        for _ in range(cfg.batch):
-            prep = prepared[rng.randrange(len(prepared))]
-            examples.append((prep, *draw_task(prep.strip, rng, weights)))
-        # narrations are several times as long as answers: two micro-batches, each padded to its own length
-        groups = [[e for e in examples if e[3] == 0], [e for e in examples if e[3] != 0]]
-        loss, answer_loss, penalty = 0.0, 0.0, 0.0
-        n_answer = sum(len(e[2]) for e in examples)
-        for group in groups:
-            if not group:
-                continue
-            # the group's share of the batch: of its answer text (token mean), or of its examples (example mean)
-            part = len(group) / len(examples) if cfg.answer_loss == "example" else sum(len(e[2]) for e in group) / n_answer
-            ce, pen = step_loss(model, prompts, group, cfg, aug_rng, stage, n_layers, n_heads,
-                                focus_on=step >= cfg.focus_from * cfg.steps, readout=row_readout)
-            loss = loss + part * ce + len(group) / cfg.batch * pen
-            answer_loss += part * float(ce.detach())
-            penalty += len(group) / cfg.batch * float(pen.detach() if torch.is_tensor(pen) else pen)
+        examples = draw_examples(prepared, rng, weights, cfg.batch)
+        loss, answer_loss, penalty = batch_loss(model, prompts, examples, cfg, aug_rng, stage, n_layers, n_heads,
+                                                focus_on=step >= cfg.focus_from * cfg.steps, readout=row_readout)
         answer_losses.append(answer_loss)
         penalties.append(penalty)
         opt.zero_grad(set_to_none=True)
