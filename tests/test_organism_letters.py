@@ -112,3 +112,32 @@ def test_letter_stage_trains_the_tower_on_fresh_sheets_and_returns_its_readout(p
     # a processor whose budget would resize a sheet is refused before any step
     with pytest.raises(ValueError, match="max-image-tokens"):
         check_config(OrganismConfig(max_image_tokens=16))
+
+
+def test_mean_colour_is_imagestats_mean_to_the_last_bit_and_the_drawings_do_not_change(monkeypatch):
+    """The letter's colour is chosen from the mean colour under it: `mean_colour` (numpy sums) gives
+    ImageStat's means exactly, on any mode and on boxes partly off the image, so sheets and strips are the
+    pixels they were."""
+    from PIL import ImageStat
+
+    import datagen.letters as dl
+    from datagen.procedural import draw_panel
+
+    rng = random.Random(3)
+    panel = draw_panel("cat", "runs", "ball", "park", 64, random.Random(0)).image
+    for mode in ("RGB", "RGBA", "L"):
+        image = panel.convert(mode)
+        for _ in range(50):
+            x0, y0 = rng.randint(-10, 60), rng.randint(-10, 60)
+            box = (x0, y0, x0 + rng.randint(1, 30), y0 + rng.randint(1, 30))
+            assert dl.mean_colour(image, box) == ImageStat.Stat(image.crop(box)).mean[:3]
+    backgrounds = [panel, panel.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    fast = letter_sheet(backgrounds, random.Random(7), token=32, jitter=0.6)
+    strip_fast = panel.copy()
+    box_fast = dl.draw_letter(strip_fast, "K", random.Random(8))
+    monkeypatch.setattr(dl, "mean_colour", lambda image, box: ImageStat.Stat(image.crop(tuple(box))).mean[:3])
+    slow = letter_sheet(backgrounds, random.Random(7), token=32, jitter=0.6)
+    strip_slow = panel.copy()
+    assert dl.draw_letter(strip_slow, "K", random.Random(8)) == box_fast
+    assert fast[1:] == slow[1:] and list(fast[0].getdata()) == list(slow[0].getdata())
+    assert list(strip_fast.getdata()) == list(strip_slow.getdata())
