@@ -144,6 +144,17 @@ def _masked_softmax(scores: torch.Tensor, rows: torch.Tensor, q: int, mask: torc
     return torch.softmax(scores, dim=-1)
 
 
+def _flat_rows(rows: torch.Tensor | None, b: int, q: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`Hook.query_rows`' answer ([B], [B, R] or None = the last) as (batch index, row index), both [B * R],
+    batch-major."""
+    if rows is None:
+        rows = torch.full((b,), q - 1, dtype=torch.long, device=device)
+    rows = rows.to(device)
+    if rows.ndim == 1:
+        rows = rows[:, None]
+    return torch.arange(b, device=device).repeat_interleave(rows.shape[1]), rows.flatten()
+
+
 def attention_rows(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -163,14 +174,7 @@ def attention_rows(
     """
     b, h, q, d = query.shape
     hkv, kv = key.shape[1], key.shape[2]
-    if rows is None:
-        rows = torch.full((b,), q - 1, dtype=torch.long, device=query.device)
-    rows = rows.to(query.device)
-    if rows.ndim == 1:
-        rows = rows[:, None]
-    n_rows = rows.shape[1]
-    batch = torch.arange(b, device=query.device).repeat_interleave(n_rows)  # [N]
-    rows = rows.flatten()  # [N]
+    batch, rows = _flat_rows(rows, b, q, query.device)
     n = rows.numel()
     q_sel = query[batch, :, rows].float()  # [N, H, D]
     k = key.float()[batch if key.shape[0] > 1 else torch.zeros_like(batch)]  # [N, Hkv, kv, D]
@@ -273,12 +277,18 @@ def _whole_matrix_attention(layer: int, hooks, wanting, query: torch.Tensor, key
         bias = bias.to(query.dtype)
     m = None if attention_mask is None else attention_mask[..., :q, :kv]
     weights = _masked_softmax(scores, torch.arange(q, device=query.device), q, m, bias)  # [B, H, q, kv] float32
+    # a row with every key masked (a left-padded prompt's pad rows) is NaN; SDPA gives it zeros, and so must
+    # this path, or the NaN values reach every real row of the next layer through 0 x NaN
+    weights = weights.nan_to_num(0.0)
     v = value.float().repeat_interleave(query.shape[1] // value.shape[1], dim=1)  # [B, H, kv, D]
     out = torch.matmul(weights, v).to(query.dtype).transpose(1, 2).contiguous()
     for hook in wanting:
         rows = hook.query_rows(q)
-        hook.record(layer, weights if isinstance(rows, str) else
-                    attention_rows(query, key, attention_mask, bias, scaling, rows), value)
+        if isinstance(rows, str):
+            hook.record(layer, weights, value)
+        else:  # the rows of the matrix the output was made from (as the hooks edited its scores)
+            batch, rows = _flat_rows(rows, query.shape[0], q, query.device)
+            hook.record(layer, weights[batch, :, rows], value)
     return out, None
 
 

@@ -68,6 +68,42 @@ def test_rows_equal_eager_with_gqa_and_padding(loaded, eager, strip_for):
         assert diff <= 1e-5, (layer, float(diff))
 
 
+@dataclass
+class MatrixRecorder(Hook):
+    """Every layer's whole attention matrix (`ALL_ROWS`), as training's penalties ask for it."""
+
+    records: dict = field(default_factory=dict)
+
+    def wants(self, layer):
+        return True
+
+    def query_rows(self, query_len):
+        from gaze.attention import ALL_ROWS
+
+        return ALL_ROWS
+
+    def record(self, layer, rows, value):
+        self.records[layer] = rows
+
+
+def test_the_whole_matrix_path_gives_eager_matrices_and_last_rows_to_every_hook(loaded, eager, strip_for):
+    patch = loaded.family.merged_patch(loaded.processor)
+    x = _inputs(loaded, strip_for(patch, seed=5).image, ["Hi?", "What is happening in the 3rd panel from the left?"])
+    assert int((x["attention_mask"] == 0).sum()) > 0
+    matrices, rows = MatrixRecorder(), RowRecorder()
+    with torch.no_grad():
+        with active(matrices, rows):  # one hook wants every row: each layer runs on the eager whole-matrix path
+            ours = loaded.model(**x).logits
+        ref = eager.model(**x, output_attentions=True)
+    real = x["attention_mask"].bool()  # padded query rows are not compared (their rows are masked out anyway)
+    assert (ours - ref.logits)[real].abs().max() <= 1e-4
+    for layer, att in enumerate(ref.attentions):
+        assert matrices.records[layer].shape == att.shape
+        diff = (matrices.records[layer] - att.float()).abs().amax(dim=(1, 3))[real].max()
+        assert diff <= 1e-5, (layer, float(diff))
+        assert torch.equal(rows.records[layer], matrices.records[layer][:, :, -1, :])
+
+
 def test_rows_equal_eager_during_generate(loaded, eager, strip_for):
     patch = loaded.family.merged_patch(loaded.processor)
     x = _inputs(loaded, strip_for(patch, seed=3).image, ["Describe this comic strip panel by panel."])
