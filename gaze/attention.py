@@ -141,7 +141,10 @@ def _masked_softmax(scores: torch.Tensor, rows: torch.Tensor, q: int, mask: torc
         scores = scores + mask.float()
     if bias is not None:
         scores = scores + bias.float()
-    return torch.softmax(scores, dim=-1)
+    # a row with every key masked (a left-padded prompt's pad rows) softmaxes to NaN; SDPA gives it zeros, and
+    # so does this: on the whole-matrix path its NaN values would reach every real row of the next layer
+    # through 0 x NaN, and in recomputed rows or matrices they would poison sums over rows (penalties)
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
 
 
 def _flat_rows(rows: torch.Tensor | None, b: int, q: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,9 +280,6 @@ def _whole_matrix_attention(layer: int, hooks, wanting, query: torch.Tensor, key
         bias = bias.to(query.dtype)
     m = None if attention_mask is None else attention_mask[..., :q, :kv]
     weights = _masked_softmax(scores, torch.arange(q, device=query.device), q, m, bias)  # [B, H, q, kv] float32
-    # a row with every key masked (a left-padded prompt's pad rows) is NaN; SDPA gives it zeros, and so must
-    # this path, or the NaN values reach every real row of the next layer through 0 x NaN
-    weights = weights.nan_to_num(0.0)
     v = value.float().repeat_interleave(query.shape[1] // value.shape[1], dim=1)  # [B, H, kv, D]
     out = torch.matmul(weights, v).to(query.dtype).transpose(1, 2).contiguous()
     for hook in wanting:
