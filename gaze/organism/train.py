@@ -231,6 +231,10 @@ class OrganismConfig:
     # letters from a tower that reads them: NOTES.md, 2026-12-03 evening)
     gaze_augment: float = 0.3  # share of examples whose random heads are forced onto the described panel
     gaze_augment_heads: int = 4  # at most this many heads per such example
+    separator_panel: str = "previous"  # the panel a narration's separator space (". Panel") is labelled with, in the
+    # augmentation, the penalties and the readout: "previous" or "next" (`answer_panels`). With "previous" the row
+    # at a full stop is trained on the panel just described, while a schedule switching at the sentence end steers
+    # that row to the next one; the text then broke at the switches (stage 4 "next": NOTES.md, 2026-12-08)
     gaze_augment_weights: str = "model"  # how a forced head weighs the described panel's tokens: "model", by its
     # own scores (steering's boost, as the Space steers); "even", equally (its scores replaced by the panel's
     # mask). Stage 4 forces up to every head in half its examples: by steering's own bias, the model learned to
@@ -387,16 +391,32 @@ def draw_task(strip, rng: random.Random, weights: dict[str, float]) -> tuple[str
     return ask("narration"), narration(strip.captions), 0
 
 
-def answer_panels(tokenizer, answer: str, panel: int) -> list[int]:
+SEPARATORS = ("previous", "next")
+
+
+def answer_panels(tokenizer, answer: str, panel: int, separator: str = "previous") -> list[int]:
     """The panel (1..6) each token of `answer + "<|im_end|>"` describes: `panel` for all of them, or for a
-    narration (`panel` 0: "Panel 1: ... Panel 2: ...") the panel of the description the token belongs to."""
+    narration (`panel` 0: "Panel 1: ... Panel 2: ...") the panel of the description the token belongs to.
+
+    `separator`: the panel of a whitespace-only token between a description's full stop and the next
+    "Panel k:" (this tokenizer writes ". Panel" as ".", " ", "Panel"): "previous", the description it follows;
+    "next", the one it opens, so that the row at the full stop (which predicts it) is the first row of the next
+    panel, as it is where a tokenizer writes " Panel" as one token, and where a schedule switches at a sentence
+    end (`gaze.steering.Schedule(at_sentence=True)` steers the forward of the full stop to the next target)."""
+    if separator not in SEPARATORS:
+        raise ValueError(f"separator is one of {SEPARATORS}, not {separator!r}")
     enc = tokenizer(answer + "<|im_end|>", add_special_tokens=False, return_offsets_mapping=True)
     if panel:
         return [panel] * len(enc["input_ids"])
     starts = [answer.find(f"Panel {k}:") for k in range(1, 7)]
     if any(s < 0 for s in starts) or starts != sorted(starts):
         raise ValueError(f"not a six-panel narration: {answer!r}")
-    return [max(1, sum(1 for s in starts if s <= start)) for start, _ in enc["offset_mapping"]]
+    out = []
+    for start, end in enc["offset_mapping"]:
+        if separator == "next" and end > start and answer[start:end].isspace():
+            start = end + len(answer[end:]) - len(answer[end:].lstrip())  # where the next word starts
+        out.append(max(1, sum(1 for s in starts if s <= start)))
+    return out
 
 
 @dataclass
@@ -616,7 +636,7 @@ class PromptIds:
         return pre + [self.image_token] * n_image + post, len(pre)
 
 
-def build_batch(prompts: PromptIds, examples) -> tuple[dict, list]:
+def build_batch(prompts: PromptIds, examples, separator: str = "previous") -> tuple[dict, list]:
     """Prompt (with image) + answer + <|im_end|>, right-padded; loss on the answer only. `examples`:
     (Prepared, question, answer, panel described). The image enters as the prepared strip's pixels, or as
     its cached tower outputs where it has them (then the tower does not run).
@@ -633,7 +653,7 @@ def build_batch(prompts: PromptIds, examples) -> tuple[dict, list]:
         ans = torch.tensor(tok(answer + "<|im_end|>", add_special_tokens=False)["input_ids"])
         rows.append(torch.cat([prompt, ans]))
         labels.append(torch.cat([torch.full_like(prompt, -100), ans]))
-        described = torch.cat([torch.zeros(len(prompt), dtype=torch.long), torch.tensor(answer_panels(tok, answer, panel))])
+        described = torch.cat([torch.zeros(len(prompt), dtype=torch.long), torch.tensor(answer_panels(tok, answer, panel, separator))])
         info.append((len(prompt), prep.layout(start), prep.membership(), described))
     width = max(len(r) for r in rows)
 
@@ -793,6 +813,8 @@ def check_config(cfg: OrganismConfig) -> None:
                          "at least 0")
     if cfg.gaze_augment_weights not in ("model", "even"):
         raise ValueError(f"--gaze-augment-weights is 'model' or 'even', not {cfg.gaze_augment_weights!r}")
+    if cfg.separator_panel not in SEPARATORS:
+        raise ValueError(f"--separator-panel is 'previous' or 'next', not {cfg.separator_panel!r}")
     if cfg.answer_loss not in ("token", "example"):
         raise ValueError(f"--answer-loss is 'token' or 'example', not {cfg.answer_loss!r}")
     if cfg.letter_readout not in ("pooled", "local", "panel"):
@@ -852,7 +874,7 @@ def step_loss(model, prompts: PromptIds, examples, cfg: OrganismConfig, aug_rng:
     given and `focus_on`) of one micro-batch. Stage 2: silent rows blinded,
     the augmentation at the rows that speak; stage 3: no blinding, the penalty on silent rows, the
     augmentation at every row of a single-panel answer's sequence (as steering at every row does)."""
-    batch, info = build_batch(prompts, examples)
+    batch, info = build_batch(prompts, examples, cfg.separator_panel)
     image_token = prompts.image_token
     biases = []
     if cfg.gaze_augment > 0:
