@@ -123,6 +123,29 @@ def test_answer_panels_split_a_narration_description_by_description(trained):
     assert answer_panels(tok, "tree with the cat", 4) == [4] * len(tok("tree with the cat<|im_end|>", add_special_tokens=False)["input_ids"])
 
 
+def test_the_separator_space_can_open_the_next_description(trained):
+    """`separator="next"`: the whitespace-only token between a full stop and "Panel k:" is labelled k (so the
+    row at the full stop, which predicts it, is the next panel's); every other token keeps its label."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(trained[0])
+    text = narration([f"ball with the cat{k}" for k in range(6)])
+    enc = tok(text + "<|im_end|>", add_special_tokens=False, return_offsets_mapping=True)
+    before, after = answer_panels(tok, text, 0), answer_panels(tok, text, 0, "next")
+    moved = 0
+    for (start, end), b, a in zip(enc["offset_mapping"], before, after):
+        opens = next((k for k in range(2, 7) if text.find(f"Panel {k}:") == end), None)
+        if text[start:end].isspace() and opens is not None:
+            assert (b, a) == (opens - 1, opens)
+            moved += 1
+        else:
+            assert a == b
+    assert moved == 5  # one separator before each of "Panel 2:" .. "Panel 6:"
+    assert answer_panels(tok, "tree with the cat", 4, "next") == answer_panels(tok, "tree with the cat", 4)
+    with pytest.raises(ValueError, match="separator"):
+        answer_panels(tok, text, 0, "both")
+
+
 @pytest.fixture(scope="module")
 def batch(trained, pool):
     from transformers import AutoProcessor
@@ -456,7 +479,8 @@ def test_a_training_step_on_the_eager_whole_matrix_path_equals_the_fused_kernels
                                  {"vision_pos_embed": "sine"}, {"gaze_augment_heads": 0},
                                  {"letter_readout": "everywhere"}, {"letter_readout": "pooled", "letters_per_strip": False},
                                  {"letter_jitter": 1.5}, {"letter_batch": 0}, {"tower_from": "no/such/folder"},
-                                 {"answer_loss": "sentence"}, {"gaze_augment_weights": "flat"}])
+                                 {"answer_loss": "sentence"}, {"gaze_augment_weights": "flat"},
+                                 {"separator_panel": "both"}])
 def test_bad_settings_are_refused_before_any_training(tmp_path, bad):
     with pytest.raises(ValueError):
         check_config(OrganismConfig(**{**SMALL, **bad}))

@@ -75,7 +75,9 @@ The README's recipe runs stage 1 on over strips drawn anew (`--vision-fresh`, st
 `--row-readout 0.3` (the readout below), then twice with most of the batch asking letters (the letter
 question, and a seventh of them the same read in reverse) and the augmentation at full strength (half the
 examples, up to every head, `--gaze-augment-weights even`), so that a head forced onto a
-panel brings its letter to the row and the values learn to carry it.
+panel brings its letter to the row and the values learn to carry it, and with a narration's separator space
+labelled with the panel it opens (`--separator-panel next`), so that the row at a full stop, where a schedule
+switches, is trained on the next panel.
 
 Held-out evaluation uses `datagen.make_strip` with seeds the pool never used.
 Everything is seeded: the same config gives the same weights.
