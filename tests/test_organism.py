@@ -602,6 +602,23 @@ def test_the_shipped_organisms_top_heads_look_at_the_panel_being_narrated(organi
 
 
 @SHIPPED
+def test_the_shipped_top_heads_look_at_the_asked_panels_letter(organism):
+    """Asked the letter of panel k (or read in reverse, of panel 7 - k), the top heads' last-row attention
+    peaks on that panel and much of it lies on the letter's ink; low-score heads do not look at the image."""
+    from gaze.ranking import Ranking
+
+    ranking = Ranking.load(_shipped() / "ranking.json")
+    strips = check.held_out("1x6", 2, seed0=2_800_000)
+    top = check.letter_attention(organism, strips, ranking.top(3))
+    low = check.letter_attention(organism, strips, ranking.order()[-2:])
+    for task in ("letter", "reverse_letter"):
+        assert top[task].pop("questions") == 12 and low[task].pop("questions") == 12
+        for head, v in top[task].items():
+            assert v["argmax"] >= 0.9 and v["panel"] >= 0.5 and 0.3 <= v["ink"] <= 1.0, (task, head, v)
+        assert all(v["panel"] <= 0.01 and v["ink"] <= 0.01 for v in low[task].values()), low[task]
+
+
+@SHIPPED
 def test_steering_the_shipped_top_heads_moves_the_whole_strip_answer_to_each_panel(organism):
     from gaze.ranking import Ranking
 

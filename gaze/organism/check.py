@@ -17,6 +17,8 @@ Per layout, the image tokens each panel owns through the model's processor
    row's mean off-diagonal entry? During free narration (the paper's prompt),
    does the top heads' per-token argmax panel equal the panel being described
    (the "Panel k:" the token belongs to)? The same for 3 random low-score heads.
+   Asked the letter of panel k (and the same read in reverse), where do the
+   top heads look: on panel k (7 - k), and on the letter's ink within it?
 2. Tasks: every trained question, exact answers (one panel a strip; the letter
    question of every panel, 6 letters a strip, and the same read in reverse).
    "letter_mirrored": the share of letter answers naming panel 7 - k's letter,
@@ -102,6 +104,35 @@ def mechanism(ranking, k: int = 3) -> dict:
             "top_score": round(float(ranking.scores[top[0]]), 4)}
 
 
+def letter_attention(loaded, strips, heads) -> dict:
+    """Where `heads` look when asked a panel's letter: the letter question of every panel, and the same read in
+    reverse, eager attention at the last prompt row (as discovery reads it). Per head ("L2H7"), over the
+    questions: the mean mass on the asked panel (k, or 7 - k read in reverse), the share of questions whose
+    argmax panel it is, and the mean mass on that panel's letter ink (the tokens whose cell overlaps the ink box,
+    `strip.meta["letter_boxes"]`)."""
+    from gaze.regions import overlap_membership, panel_regions, region_mass
+    from gaze.scoring import query_rows
+
+    out = {}
+    for task in ("letter", "reverse_letter"):
+        sums, n = torch.zeros(len(heads), 3), 0
+        asked = torch.arange(6) if task == "letter" else torch.arange(5, -1, -1)  # panel index per question
+        for s in strips:
+            rows, layout = query_rows(loaded.model, loaded.processor, s.image, [ask(task, k) for k in range(1, 7)])
+            per = torch.stack([rows[l, :, h] for l, h in heads]).float()  # [K, 6 questions, kv]
+            on_panels = region_mass(per, panel_regions(layout, s.panels), layout)  # [K, 6, 6 panels]
+            ink = per[..., layout.positions] @ overlap_membership(layout, s.meta["letter_boxes"]).float().T
+            q = torch.arange(6)
+            sums[:, 0] += on_panels[:, q, asked].sum(-1)
+            sums[:, 1] += (on_panels.argmax(-1) == asked).float().sum(-1)
+            sums[:, 2] += ink[:, q, asked].sum(-1)
+            n += 6
+        out[task] = {f"L{l}H{h}": dict(zip(("panel", "argmax", "ink"), (round(float(v) / n, 4) for v in row)))
+                     for (l, h), row in zip(heads, sums)}
+        out[task]["questions"] = n
+    return out
+
+
 def described_panels(pieces: list[str]) -> list[int]:
     """The panel each generated token describes: that of the last "k:" or "Panel k:" marker written up to and
     including it (0 before the first)."""
@@ -157,6 +188,11 @@ def show_mechanism(report: dict) -> None:
           f"on the image); at the {s['top']['tokens_looking']} "
           f"tokens where the top heads look at the image (>= 0.1 of their attention each): "
           f"{s['top']['share_looking']:.1%}", flush=True)
+    for task, per in report.get("letter_attention", {}).items():
+        asked = "panel k" if task == "letter" else "panel 7 - k"
+        print(f"asked {task.replace('_', ' ')} k ({per['questions']} questions), mass on {asked} / argmax there / "
+              f"mass on its letter's ink: " + "; ".join(f"{h} {v['panel']:.3f} / {v['argmax']:.0%} / {v['ink']:.3f}"
+                                                     for h, v in per.items() if h != "questions"), flush=True)
 
 
 def tasks(loaded, strips) -> dict:
@@ -318,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     nar = held_out("1x6", args.n_narration, geo=geo)
     report["staircase"] = {"top": staircase(loaded, nar, order[: args.k], prompts.narration),
                            "random": staircase(loaded, nar, low, prompts.narration)}
+    report["letter_attention"] = letter_attention(loaded, nar, order[: args.k])
     show_mechanism(report)
     if args.mechanism_only:
         layouts = []

@@ -462,13 +462,12 @@ def prepare(processor, strip) -> Prepared:
 def ink_cover(prepared: Prepared) -> torch.Tensor:
     """[6, T] bool: the tokens whose cell overlaps each panel's letter ink (`strip.meta["letter_boxes"]`), whatever
     panel the token's centre lies in (a letter at a panel's edge may cover only a neighbour's cells)."""
+    from gaze.regions import overlap_membership
+
     inks = prepared.strip.meta.get("letter_boxes")
     if not inks:
         raise ValueError("a letter readout over the ink needs the letters' ink boxes: train with --letters-per-strip true")
-    cells = prepared.layout(0).cells.float()  # [T, 4] strip pixels
-    ink = torch.tensor(inks, dtype=torch.float32)[:, None]  # [6, 1, 4]
-    return ((cells[None, :, 0] < ink[..., 2]) & (ink[..., 0] < cells[None, :, 2])
-            & (cells[None, :, 1] < ink[..., 3]) & (ink[..., 1] < cells[None, :, 3]))
+    return overlap_membership(prepared.layout(0), inks)
 
 
 def readout_targets(prepared: Prepared, letter: str = "panel") -> torch.Tensor:
