@@ -599,6 +599,9 @@ def test_the_shipped_organisms_top_heads_look_at_the_panel_being_narrated(organi
     low = check.staircase(organism, strips, ranking.order()[-3:], organism.prompts.narration)
     assert top["tokens"] >= 60 and top["share"] >= 0.7, top
     assert top["image_mass"] >= 0.1 and low["image_mass"] <= 0.01, (top, low)
+    miss = top["misses"]  # every miss counted once; where the heads miss, they have moved on to the next panel
+    assert miss["count"] == round((1 - top["share"]) * top["tokens"]) >= sum(miss["by_token"].values()) > 0
+    assert miss["on_next_panel"] >= 0.9 * miss["count"], miss
 
 
 @SHIPPED

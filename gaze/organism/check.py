@@ -152,25 +152,33 @@ def staircase(loaded, strips, heads, prompt: str, max_new_tokens: int = 80, look
     """Share of narration tokens at which `heads`' summed mass peaks on the panel being described; the mean
     share of a head's attention that lies on the image (`image_mass`: where it is near 0 the argmax is noise);
     and the agreement among the tokens at which those heads put at least `looking` of their summed attention
-    on the image (where they look at all)."""
+    on the image (where they look at all). The misses by the token written ("after" the one before it) and
+    how many of them peak on the next panel (a head that moves on before the check's label does)."""
+    from collections import Counter
+
     from gaze.generation import generate, regions_for
 
-    agree = total = agree_looking = n_looking = 0
-    mass = 0.0
+    agree = total = agree_looking = n_looking = on_next = 0
+    mass, missed = 0.0, Counter()
     for s in strips:
         g = generate(loaded, s.image, prompt, track=list(heads), max_new_tokens=max_new_tokens)
         traj = g.trajectory(regions_for(g.layout, s.panels))  # [tokens, 6]
         for i, p in enumerate(described_panels(g.pieces)[: len(traj)]):
             if p:
-                hit = int(int(traj[i].argmax()) + 1 == p)
+                peak = int(traj[i].argmax()) + 1
+                hit = int(peak == p)
                 total += 1
                 agree += hit
                 mass += float(traj[i].sum()) / len(heads)
                 if float(traj[i].sum()) >= looking * len(heads):
                     n_looking += 1
                     agree_looking += hit
+                if not hit:
+                    missed[f"{g.pieces[i - 1] if i else ''!r} -> {g.pieces[i]!r}"] += 1
+                    on_next += peak == p + 1
     return {"share": round(agree / max(1, total), 4), "tokens": total, "image_mass": round(mass / max(1, total), 4),
-            "share_looking": round(agree_looking / max(1, n_looking), 4), "tokens_looking": n_looking}
+            "share_looking": round(agree_looking / max(1, n_looking), 4), "tokens_looking": n_looking,
+            "misses": {"count": sum(missed.values()), "on_next_panel": on_next, "by_token": dict(missed.most_common(8))}}
 
 
 def show_mechanism(report: dict) -> None:
@@ -190,6 +198,9 @@ def show_mechanism(report: dict) -> None:
           f"on the image); at the {s['top']['tokens_looking']} "
           f"tokens where the top heads look at the image (>= 0.1 of their attention each): "
           f"{s['top']['share_looking']:.1%}", flush=True)
+    if miss := s["top"].get("misses"):
+        print(f"  its {miss['count']} misses, {miss['on_next_panel']} on the next panel, by token written: "
+              + "; ".join(f"{k} {v}" for k, v in miss["by_token"].items()), flush=True)
     for task, per in report.get("letter_attention", {}).items():
         asked = "panel k" if task == "letter" else "panel 7 - k"
         print(f"asked {task.replace('_', ' ')} k ({per['questions']} questions), mass on {asked} / argmax there / "
