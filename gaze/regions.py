@@ -152,13 +152,15 @@ def box_membership(layout: ImageLayout, box: Rect) -> torch.Tensor:
     return inside
 
 
-def overlap_membership(layout: ImageLayout, boxes: Sequence[Rect]) -> torch.Tensor:
-    """[R, T] bool: the tokens whose cell overlaps each box by any area (not by its centre, as `box_membership`:
-    a mark smaller than a cell, or at a panel's edge, still has the cells it touches)."""
+def overlap_regions(layout: ImageLayout, boxes: Sequence[Rect], names: Sequence[str] | None = None) -> RegionMap:
+    """A region per pixel box holding every token whose cell overlaps the box by any area (not by its centre, as
+    `box_regions`: a mark smaller than a cell, or at a panel's edge, still has the cells it touches)."""
     cells = layout.cells.float()  # [T, 4]
     b = torch.tensor([[float(v) for v in box] for box in boxes], dtype=torch.float32)[:, None]  # [R, 1, 4]
-    return ((cells[None, :, 0] < b[..., 2]) & (b[..., 0] < cells[None, :, 2])
-            & (cells[None, :, 1] < b[..., 3]) & (b[..., 1] < cells[None, :, 3]))
+    touches = ((cells[None, :, 0] < b[..., 2]) & (b[..., 0] < cells[None, :, 2])
+               & (cells[None, :, 1] < b[..., 3]) & (b[..., 1] < cells[None, :, 3]))  # [R, T]
+    names = tuple(names) if names is not None else tuple(f"box {i + 1}" for i in range(len(boxes)))
+    return RegionMap(touches.float(), names, tuple(tuple(float(v) for v in box) for box in boxes))
 
 
 def box_regions(layout: ImageLayout, boxes: Sequence[Rect], names: Sequence[str] | None = None) -> RegionMap:

@@ -8,7 +8,7 @@ from gaze.regions import (
     box_regions,
     find_image_span,
     grid_layout,
-    overlap_membership,
+    overlap_regions,
     panel_regions,
     positions_region_map,
     region_mass,
@@ -105,13 +105,13 @@ def test_region_mass_is_raw_not_renormalised():
     assert torch.allclose(mass, torch.tensor([[0.2, 0.2], [0.0, 0.0]]))
 
 
-def test_overlap_membership_takes_every_cell_a_box_touches_not_only_by_centre():
+def test_overlap_regions_take_every_cell_a_box_touches_not_only_by_centre():
     layout = grid_layout(0, (2, 12), (384, 64), (384, 64))  # 32 px cells
-    small = (40, 4, 50, 12)  # inside cell (row 0, col 1), centre-less: box_membership would refuse it
+    small = (40, 4, 50, 12)  # inside cell (row 0, col 1), centre-less: box_regions would refuse it
     straddling = (60, 20, 70, 40)  # crosses the corner of cells (0, 1), (0, 2), (1, 1), (1, 2)
-    got = overlap_membership(layout, [small, straddling])
+    got = overlap_regions(layout, [small, straddling]).membership.bool()
     assert got.shape == (2, 24)
     assert got[0].nonzero().flatten().tolist() == [1]
     assert got[1].nonzero().flatten().tolist() == [1, 2, 13, 14]
-    touching = overlap_membership(layout, [(32, 0, 64, 32)])  # exactly cell 1: its neighbours share only an edge
+    touching = overlap_regions(layout, [(32, 0, 64, 32)]).membership.bool()  # exactly cell 1: its neighbours share only an edge
     assert touching[0].nonzero().flatten().tolist() == [1]

@@ -110,10 +110,10 @@ def letter_attention(loaded, strips, heads) -> dict:
     questions: the mean mass on the asked panel (k, or 7 - k read in reverse), the share of questions whose
     argmax panel it is, and the mean mass on that panel's letter ink (the tokens whose cell overlaps the ink box,
     `strip.meta["letter_boxes"]`)."""
-    from gaze.regions import RegionMap, overlap_membership, panel_regions, region_mass
+    from gaze.regions import overlap_regions, panel_regions, region_mass
     from gaze.scoring import query_rows
 
-    out = {}
+    out, q = {}, torch.arange(6)  # the six questions of a strip, one per panel
     for task in ("letter", "reverse_letter"):
         sums, n = torch.zeros(len(heads), 3), 0
         asked = torch.arange(6) if task == "letter" else torch.arange(5, -1, -1)  # panel index per question
@@ -121,10 +121,7 @@ def letter_attention(loaded, strips, heads) -> dict:
             rows, layout = query_rows(loaded.model, loaded.processor, s.image, [ask(task, k) for k in range(1, 7)])
             per = torch.stack([rows[l, :, h] for l, h in heads]).float()  # [K, 6 questions, kv]
             on_panels = region_mass(per, panel_regions(layout, s.panels), layout)  # [K, 6, 6 panels]
-            inks = s.meta["letter_boxes"]
-            ink = region_mass(per, RegionMap(overlap_membership(layout, inks).float(),
-                                             tuple(f"letter {k}" for k in range(1, 7)), tuple(map(tuple, inks))), layout)
-            q = torch.arange(6)
+            ink = region_mass(per, overlap_regions(layout, s.meta["letter_boxes"]), layout)  # [K, 6, 6 letters]
             sums[:, 0] += on_panels[:, q, asked].sum(-1)
             sums[:, 1] += (on_panels.argmax(-1) == asked).float().sum(-1)
             sums[:, 2] += ink[:, q, asked].sum(-1)

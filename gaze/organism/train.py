@@ -462,12 +462,12 @@ def prepare(processor, strip) -> Prepared:
 def ink_cover(prepared: Prepared) -> torch.Tensor:
     """[6, T] bool: the tokens whose cell overlaps each panel's letter ink (`strip.meta["letter_boxes"]`), whatever
     panel the token's centre lies in (a letter at a panel's edge may cover only a neighbour's cells)."""
-    from gaze.regions import overlap_membership
+    from gaze.regions import overlap_regions
 
     inks = prepared.strip.meta.get("letter_boxes")
     if not inks:
         raise ValueError("a letter readout over the ink needs the letters' ink boxes: train with --letters-per-strip true")
-    return overlap_membership(prepared.layout(0), inks)
+    return overlap_regions(prepared.layout(0), inks).membership.bool()
 
 
 def readout_targets(prepared: Prepared, letter: str = "panel") -> torch.Tensor:
